@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""seesaw_ecm: Seesaw Loss and ECM loss for long-tailed instance segmentation in Detectron2.
+
+Install with `bash tools/install/install.sh`, which installs detectron2 0.6 (patched for today's
+torch / numpy / Pillow) and this package. detectron2 is not listed in install_requires: it is not
+on PyPI under that name, and a user's own (e.g. compiled-from-source) build must be kept.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="seesaw_ecm",
+    version="0.1.0",
+    description="Seesaw Loss and ECM loss for long-tailed instance segmentation (Detectron2)",
+    packages=find_packages(include=["seesaw_ecm", "seesaw_ecm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "numpy>=2",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "lvis",
+        "Pillow",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Install (or check) the seesaw_ecm stack into a virtual environment in the checkout.
+#
+#   bash tools/install/install.sh          # idempotent; a second run takes seconds
+#
+# What it does (see ../shared/docs/dependencies.md for why):
+#   1. checks platform (Linux x86_64) and Python (CPython 3.10-3.13);
+#   2. creates .venv (or $SEESAW_ECM_VENV); with SEESAW_ECM_SYSTEM_SITE_PACKAGES=1 the venv sees
+#      the system's packages, and a working torch/torchvision/detectron2 found there is kept;
+#   3. installs requirements.lock (every file pinned by sha256) from PyPI;
+#   4. downloads the pb1-detectron2 0.6 and lvis 0.5.3 sdists by pinned URL + sha256, applies
+#      patch_third_party.py and installs them without dependencies (an already working
+#      detectron2, e.g. an official build with compiled ops, is detected and kept);
+#   5. `pip install -e .` of this project, then an import smoke test.
+# Only when every step passed does it write the stamp .venv/.seesaw_ecm_ok: the stamp is what
+# the other scripts trust, so an interrupted install never looks finished.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HERE="$ROOT/tools/install"
+VENV="${SEESAW_ECM_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.seesaw_ecm_ok"
+CACHE="${SEESAW_ECM_CACHE:-$ROOT/.cache/install}"
+
+D2_URL="https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
+D2_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+LVIS_URL="https://files.pythonhosted.org/packages/ea/fe/c18531099e7538bd6a53de8b2f8e900a5cf6a82d0c603325031a4122da5a/lvis-0.5.3.tar.gz"
+LVIS_SHA256="55aeeb84174abea2ed0d6985a8e93aa9bdbb60c61c6db130c8269a275ef61a6e"
+
+say() { echo "[install] $*" >&2; }
+die() { echo "[install] ERROR: $*" >&2; exit 1; }
+
+# The stamp's content: everything that decides what gets installed.
+fingerprint() {
+    cat "$HERE/requirements.lock" "$HERE/install.sh" "$HERE/patch_third_party.py" "$ROOT/setup.py" \
+        | sha256sum | cut -d' ' -f1
+}
+
+# --- 1. platform and python -------------------------------------------------------------
+[ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ] \
+    || die "unsupported platform $(uname -s)/$(uname -m): the lock file pins Linux x86_64 wheels."
+command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH; set PYTHON=/path/to/python3.11"
+"$PYTHON" - <<'EOF' || die "unsupported Python: CPython 3.10-3.13 is required (set PYTHON=...)."
+import sys, platform
+ok = platform.python_implementation() == "CPython" and (3, 10) <= sys.version_info[:2] <= (3, 13)
+sys.exit(0 if ok else 1)
+EOF
+
+# --- fast path: everything in place -----------------------------------------------------
+WANT="$(fingerprint)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+    && "$VENV/bin/python" -c "import detectron2, lvis, seesaw_ecm" 2>/dev/null; then
+    say "environment $VENV is up to date"
+    exit 0
+fi
+
+rm -f "$STAMP"
+trap 'echo "[install] FAILED (see above). The environment is marked incomplete; re-run this script to finish it." >&2' ERR
+
+# --- 2. virtual environment ---------------------------------------------------------------
+if ! "$VENV/bin/python" -c "import sys" 2>/dev/null; then
+    say "creating virtual environment $VENV"
+    rm -rf "$VENV"
+    VENV_ARGS=()
+    [ "${SEESAW_ECM_SYSTEM_SITE_PACKAGES:-0}" = 1 ] && VENV_ARGS+=(--system-site-packages)
+    "$PYTHON" -m venv "${VENV_ARGS[@]}" "$VENV"
+fi
+PY="$VENV/bin/python"
+# Only PyPI (by hash) decides what is installed: ignore the machine's extra find-links.
+export PIP_FIND_LINKS="" PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_install() { "$PY" -m pip install --no-input --progress-bar off "$@"; }
+
+# --- 3. pinned, hashed dependencies ----------------------------------------------------------
+REQ="$HERE/requirements.lock"
+if "$PY" - <<'EOF' 2>/dev/null; then
+import torch, torchvision
+b = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+torchvision.ops.nms(b, torch.ones(1), 0.5)
+import sys
+# a torch that is not the pinned one counts as "already there" only in a system-site venv
+sys.exit(1 if torch.__file__.startswith(sys.prefix) else 0)
+EOF
+    say "keeping the working torch/torchvision found outside the venv"
+    REQ="$(mktemp)"
+    # drop torch, torchvision and their CUDA runtime packages from the lock
+    "$PY" - "$HERE/requirements.lock" > "$REQ" <<'EOF'
+import re, sys
+skip = re.compile(r"^(torch|torchvision|triton|nvidia-[\w-]+|cuda-[\w-]+)==")
+keep = True
+for line in open(sys.argv[1]):
+    if line and not line[0].isspace():
+        keep = not skip.match(line)
+    if keep:
+        sys.stdout.write(line)
+EOF
+fi
+say "installing pinned dependencies (first run: a few minutes, ~6 GB)"
+pip_install --require-hashes --no-deps -r "$REQ" \
+    || die "pip could not install the pinned dependencies (registry unreachable, or a hash mismatch: see pip's message above)."
+
+# --- 4. detectron2 and lvis from patched sdists ----------------------------------------------
+MARKER="$("$PY" -c "import runpy; print(runpy.run_path('$HERE/patch_third_party.py')['MARKER'])")"
+
+fetch() {  # fetch URL SHA256 -> prints the verified local file
+    local url="$1" sha="$2" out="$CACHE/$(basename "$1")"
+    mkdir -p "$CACHE"
+    if [ ! -f "$out" ] || [ "$(sha256sum "$out" | cut -d' ' -f1)" != "$sha" ]; then
+        say "downloading $(basename "$url")"
+        "$PY" - "$url" "$out.part" <<'EOF' || die "could not download $url (registry unreachable?)"
+import sys, urllib.request
+urllib.request.urlretrieve(sys.argv[1], sys.argv[2])
+EOF
+        local got; got="$(sha256sum "$out.part" | cut -d' ' -f1)"
+        if [ "$got" != "$sha" ]; then
+            rm -f "$out.part"
+            die "sha256 mismatch for $(basename "$url"): expected $sha, got $got. Refusing to install it."
+        fi
+        mv "$out.part" "$out"
+    fi
+    echo "$out"
+}
+
+install_sdist() {  # install_sdist NAME URL SHA256
+    local name="$1" tgz src tmp
+    tgz="$(fetch "$2" "$3")"
+    tmp="$(mktemp -d)"
+    tar -xzf "$tgz" -C "$tmp"
+    src="$(echo "$tmp"/*)"
+    "$PY" "$HERE/patch_third_party.py" "$name" "$src"
+    say "installing patched $name"
+    (cd "$src" && pip_install --no-deps --no-build-isolation .)
+    rm -rf "$tmp"
+}
+
+D2_STATE="$("$PY" - "$MARKER" <<'EOF' 2>/dev/null || echo missing
+import sys
+try:
+    import detectron2
+    from detectron2 import _C
+except Exception:
+    print("missing"); sys.exit()
+if not getattr(_C, "SEESAW_ECM_STUB", False):
+    print("compiled")           # e.g. an official build from source: keep it
+elif sys.argv[1] in open(_C.__file__).read():
+    print("patched")            # ours, current fixes
+else:
+    print("stale")
+EOF
+)"
+case "$D2_STATE" in
+    compiled) say "keeping the working detectron2 with compiled ops found in the environment" ;;
+    patched)  say "detectron2 (patched pb1-detectron2 0.6) already installed" ;;
+    *)        install_sdist detectron2 "$D2_URL" "$D2_SHA256" ;;
+esac
+
+if ! "$PY" -c "import lvis.eval, inspect, sys; sys.exit('np.float)' in inspect.getsource(lvis.eval))" 2>/dev/null; then
+    install_sdist lvis "$LVIS_URL" "$LVIS_SHA256"
+fi
+
+# --- 5. this project ------------------------------------------------------------------------
+say "installing seesaw_ecm (editable)"
+pip_install --no-deps --no-build-isolation -e "$ROOT" >/dev/null
+
+say "smoke test"
+"$PY" - <<'EOF' || die "the installed stack does not import/run; see the error above."
+import numpy, torch, torchvision, detectron2, lvis.eval, pycocotools.mask  # noqa: F401
+from detectron2 import model_zoo
+from detectron2.engine import DefaultTrainer  # noqa: F401
+from detectron2.export import TracingAdapter  # noqa: F401
+import seesaw_ecm  # noqa: F401
+assert numpy.__version__.startswith("2."), numpy.__version__
+model_zoo.get_config_file("Base-RCNN-FPN.yaml")
+torchvision.ops.roi_align(torch.rand(1, 1, 8, 8), [torch.tensor([[0.0, 0, 4, 4]])], 2)
+print(f"[install] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"detectron2 {detectron2.__version__}, numpy {numpy.__version__}")
+EOF
+
+echo "$WANT" > "$STAMP.tmp" && mv "$STAMP.tmp" "$STAMP"
+say "done: $VENV"
