@@ -20,7 +20,7 @@ import glob
 import os
 import sys
 
-MARKER = "seesaw_ecm-compat-1"  # bump when a fix changes; install.sh checks it
+MARKER = "seesaw_ecm-compat-2"  # bump when a fix changes; install.sh checks it
 
 # The stub that replaces the compiled extension (its C++/CUDA sources are absent from the sdist).
 C_STUB = f'''"""Stub for detectron2's compiled ops, written by seesaw_ecm's installer ({MARKER}).
@@ -30,6 +30,19 @@ Mask R-CNN / Cascade R-CNN with FPN use torchvision's ops and do not need it; ro
 deformable convolution and the C++ COCO evaluator do.
 """
 SEESAW_ECM_STUB = True
+
+
+# what detectron2.utils.collect_env asks of a built extension
+def get_compiler_version():
+    return "none (stub detectron2._C: no compiled ops)"
+
+
+def get_cuda_version():
+    return "none"
+
+
+def has_cuda():
+    return False
 
 
 def __getattr__(name):

@@ -1,0 +1,47 @@
+"""Every config key that seesaw_ecm adds to detectron2's defaults, with its default value."""
+from detectron2.config import CfgNode as CN
+
+
+def add_seesaw_ecm_config(cfg):
+    """Add seesaw_ecm's keys to a detectron2 config (in place). Call before merge_from_file."""
+    # LVIS-format datasets to register before training / evaluation, each as
+    # "NAME=JSON_FILE:IMAGE_ROOT" (train_net.py --dataset appends here). Images are found through
+    # each image's `file_name`, else the last two parts of its `coco_url`, under IMAGE_ROOT.
+    cfg.DATASETS.LVIS_FORMAT = []
+
+    # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads".
+    cfg.MODEL.LONG_TAIL = CN()
+    # Classification loss: "ce" (softmax CE), "seesaw" or "ecm" (seesaw_ecm.losses.LOSSES).
+    cfg.MODEL.LONG_TAIL.LOSS = "ce"
+    # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
+    cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
+    # Cosine-normalized classifier (NormedLinear: L2-normalized features and weights) ...
+    cfg.MODEL.LONG_TAIL.COSINE = True
+    # ... whose cosine similarities are multiplied by this temperature (tau).
+    cfg.MODEL.LONG_TAIL.TEMPERATURE = 20.0
+    # Decoupled objectness branch (2 logits, fg / bg) beside C class logits. Required by
+    # "seesaw"; with "ce" it gives CE over the C classes on foreground RoIs + objectness CE.
+    cfg.MODEL.LONG_TAIL.OBJECTNESS = False
+    # Where class statistics (ECM margins) come from: "train" = counted on DATASETS.TRAIN when
+    # the model is built; "checkpoint" = left empty and loaded with MODEL.WEIGHTS (eval-only,
+    # deployment; train_net.py --eval-only sets it).
+    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "train"
+    # Per-class statistic counted on DATASETS.TRAIN: "instance_count" or "image_count".
+    cfg.MODEL.LONG_TAIL.STATISTIC = "instance_count"
+
+    cfg.MODEL.LONG_TAIL.SEESAW = CN()
+    cfg.MODEL.LONG_TAIL.SEESAW.P = 0.8  # mitigation exponent: (N_k / N_i)^p for N_k < N_i
+    cfg.MODEL.LONG_TAIL.SEESAW.Q = 2.0  # compensation exponent: (sigma_k / sigma_i)^q if > 1
+    cfg.MODEL.LONG_TAIL.SEESAW.EPS = 1e-2  # floor of sigma_i in the compensation ratio
+
+    cfg.MODEL.LONG_TAIL.ECM = CN()
+    # Background count = FG_BG_RATIO x sum of the class counts ("empirical fg/bg ratio of
+    # Mask R-CNN" in the official code).
+    cfg.MODEL.LONG_TAIL.ECM.FG_BG_RATIO = 6.3313
+
+    # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME "NormedMaskRCNNConvUpsampleHead").
+    cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
+
+    # Gradient clipping of the global norm over all parameters (the ECM recipe clips at 5);
+    # detectron2 0.6's SOLVER.CLIP_GRADIENTS clips each parameter separately. 0 = off.
+    cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 0.0

@@ -1,0 +1,208 @@
+"""Registration of LVIS-format datasets: the built-in synthetic long-tailed set and any json.
+
+Real LVIS v1 needs nothing from here: detectron2 registers `lvis_v1_train` / `lvis_v1_val`
+under $DETECTRON2_DATASETS itself.
+
+Why a loader of our own instead of detectron2's `load_lvis_json`: in detectron2 0.6 that loader
+finds images only through `coco_url`, assumes category ids 1..C, takes metadata only for the
+real LVIS names, and reports a malformed file with a bare assert. Ours validates the file first
+and says what is wrong and how to fix it, accepts `file_name` or `coco_url` and any category ids,
+and sets the metadata (class names, frequencies, counts) from the file.
+"""
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from ..errors import SeesawEcmError
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_NAMES = ("synthetic_lt_train", "synthetic_lt_val")
+
+
+class DatasetFormatError(SeesawEcmError):
+    """An annotation file that is not valid LVIS format; the message names the problem and fix."""
+
+
+def _fail(json_file, problem):
+    raise DatasetFormatError(
+        f"{json_file}: {problem}. Fix the file so that it follows the LVIS v1 format "
+        "(https://www.lvisdataset.org/dataset: 'images', 'annotations', 'categories'), "
+        "or regenerate it."
+    )
+
+
+def read_lvis_json(json_file):
+    """Read and validate an LVIS-format annotation file. Returns the parsed dict.
+
+    Raises DatasetFormatError (naming the file, the problem and the fix) instead of failing
+    later somewhere inside detectron2 or lvis.
+    """
+    if not os.path.isfile(json_file):
+        raise SeesawEcmError(
+            f"Annotation file {json_file} does not exist. Check the path given to "
+            "DATASETS.LVIS_FORMAT / --dataset, or $DETECTRON2_DATASETS for builtin datasets."
+        )
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        _fail(json_file, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})")
+    if not isinstance(data, dict):
+        _fail(json_file, "top level is not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            _fail(json_file, f"missing list '{key}'")
+    cat_ids = set()
+    for c in data["categories"]:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            _fail(json_file, f"category {c!r:.80} lacks 'id' or 'name'")
+        cat_ids.add(c["id"])
+    if not cat_ids:
+        _fail(json_file, "no categories")
+    img_ids = set()
+    for im in data["images"]:
+        if not isinstance(im, dict) or "id" not in im:
+            _fail(json_file, f"image {im!r:.80} lacks 'id'")
+        missing = [k for k in ("height", "width") if k not in im]
+        if "file_name" not in im and "coco_url" not in im:
+            missing.append("file_name or coco_url")
+        if missing:
+            _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
+        img_ids.add(im["id"])
+    for a in data["annotations"]:
+        aid = a.get("id") if isinstance(a, dict) else None
+        missing = [k for k in ("id", "image_id", "category_id", "bbox", "segmentation") if k not in a]
+        if missing:
+            _fail(json_file, f"annotation {aid} lacks {', '.join(missing)}")
+        if a["image_id"] not in img_ids:
+            _fail(json_file, f"annotation {aid} refers to unknown image_id {a['image_id']}")
+        if a["category_id"] not in cat_ids:
+            _fail(json_file, f"annotation {aid} refers to unknown category_id {a['category_id']}")
+        if len(a["bbox"]) != 4:
+            _fail(json_file, f"annotation {aid} has a bbox that is not [x, y, w, h]")
+        segm = a["segmentation"]
+        if not isinstance(segm, list) or not segm or any(
+            len(p) < 6 or len(p) % 2 for p in segm
+        ):
+            _fail(json_file, f"annotation {aid} has no valid polygon (each needs >= 3 x,y points)")
+    return data
+
+
+def _set_metadata(name, data):
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["name"] for c in cats],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+        # per contiguous class: LVIS frequency group and the counts the annotation file states
+        class_frequency=[c.get("frequency", "") for c in cats],
+        class_image_count=[{"id": c["id"], "image_count": c.get("image_count", 0)} for c in cats],
+        class_instance_count=[c.get("instance_count", 0) for c in cats],
+    )
+
+
+def load_lvis_format_json(json_file, image_root, dataset_name=None):
+    """Load an LVIS-format json into detectron2's dataset dicts (boxes XYWH_ABS, polygons).
+
+    Category ids are mapped to contiguous 0..C-1 in id order. With `dataset_name`, the
+    metadata (thing_classes, thing_dataset_id_to_contiguous_id, class_frequency,
+    class_image_count, class_instance_count) is set too.
+    """
+    data = read_lvis_json(json_file)
+    if dataset_name is not None:
+        _set_metadata(dataset_name, data)
+    id_map = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    anns_per_image = {}
+    for a in data["annotations"]:
+        anns_per_image.setdefault(a["image_id"], []).append(a)
+
+    records = []
+    for im in data["images"]:
+        if "file_name" in im:
+            file_name = os.path.join(image_root, im["file_name"])
+        else:  # LVIS v1 style: "<split folder>/<file>" at the end of coco_url
+            file_name = os.path.join(image_root, *im["coco_url"].split("/")[-2:])
+        objs = [
+            {
+                "bbox": a["bbox"],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": id_map[a["category_id"]],
+                "segmentation": a["segmentation"],
+            }
+            for a in anns_per_image.get(im["id"], [])
+        ]
+        records.append(
+            {
+                "file_name": file_name,
+                "height": im["height"],
+                "width": im["width"],
+                "image_id": im["id"],
+                "not_exhaustive_category_ids": im.get("not_exhaustive_category_ids", []),
+                "neg_category_ids": im.get("neg_category_ids", []),
+                "annotations": objs,
+            }
+        )
+    logger.info(f"Loaded {len(records)} images in LVIS format from {json_file}")
+    return records
+
+
+def register_lvis_format(name, json_file, image_root):
+    """Register an LVIS-format dataset under `name` (evaluated with LVISEvaluator)."""
+    DatasetCatalog.register(name, lambda: load_lvis_format_json(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+
+
+def parse_dataset_spec(spec):
+    """"NAME=JSON_FILE:IMAGE_ROOT" -> (name, json_file, image_root), with a clear error."""
+    name, sep, rest = spec.partition("=")
+    json_file, sep2, image_root = rest.rpartition(":")
+    if not (sep and sep2 and name and json_file and image_root):
+        raise SeesawEcmError(
+            f"Bad dataset spec {spec!r}: expected NAME=JSON_FILE:IMAGE_ROOT, "
+            "e.g. my_train=/data/my/train.json:/data/my/images"
+        )
+    return name, json_file, image_root
+
+
+def register_from_cfg(cfg):
+    """Register every dataset listed in cfg.DATASETS.LVIS_FORMAT (idempotent)."""
+    for spec in cfg.DATASETS.LVIS_FORMAT:
+        name, json_file, image_root = parse_dataset_spec(spec)
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).get("json_file") == json_file:
+                continue
+            raise SeesawEcmError(
+                f"Dataset name {name!r} given in DATASETS.LVIS_FORMAT is already registered "
+                "(with another file); choose another name."
+            )
+        register_lvis_format(name, json_file, image_root)
+
+
+def synthetic_root():
+    """Where the built-in synthetic set lives: $DETECTRON2_DATASETS/synthetic_lt."""
+    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic_lt")
+
+
+def _load_synthetic(split, name):
+    from .synthetic import ensure_generated  # generated on first use, then cached
+
+    paths = ensure_generated(synthetic_root())
+    return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"], name)
+
+
+def register_synthetic():
+    """Register the built-in synthetic long-tailed set (default generator settings)."""
+    root = synthetic_root()
+    for name, split in zip(SYNTHETIC_NAMES, ("train", "val")):
+        DatasetCatalog.register(name, lambda s=split, n=name: _load_synthetic(s, n))
+        MetadataCatalog.get(name).set(
+            json_file=os.path.join(root, "annotations", f"lvis_v1_{split}.json"),
+            image_root=root + os.sep,
+            evaluator_type="lvis",
+        )
+
+
+register_synthetic()

@@ -1,0 +1,103 @@
+"""Per-class training statistics (instance or image counts) of the datasets in DATASETS.TRAIN.
+
+Computed once per job on the main process, shared with every rank, logged as a short summary
+and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM) keep them as
+buffers, so checkpoints carry them and evaluation needs no dataset.
+"""
+import json
+import logging
+import os
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
+
+from ..errors import SeesawEcmError
+
+logger = logging.getLogger(__name__)
+
+STATISTICS = ("instance_count", "image_count")
+
+
+def count_classes(dataset_dicts, num_classes, statistic="instance_count"):
+    """Per-class counts over detectron2 dataset dicts.
+
+    Args:
+        dataset_dicts: list of records with "annotations" (each a dict with "category_id" in
+            [0, num_classes) and optional "iscrowd").
+        statistic: "instance_count" (non-crowd instances) or "image_count" (images that contain
+            the class).
+    Returns:
+        (num_classes,) int64 array.
+    """
+    if statistic not in STATISTICS:
+        raise SeesawEcmError(f"Unknown class statistic {statistic!r}; valid choices: {STATISTICS}")
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for record in dataset_dicts:
+        ids = np.asarray(
+            [a["category_id"] for a in record["annotations"] if not a.get("iscrowd", 0)],
+            dtype=np.int64,
+        )
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise SeesawEcmError(
+                f"Image {record.get('file_name')} has category id {ids.max()} outside "
+                f"[0, {num_classes}): the dataset has more classes than MODEL.ROI_HEADS.NUM_CLASSES."
+            )
+        if statistic == "image_count":
+            ids = np.unique(ids)
+        counts += np.bincount(ids, minlength=num_classes)
+    return counts
+
+
+def _compute(dataset_names, num_classes, statistic):
+    total = np.zeros(num_classes, dtype=np.int64)
+    for name in dataset_names:
+        dicts = DatasetCatalog.get(name)  # also sets thing_classes for LVIS-format datasets
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != num_classes:
+            raise SeesawEcmError(
+                f"Dataset {name!r} has {len(classes)} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                f"{num_classes}. Set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
+            )
+        total += count_classes(dicts, num_classes, statistic)
+    return total
+
+
+def class_statistics(cfg):
+    """(NUM_CLASSES,) int64 counts of cfg.MODEL.LONG_TAIL.STATISTIC over cfg.DATASETS.TRAIN.
+
+    Computed on the main process and broadcast, so all ranks hold the same numbers; written to
+    OUTPUT_DIR/class_statistics.json (atomically) and summarized in the log.
+    """
+    names = list(cfg.DATASETS.TRAIN)
+    statistic = cfg.MODEL.LONG_TAIL.STATISTIC
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if not names:
+        raise SeesawEcmError(
+            "The loss needs per-class statistics but DATASETS.TRAIN is empty. Give the training "
+            "datasets, or set MODEL.LONG_TAIL.STATISTICS_FROM checkpoint to take them from "
+            "MODEL.WEIGHTS."
+        )
+    counts, error = None, None
+    if comm.is_main_process():
+        try:
+            counts = _compute(names, num_classes, statistic)
+        except Exception as e:  # re-raised on every rank below, so no rank waits forever
+            error = e
+    counts, error = comm.all_gather((counts, error))[0]
+    if error is not None:
+        raise error
+
+    num_zero = int((counts == 0).sum())
+    logger.info(
+        f"Class statistics ({statistic} over {', '.join(names)}): {num_classes} classes, "
+        f"total {int(counts.sum())}, min {int(counts.min())}, median {int(np.median(counts))}, "
+        f"max {int(counts.max())}, classes with 0: {num_zero}"
+    )
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        path = os.path.join(cfg.OUTPUT_DIR, "class_statistics.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"datasets": names, "statistic": statistic, "counts": counts.tolist()}, f)
+        os.replace(path + ".tmp", path)
+    return counts

@@ -1,0 +1,74 @@
+"""Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import logging
+import os
+
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+
+logger = logging.getLogger(__name__)
+
+# The metrics printed at the end of a run, for each task, in this order.
+SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
+    progress with ETA) whose evaluator is LVISEvaluator for LVIS-format datasets."""
+
+    def train(self):
+        """Train; return the final evaluation results (DefaultTrainer returns them only when
+        TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer; with SOLVER.CLIP_GRADIENTS_GLOBAL_NORM > 0 its step first
+        clips the gradient norm over all parameters together (detectron2 0.6 only clips per
+        parameter)."""
+        optimizer = super().build_optimizer(cfg, model)
+        max_norm = cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM
+        if max_norm <= 0:
+            return optimizer
+        base = type(optimizer)
+
+        class GlobalNormClipped(base):
+            def step(self, closure=None):
+                params = [p for group in self.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                return super().step(closure)
+
+        optimizer.__class__ = GlobalNormClipped
+        return optimizer
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type == "lvis":
+            return LVISEvaluator(
+                dataset_name, output_dir=output_folder,
+                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            )
+        # detectron2's C++ COCO evaluator is not built by tools/install (no compiled ops).
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def _fmt(value):
+    # LVISEval / detectron2 report -1 / -100 for a frequency group with no category
+    return f"{value:8.2f}" if value >= 0 else f"{'n/a':>8}"
+
+
+def format_summary(results):
+    """Results of `Trainer.test` ({dataset: {task: {metric: value}}}) as a small text table."""
+    lines = []
+    for dataset, per_task in results.items():
+        header = f"{dataset:<24}{'task':<6}" + "".join(f"{m:>8}" for m in SUMMARY_METRICS)
+        lines.append(header)
+        for task in ("bbox", "segm"):
+            if task in per_task:
+                vals = "".join(_fmt(per_task[task].get(m, -1)) for m in SUMMARY_METRICS)
+                lines.append(f"{'':<24}{task:<6}" + vals)
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Classification losses of the box predictor: framework-free ``torch.nn.Module`` s.
+
+Every loss has ``forward(...) -> dict`` of scalar loss terms (already multiplied by its
+``loss_weight``), ``get_probs(...) -> (N, C + 1)`` scores with background last, and a class
+attribute ``uses_objectness`` that says which logits it takes (C = foreground classes, label C =
+background, labels (N,) int64 in [0, C]):
+
+- ``uses_objectness = True`` (Seesaw): ``forward(class_logits (N, C), objectness_logits (N, 2)
+  [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
+  objectness_logits)``.
+- ``uses_objectness = False`` (ce, ECM): ``forward(logits (N, C + 1), labels)`` -> {loss_cls};
+  ``get_probs(logits)``.
+
+Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,
+``ECMLoss(class_counts, fg_bg_ratio)`` (or ``ECMLoss(None, num_classes=C)`` to be filled from a
+checkpoint); all take ``loss_weight``.
+"""
+from .cross_entropy import CrossEntropyLoss
+from .ecm import ECMLoss, effective_class_margins
+from .seesaw import SeesawLoss
+
+LOSSES = {"ce": CrossEntropyLoss, "seesaw": SeesawLoss, "ecm": ECMLoss}
+
+
+def loss_class(name):
+    """The loss class registered under ``name`` (a key of ``LOSSES``)."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"Unknown loss {name!r}; valid choices: {sorted(LOSSES)}") from None
+
+
+__all__ = ["CrossEntropyLoss", "ECMLoss", "LOSSES", "SeesawLoss", "effective_class_margins",
+           "loss_class"]

@@ -1,0 +1,149 @@
+"""The long-tail box predictor: FastRCNNOutputLayers with a (cosine) classifier, an optional
+decoupled objectness branch, and the classification loss chosen by MODEL.LONG_TAIL.LOSS."""
+import torch
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ..data.statistics import class_statistics
+from ..errors import SeesawEcmError
+from ..layers import NormedLinear
+from ..losses import ECMLoss, SeesawLoss, loss_class
+
+
+def _classifier(input_size, num_outputs, cosine, temperature):
+    if cosine:
+        return NormedLinear(input_size, num_outputs, temperature=temperature)
+    layer = nn.Linear(input_size, num_outputs)
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.constant_(layer.bias, 0)
+    return layer
+
+
+def build_cls_loss(cfg):
+    """The classification loss module that MODEL.LONG_TAIL selects (statistics included)."""
+    lt = cfg.MODEL.LONG_TAIL
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    try:
+        cls = loss_class(lt.LOSS)
+    except ValueError as e:
+        raise SeesawEcmError(f"MODEL.LONG_TAIL.LOSS: {e}") from None
+    if cls is SeesawLoss or lt.OBJECTNESS:
+        if not lt.OBJECTNESS or lt.LOSS not in ("seesaw", "ce"):
+            raise SeesawEcmError(
+                f"MODEL.LONG_TAIL.LOSS {lt.LOSS!r} with OBJECTNESS {lt.OBJECTNESS} is not a valid "
+                "combination: 'seesaw' needs OBJECTNESS True; OBJECTNESS True works with "
+                "'seesaw' and 'ce'; 'ecm' needs OBJECTNESS False."
+            )
+        # "ce" with objectness = Seesaw without mitigation and compensation (p = q = 0)
+        p, q = (lt.SEESAW.P, lt.SEESAW.Q) if lt.LOSS == "seesaw" else (0.0, 0.0)
+        return SeesawLoss(num_classes, p=p, q=q, eps=lt.SEESAW.EPS, loss_weight=lt.LOSS_WEIGHT)
+    if cls is ECMLoss:
+        if lt.STATISTICS_FROM not in ("train", "checkpoint"):
+            raise SeesawEcmError(
+                f"MODEL.LONG_TAIL.STATISTICS_FROM {lt.STATISTICS_FROM!r}: valid choices are "
+                "'train', 'checkpoint'"
+            )
+        counts = class_statistics(cfg) if lt.STATISTICS_FROM == "train" else None
+        return ECMLoss(counts, fg_bg_ratio=lt.ECM.FG_BG_RATIO, loss_weight=lt.LOSS_WEIGHT,
+                       num_classes=num_classes)
+    return cls(num_classes, loss_weight=lt.LOSS_WEIGHT)
+
+
+class LongTailOutputLayers(FastRCNNOutputLayers):
+    """Box predictor whose classification branch and loss come from MODEL.LONG_TAIL.
+
+    Layout of the classification output of :meth:`forward`, for R RoIs and C classes:
+    with objectness (Seesaw), (R, C + 2) = [C class logits, fg logit, bg logit] (the official
+    mmdetection layout); otherwise (R, C + 1) with background last. :meth:`predict_probs`
+    always returns (R, C + 1) probabilities with background last, so detectron2's inference
+    and cascade score averaging work unchanged.
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, cls_loss, cosine=True, temperature=20.0, **kwargs):
+        """
+        Args:
+            cls_loss: a loss of seesaw_ecm.losses (its ``uses_objectness`` decides the layout).
+            cosine: NormedLinear classifier(s) instead of nn.Linear.
+            temperature: scale of the cosine classifier.
+            kwargs: as FastRCNNOutputLayers (box2box_transform, num_classes, ...).
+        """
+        super().__init__(input_shape, **kwargs)
+        input_size = self.cls_score.in_features
+        self.cls_loss = cls_loss
+        self.uses_objectness = cls_loss.uses_objectness
+        n_cls = self.num_classes if self.uses_objectness else self.num_classes + 1
+        self.cls_score = _classifier(input_size, n_cls, cosine, temperature)
+        self.objectness = (
+            _classifier(input_size, 2, cosine, temperature) if self.uses_objectness else None
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(
+            cls_loss=build_cls_loss(cfg),
+            cosine=cfg.MODEL.LONG_TAIL.COSINE,
+            temperature=cfg.MODEL.LONG_TAIL.TEMPERATURE,
+        )
+        return ret
+
+    def forward(self, x):
+        """x: (R, D) or (R, D, ...) box features -> (scores (R, C+2 or C+1), deltas (R, 4C or 4))."""
+        if x.dim() > 2:
+            x = torch.flatten(x, start_dim=1)
+        scores = self.cls_score(x)
+        if self.objectness is not None:
+            scores = torch.cat([scores, self.objectness(x)], dim=1)
+        return scores, self.bbox_pred(x)
+
+    def _split(self, scores):
+        if self.objectness is None:
+            return (scores,)
+        return scores[:, : self.num_classes], scores[:, self.num_classes:]
+
+    def losses(self, predictions, proposals):
+        """Loss terms of the classification loss module plus detectron2's box regression loss."""
+        scores, proposal_deltas = predictions
+        if len(proposals):
+            gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            # proposals without "gt_boxes" are all background: their boxes are never regressed
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals]
+            )
+        else:
+            gt_classes = torch.empty(0, dtype=torch.long, device=scores.device)
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=scores.device)
+        self._log_stats(scores, gt_classes)
+        losses = self.cls_loss(*self._split(scores), gt_classes)
+        losses["loss_box_reg"] = self.box_reg_loss(
+            proposal_boxes, gt_boxes, proposal_deltas, gt_classes
+        )
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def _log_stats(self, scores, gt_classes):
+        if self.objectness is None:
+            # (R, C + 1) logits with background last: detectron2's own metrics apply
+            _log_classification_stats(scores, gt_classes)
+            return
+        if gt_classes.numel() == 0:
+            return
+        class_logits, objectness_logits = self._split(scores)
+        storage = get_event_storage()
+        fg = gt_classes < self.num_classes
+        pred_bg = objectness_logits[:, 1] > objectness_logits[:, 0]
+        storage.put_scalar("fast_rcnn/objectness_accuracy", (pred_bg != fg).float().mean().item())
+        if fg.any():
+            fg_correct = class_logits[fg].argmax(dim=1) == gt_classes[fg]
+            storage.put_scalar("fast_rcnn/fg_cls_accuracy", fg_correct.float().mean().item())
+            storage.put_scalar("fast_rcnn/false_negative", pred_bg[fg].float().mean().item())
+
+    def predict_probs(self, predictions, proposals):
+        """list of (Ri, C + 1) class probabilities per image, background last."""
+        scores, _ = predictions
+        probs = self.cls_loss.get_probs(*self._split(scores))
+        return probs.split([len(p) for p in proposals], dim=0)

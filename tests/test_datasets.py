@@ -1,0 +1,109 @@
+"""Registration and validation of LVIS-format annotation files."""
+import copy
+import json
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.data.datasets import (
+    DatasetFormatError,
+    load_lvis_format_json,
+    parse_dataset_spec,
+    register_from_cfg,
+)
+
+TRI = [[10.0, 10.0, 30.0, 10.0, 20.0, 30.0]]
+GOOD = {
+    "images": [
+        {"id": 5, "height": 40, "width": 50, "coco_url": "http://x/train/000005.jpg",
+         "neg_category_ids": [7], "not_exhaustive_category_ids": []},
+        {"id": 6, "height": 40, "width": 50, "file_name": "sub/6.png"},
+    ],
+    "annotations": [
+        {"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 20], "segmentation": TRI},
+        {"id": 2, "image_id": 6, "category_id": 7, "bbox": [10, 10, 20, 20], "segmentation": TRI},
+    ],
+    # non-contiguous ids, out of order: mapped to contiguous 0..C-1 in id order
+    "categories": [
+        {"id": 9, "name": "b", "frequency": "r", "image_count": 1, "instance_count": 1},
+        {"id": 7, "name": "a", "frequency": "f", "image_count": 200, "instance_count": 300},
+    ],
+}
+
+
+def write(tmp_path, data, name="ann.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_load_maps_ids_paths_and_metadata(tmp_path):
+    recs = load_lvis_format_json(write(tmp_path, GOOD), "/imgs/", "t_load")
+    assert [r["file_name"] for r in recs] == ["/imgs/train/000005.jpg", "/imgs/sub/6.png"]
+    assert [r["annotations"][0]["category_id"] for r in recs] == [1, 0]
+    assert recs[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
+    assert recs[0]["neg_category_ids"] == [7]
+    meta = MetadataCatalog.get("t_load")
+    assert meta.thing_classes == ["a", "b"]
+    assert meta.thing_dataset_id_to_contiguous_id == {7: 0, 9: 1}
+    assert meta.class_frequency == ["f", "r"]
+    assert meta.class_instance_count == [300, 1]
+
+
+def _broken(mutate):
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ('{"images": [', "not valid JSON"),
+        ("[1, 2]", "top level is not a JSON object"),
+        (_broken(lambda d: d.pop("categories")), "missing list 'categories'"),
+        (_broken(lambda d: d["images"][1].pop("file_name")), "lacks file_name or coco_url"),
+        (_broken(lambda d: d["annotations"][0].update(category_id=3)), "unknown category_id 3"),
+        (_broken(lambda d: d["annotations"][0].update(image_id=99)), "unknown image_id 99"),
+        (_broken(lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]])),
+         "no valid polygon"),
+        (_broken(lambda d: d["annotations"][0].pop("bbox")), "annotation 1 lacks bbox"),
+    ],
+)
+def test_malformed_file_gives_clear_error(tmp_path, data, message):
+    path = write(tmp_path, data)
+    with pytest.raises(DatasetFormatError, match=message) as e:
+        load_lvis_format_json(path, "/imgs/")
+    assert path in str(e.value) and "Fix the file" in str(e.value)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(SeesawEcmError, match="does not exist.*DATASETS.LVIS_FORMAT"):
+        load_lvis_format_json(str(tmp_path / "nope.json"), "/imgs/")
+
+
+def test_parse_spec():
+    assert parse_dataset_spec("n=/a/b.json:/imgs/") == ("n", "/a/b.json", "/imgs/")
+    for bad in ("n", "n=/a.json", "=/a.json:/i"):
+        with pytest.raises(ValueError, match="NAME=JSON_FILE:IMAGE_ROOT"):
+            parse_dataset_spec(bad)
+
+
+def test_register_from_cfg(tmp_path):
+    from detectron2.config import get_cfg
+
+    from seesaw_ecm import add_seesaw_ecm_config
+
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    path = write(tmp_path, GOOD)
+    cfg.DATASETS.LVIS_FORMAT = [f"t_reg={path}:{tmp_path}/"]
+    register_from_cfg(cfg)
+    register_from_cfg(cfg)  # idempotent
+    assert len(DatasetCatalog.get("t_reg")) == 2
+    assert MetadataCatalog.get("t_reg").evaluator_type == "lvis"
+    cfg.DATASETS.LVIS_FORMAT = [f"t_reg={tmp_path}/other.json:{tmp_path}/"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_from_cfg(cfg)

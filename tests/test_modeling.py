@@ -1,0 +1,234 @@
+"""The long-tail predictor, ROI heads, mask head, class statistics and optimizer clipping."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch.nn import functional as F
+
+from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.data.datasets import register_lvis_format
+from seesaw_ecm.data.statistics import class_statistics, count_classes
+from seesaw_ecm.engine import Trainer
+from seesaw_ecm.layers import NormedConv2d, NormedLinear
+from seesaw_ecm.losses import CrossEntropyLoss, ECMLoss, SeesawLoss
+from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
+
+C = 3
+
+
+def small_cfg(loss="ce", objectness=False, **extra):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file("configs/Synthetic/Base-Synthetic-R18-FPN.yaml")
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = C
+    cfg.MODEL.LONG_TAIL.LOSS = loss
+    cfg.MODEL.LONG_TAIL.OBJECTNESS = objectness
+    cfg.OUTPUT_DIR = ""
+    for k, v in extra.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """A registered 3-class LVIS-format set: instances per class [3, 1, 0], images [2, 1, 0]."""
+    tri = [[1.0, 1.0, 9.0, 1.0, 5.0, 9.0]]
+    ann = lambda i, img, cat: {"id": i, "image_id": img, "category_id": cat,  # noqa: E731
+                               "bbox": [1, 1, 8, 8], "segmentation": tri}
+    data = {
+        "images": [{"id": i, "height": 16, "width": 16, "file_name": f"{i}.jpg"} for i in (1, 2)],
+        "annotations": [ann(1, 1, 1), ann(2, 1, 1), ann(3, 2, 1), ann(4, 2, 2)],
+        "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)],
+    }
+    path = tmp_path_factory.mktemp("tiny") / "tiny.json"
+    path.write_text(json.dumps(data))
+    if "tiny_stats" not in DatasetCatalog.list():
+        register_lvis_format("tiny_stats", str(path), str(path.parent))
+    return "tiny_stats"
+
+
+def fake_proposals(labels):
+    """One image whose proposals have the given gt classes (C = background)."""
+    n = len(labels)
+    inst = Instances((32, 32))
+    boxes = torch.tensor([[2.0, 2.0, 20.0, 20.0]]).repeat(n, 1)
+    inst.proposal_boxes = Boxes(boxes)
+    inst.gt_boxes = Boxes(boxes + 1)
+    inst.gt_classes = torch.tensor(labels)
+    return [inst]
+
+
+def predictor(cls_loss, cosine=True):
+    return LongTailOutputLayers(
+        ShapeSpec(channels=8), cls_loss=cls_loss, cosine=cosine, temperature=20.0,
+        box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)), num_classes=C,
+    )
+
+
+@pytest.mark.parametrize(
+    "loss, n_scores, prob_sum_one",
+    [(SeesawLoss(C), C + 2, True), (CrossEntropyLoss(C), C + 1, True),
+     (ECMLoss([5, 2, 1]), C + 1, False)],
+)
+def test_predictor_layout_losses_and_probs(loss, n_scores, prob_sum_one):
+    torch.manual_seed(0)
+    pred = predictor(loss)
+    x = torch.randn(6, 8)
+    scores, deltas = pred(x)
+    assert scores.shape == (6, n_scores) and deltas.shape == (6, 4 * C)
+    assert isinstance(pred.cls_score, NormedLinear)
+    labels = [0, 1, 2, 3, 3, 0]
+    with EventStorage():
+        losses = pred.losses((scores, deltas), fake_proposals(labels))
+    # the loss terms are those of the loss module on the predictor's split of the logits
+    direct = loss(*pred._split(scores), torch.tensor(labels))
+    for k, v in direct.items():
+        torch.testing.assert_close(losses[k], v)
+    assert losses["loss_box_reg"] > 0
+    sum(losses.values()).backward()
+    assert pred.cls_score.weight.grad.abs().sum() > 0
+    (probs,) = pred.predict_probs((scores, deltas), fake_proposals(labels))
+    assert probs.shape == (6, C + 1)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    if prob_sum_one:
+        torch.testing.assert_close(probs.sum(1), torch.ones(6))
+
+
+def test_seesaw_probs_are_class_softmax_times_objectness():
+    pred = predictor(SeesawLoss(C))
+    scores, deltas = pred(torch.randn(4, 8))
+    (probs,) = pred.predict_probs((scores, deltas), fake_proposals([0, 1, 2, 3]))
+    obj = F.softmax(scores[:, C:], dim=1)
+    torch.testing.assert_close(probs[:, :C], F.softmax(scores[:, :C], dim=1) * obj[:, :1])
+    torch.testing.assert_close(probs[:, C], obj[:, 1])
+
+
+def test_linear_classifier_when_cosine_off():
+    pred = predictor(CrossEntropyLoss(C), cosine=False)
+    assert type(pred.cls_score) is torch.nn.Linear and pred.cls_score.out_features == C + 1
+
+
+@pytest.mark.parametrize(
+    "loss, objectness, cls, p",
+    [("seesaw", True, SeesawLoss, 0.8), ("ce", True, SeesawLoss, 0.0),
+     ("ce", False, CrossEntropyLoss, None)],
+)
+def test_build_cls_loss_from_cfg(loss, objectness, cls, p):
+    built = build_cls_loss(small_cfg(loss, objectness))
+    assert type(built) is cls
+    if p is not None:
+        assert built.p == p
+
+
+@pytest.mark.parametrize("loss, objectness", [("seesaw", False), ("ecm", True)])
+def test_invalid_combination_lists_valid_ones(loss, objectness):
+    with pytest.raises(ValueError, match="not a valid combination.*'seesaw' needs OBJECTNESS True"):
+        build_cls_loss(small_cfg(loss, objectness))
+
+
+def test_unknown_loss_name_lists_choices():
+    with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['ce', 'ecm', 'seesaw'\]"):
+        build_cls_loss(small_cfg("focal"))
+
+
+def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)", "OUTPUT_DIR": str(tmp_path)})
+    loss = build_cls_loss(cfg)
+    expected = ECMLoss([3, 1, 0])
+    for name, buf in expected.named_buffers():
+        torch.testing.assert_close(dict(loss.named_buffers())[name], buf)
+    saved = json.loads((tmp_path / "class_statistics.json").read_text())
+    assert saved["counts"] == [3, 1, 0] and saved["datasets"] == [tiny_dataset]
+    cfg.MODEL.LONG_TAIL.STATISTIC = "image_count"
+    assert class_statistics(cfg).tolist() == [2, 1, 0]
+
+
+def test_ecm_class_count_mismatch_is_clear(tiny_dataset):
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)"})
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    with pytest.raises(ValueError, match="has 3 classes but MODEL.ROI_HEADS.NUM_CLASSES is 5"):
+        build_cls_loss(cfg)
+
+
+def test_ecm_without_training_data_or_statistics():
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": "()"})
+    with pytest.raises(ValueError, match="DATASETS.TRAIN is empty"):
+        build_cls_loss(cfg)
+    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"  # eval-only: filled by the weights
+    loss = build_cls_loss(cfg)
+    loss.train()
+    with pytest.raises(RuntimeError, match="placeholder"):
+        loss(torch.zeros(2, C + 1), torch.tensor([0, C]))
+
+
+def test_count_classes():
+    dicts = [{"annotations": [{"category_id": 0}, {"category_id": 0}, {"category_id": 2,
+                                                                         "iscrowd": 1}]},
+             {"annotations": [{"category_id": 0}, {"category_id": 1}]}]
+    assert count_classes(dicts, 3).tolist() == [3, 1, 0]
+    assert count_classes(dicts, 3, "image_count").tolist() == [2, 1, 0]
+    with pytest.raises(ValueError, match="outside"):
+        count_classes(dicts, 1)
+    with pytest.raises(ValueError, match="valid choices"):
+        count_classes(dicts, 3, "area")
+
+
+@pytest.mark.parametrize("loss, objectness", [("seesaw", True), ("ecm", False), ("ce", False)])
+def test_full_model_builds_trains_one_step_and_infers(loss, objectness):
+    cfg = small_cfg(loss, objectness, **{"MODEL.ROI_MASK_HEAD.NAME": "NormedMaskRCNNConvUpsampleHead"})
+    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
+    model = build_model(cfg)
+    assert isinstance(model.roi_heads.box_predictor, LongTailOutputLayers)
+    assert isinstance(model.roi_heads.mask_head.predictor, NormedConv2d)
+    if loss == "ecm":  # what a checkpoint would bring
+        model.roi_heads.box_predictor.cls_loss.load_state_dict(ECMLoss([4, 2, 1]).state_dict())
+    torch.manual_seed(0)
+    inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
+                     gt_classes=torch.tensor([1]))
+    from detectron2.structures import BitMasks
+
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[:, 8:40, 8:40] = True
+    inst.gt_masks = BitMasks(mask)
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64, "width": 64}]
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    expected = {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    if objectness:
+        expected.add("loss_objectness")
+    assert set(losses) == expected
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)[0]["instances"]
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+    assert (out.pred_classes < C).all()
+
+
+def test_global_norm_clipping():
+    cfg = small_cfg()
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM, cfg.SOLVER.WEIGHT_DECAY = 1.0, 0.0, 0.0
+    cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 2.0
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = Trainer.build_optimizer(cfg, model)
+    (model(torch.ones(5, 3)).sum() * 100).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert total > 2.0
+    opt.step()
+    # SGD with lr 1: the step is the gradient scaled to global norm 2, in the same direction
+    steps = [b - p.detach() for b, p in zip(before, model.parameters())]
+    for s, g in zip(steps, grads):
+        torch.testing.assert_close(s, g * (2.0 / total), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,108 @@
+"""End-to-end runs of train_net.py on a small synthetic set (marked slow; CI runs them)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+NUM_CLASSES = 12
+
+
+def run_train_net(data, out_dir, config, *extra, num_gpus=1, check=True):
+    cmd = [
+        sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus),
+        "--dataset", f"small_train={data['train_json']}:{data['image_root']}",
+        "--dataset", f"small_val={data['val_json']}:{data['image_root']}",
+        "DATASETS.TRAIN", "('small_train',)", "DATASETS.TEST", "('small_val',)",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(NUM_CLASSES), "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.DEVICE", "cpu",
+        "OUTPUT_DIR", str(out_dir), *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def summary(stdout):
+    """The AP table train_net prints at the end: {task: [AP, AP50, APr, APc, APf]}."""
+    rows = re.findall(r"^\s+(bbox|segm)((?:\s+(?:[\d.]+|n/a)){5})\s*$", stdout, re.M)
+    return {task: vals.split() for task, vals in rows}
+
+
+@pytest.fixture(scope="module")
+def seesaw_run(small_synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seesaw")
+    proc = run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml")
+    return out, proc
+
+
+def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
+    out, proc = seesaw_run
+    table = summary(proc.stdout)
+    assert set(table) == {"bbox", "segm"}, proc.stdout[-2000:]
+    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    train_rows = [m for m in metrics if "total_loss" in m]
+    assert train_rows[-1]["iteration"] == 19
+    assert {"loss_cls", "loss_objectness", "fast_rcnn/objectness_accuracy"} <= set(train_rows[-1])
+    eval_rows = [m for m in metrics if "bbox/APr" in m]
+    assert eval_rows and "segm/APf" in eval_rows[-1]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    assert {"model_0000009.pth", "model_final.pth", "config.yaml"} <= set(os.listdir(out))
+    assert "eta:" in open(out / "log.txt").read()
+
+
+def test_eval_only_reproduces_the_final_evaluation(seesaw_run, small_synthetic, tmp_path):
+    out, proc = seesaw_run
+    again = run_train_net(small_synthetic, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+                          "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only")
+    assert summary(again.stdout) == summary(proc.stdout)
+
+
+def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic):
+    out, _ = seesaw_run
+    ckpt = torch.load(out / "model_0000009.pth", map_location="cpu")
+    key = "roi_heads.box_predictor.cls_loss.cum_samples"
+    assert ckpt["model"][key].sum() > 0
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    proc = run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+                         "--resume", "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", "12")
+    assert "Starting training from iteration 10" in proc.stdout + proc.stderr
+    final = torch.load(out / "model_final.pth", map_location="cpu")["model"][key]
+    # counts continued from the checkpoint's: two more iterations of foreground RoIs
+    assert (final >= ckpt["model"][key]).all() and final.sum() > ckpt["model"][key].sum()
+
+
+def test_ecm_short_training_run_learns(small_synthetic, tmp_path):
+    proc = run_train_net(small_synthetic, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+                         "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "10")
+    stats = json.loads((tmp_path / "class_statistics.json").read_text())
+    assert len(stats["counts"]) == NUM_CLASSES and min(stats["counts"]) >= 1
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    losses = [r["loss_cls"] for r in rows if "loss_cls" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert set(summary(proc.stdout)) == {"bbox", "segm"}
+
+
+def test_two_process_cpu_run(small_synthetic, tmp_path):
+    proc = run_train_net(small_synthetic, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
+                         "SOLVER.MAX_ITER", "6", num_gpus=2)
+    log = proc.stdout + proc.stderr
+    assert "World size: 2" in log
+    assert set(summary(proc.stdout)) == {"bbox", "segm"}
+    assert (tmp_path / "model_final.pth").exists()
+
+
+def test_malformed_dataset_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": []}')
+    data = {"train_json": str(bad), "val_json": str(bad), "image_root": str(tmp_path)}
+    proc = run_train_net(data, tmp_path / "out", "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
+                         check=False)
+    assert proc.returncode != 0
+    assert "missing list 'categories'" in proc.stderr and "Fix the file" in proc.stderr

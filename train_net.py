@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Train / evaluate seesaw_ecm models with detectron2 (single process, multi-GPU, multi-machine).
+
+    python train_net.py --config-file configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file ... --num-gpus 2          # 2 processes (GLOO on CPU)
+    python train_net.py --config-file ... --dataset mine=/data/mine.json:/data/images \\
+        DATASETS.TRAIN "('mine',)" DATASETS.TEST "('mine',)"
+"""
+import logging
+import os
+import sys
+
+import torch
+from torch.multiprocessing import ProcessExitedException
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils.logger import setup_logger
+
+from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.data.datasets import register_from_cfg
+from seesaw_ecm.engine import Trainer, format_summary
+from seesaw_ecm.errors import SeesawEcmError
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
+    if args.eval_only:  # class statistics (ECM margins) come with the weights
+        cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        print("No GPU available: running on the CPU.")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seesaw_ecm")
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # several CPU processes on one machine: share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    register_from_cfg(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process() and results:
+        if set(results) <= {"bbox", "segm"}:  # detectron2 unwraps a single test dataset
+            results = {cfg.DATASETS.TEST[0]: results}
+        logging.getLogger("seesaw_ecm").info("Summary:\n" + format_summary(results))
+    return results
+
+
+def main_reporting_errors(args):
+    """main(), with bad input (SeesawEcmError) reported as one clear message, no traceback."""
+    try:
+        return main(args)
+    except SeesawEcmError as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def build_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_ROOT",
+        help="register an LVIS-format dataset under NAME (repeatable); then use NAME in "
+        "DATASETS.TRAIN / DATASETS.TEST",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    print("Command Line Args:", args)
+    try:
+        launch(
+            main_reporting_errors,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker already reported its error
+        sys.exit(e.exit_code)
