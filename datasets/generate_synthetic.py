@@ -10,9 +10,9 @@ or with other settings.
 """
 import argparse
 import json
-import os
 import time
 
+from seesaw_ecm.data.datasets import synthetic_root
 from seesaw_ecm.data.synthetic import DEFAULTS, generate
 
 
@@ -22,7 +22,7 @@ def main():
     )
     parser.add_argument(
         "--out",
-        default=os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic_lt"),
+        default=synthetic_root(),
         help="output folder (default: $DETECTRON2_DATASETS/synthetic_lt, or datasets/synthetic_lt)",
     )
     parser.add_argument("--num-classes", type=int, default=DEFAULTS["num_classes"])

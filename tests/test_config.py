@@ -1,0 +1,56 @@
+"""Config keys and every shipped config."""
+import glob
+import re
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import seesaw_ecm.config
+from seesaw_ecm import add_seesaw_ecm_config
+
+CONFIGS = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+
+
+def test_keys_and_defaults():
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    lt = cfg.MODEL.LONG_TAIL
+    assert (lt.LOSS, lt.COSINE, lt.TEMPERATURE, lt.OBJECTNESS) == ("ce", True, 20.0, False)
+    assert (lt.SEESAW.P, lt.SEESAW.Q, lt.SEESAW.EPS) == (0.8, 2.0, 1e-2)
+    assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.STATISTIC == "instance_count"
+    assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
+    # detectron2 rejects unknown keys, so the keys must exist before merging a config
+    bare = get_cfg()
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.LONG_TAIL.LOSS"):
+        bare.merge_from_list(["MODEL.LONG_TAIL.LOSS", "seesaw"])
+
+
+def test_every_key_has_a_comment():
+    lines = open(seesaw_ecm.config.__file__).read().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s+cfg\.[A-Z_.]+ = (?!CN\(\))", line):
+            assert "#" in line or lines[i - 1].strip().startswith("#"), line
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_config_loads_and_builds(path):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"  # no LVIS on this machine
+    if "LVISv1" in path:
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203 and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert cfg.DATASETS.TRAIN == ("lvis_v1_train",) and cfg.TEST.DETECTIONS_PER_IMAGE == 300
+        if "_rfs" in path:
+            assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+            assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
+        epochs = cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH / 100170  # LVIS v1 train images
+        assert round(epochs) in (12, 24) and abs(epochs - round(epochs)) < 1e-3
+    if "ecm" in path:
+        assert cfg.MODEL.LONG_TAIL.LOSS == "ecm" and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 5.0
+    if "seesaw" in path:
+        assert cfg.MODEL.LONG_TAIL.LOSS == "seesaw" and cfg.MODEL.LONG_TAIL.OBJECTNESS
+    model = build_model(cfg)
+    assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
