@@ -22,6 +22,7 @@ setup(
         "pycocotools",
         "lvis",
         "Pillow",
+        "safetensors",
     ],
     extras_require={"test": ["pytest"]},
 )
