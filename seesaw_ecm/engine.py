@@ -1,13 +1,10 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
-import logging
 import os
 
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
-
-logger = logging.getLogger(__name__)
 
 # The metrics printed at the end of a run, for each task, in this order.
 SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
