@@ -47,6 +47,7 @@ from .config import add_seesaw_ecm_config
 from .data.datasets import register_from_cfg
 from .engine import SUMMARY_METRICS, Trainer
 from .errors import SeesawEcmError
+from .fileio import write_atomic
 from .modeling.predictor import LongTailOutputLayers
 
 logger = logging.getLogger(__name__)
@@ -95,26 +96,6 @@ def _sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path, data):
-    """Write bytes or text to `path` through a temporary file in the same folder + os.replace,
-    so that readers see the old file or the new one, never a partial one."""
-    if isinstance(data, str):
-        data = data.encode()
-    folder, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_name(name):

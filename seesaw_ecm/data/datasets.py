@@ -92,8 +92,8 @@ def read_lvis_json(json_file):
     return data
 
 
-def _set_metadata(name, data):
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+def _set_metadata(name, cats):
+    """cats: the file's categories sorted by id (contiguous class i = cats[i])."""
     MetadataCatalog.get(name).set(
         thing_classes=[c["name"] for c in cats],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
@@ -112,9 +112,10 @@ def load_lvis_format_json(json_file, image_root, dataset_name=None):
     class_image_count, class_instance_count) is set too.
     """
     data = read_lvis_json(json_file)
+    cats = sorted(data["categories"], key=lambda c: c["id"])
     if dataset_name is not None:
-        _set_metadata(dataset_name, data)
-    id_map = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+        _set_metadata(dataset_name, cats)
+    id_map = {c["id"]: i for i, c in enumerate(cats)}
     anns_per_image = {}
     for a in data["annotations"]:
         anns_per_image.setdefault(a["image_id"], []).append(a)

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 
 from ..errors import SeesawEcmError
+from ..fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def class_statistics(cfg):
     )
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        path = os.path.join(cfg.OUTPUT_DIR, "class_statistics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"datasets": names, "statistic": statistic, "counts": counts.tolist()}, f)
-        os.replace(path + ".tmp", path)
+        write_atomic(
+            os.path.join(cfg.OUTPUT_DIR, "class_statistics.json"),
+            json.dumps({"datasets": names, "statistic": statistic, "counts": counts.tolist()}),
+        )
     return counts
