@@ -9,24 +9,29 @@ def add_seesaw_ecm_config(cfg):
     # each image's `file_name`, else the last two parts of its `coco_url`, under IMAGE_ROOT.
     cfg.DATASETS.LVIS_FORMAT = []
 
-    # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads".
+    # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads" and, in every
+    # stage, by "LongTailCascadeROIHeads".
     cfg.MODEL.LONG_TAIL = CN()
-    # Classification loss: "ce" (softmax CE), "seesaw" or "ecm" (seesaw_ecm.losses.LOSSES).
+    # Classification loss (seesaw_ecm.losses.LOSSES): "ce" (softmax CE, linear classifier),
+    # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
+    # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
-    # Cosine-normalized classifier (NormedLinear: L2-normalized features and weights) ...
-    cfg.MODEL.LONG_TAIL.COSINE = True
-    # ... whose cosine similarities are multiplied by this temperature (tau).
+    # Classifier: "auto" = the one LOSS names above; "cosine" = NormedLinear (L2-normalized
+    # features and weights); "linear" = nn.Linear. Override only for ablations.
+    cfg.MODEL.LONG_TAIL.CLASSIFIER = "auto"
+    # Temperature (tau) that multiplies the cosine similarities of the cosine classifier.
     cfg.MODEL.LONG_TAIL.TEMPERATURE = 20.0
     # Decoupled objectness branch (2 logits, fg / bg) beside C class logits. Required by
     # "seesaw"; with "ce" it gives CE over the C classes on foreground RoIs + objectness CE.
     cfg.MODEL.LONG_TAIL.OBJECTNESS = False
-    # Where class statistics (ECM margins) come from: "train" = counted on DATASETS.TRAIN when
-    # the model is built; "checkpoint" = left empty and loaded with MODEL.WEIGHTS (eval-only,
-    # deployment; train_net.py --eval-only sets it).
+    # Where class statistics (ECM margins, Federated sampling weights) come from: "train" =
+    # counted on DATASETS.TRAIN when the model is built; "checkpoint" = left empty and loaded
+    # with MODEL.WEIGHTS (eval-only, deployment; train_net.py --eval-only sets it).
     cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "train"
-    # Per-class statistic counted on DATASETS.TRAIN: "instance_count" or "image_count".
+    # Per-class statistic of the ECM margins, counted on DATASETS.TRAIN: "instance_count" (as
+    # the official ECM file) or "image_count".
     cfg.MODEL.LONG_TAIL.STATISTIC = "instance_count"
 
     cfg.MODEL.LONG_TAIL.SEESAW = CN()
@@ -38,6 +43,14 @@ def add_seesaw_ecm_config(cfg):
     # Background count = FG_BG_RATIO x sum of the class counts ("empirical fg/bg ratio of
     # Mask R-CNN" in the official code).
     cfg.MODEL.LONG_TAIL.ECM.FG_BG_RATIO = 6.3313
+
+    # Federated loss: its negatives are sampled by the training image count of each class
+    # (always image counts, whatever STATISTIC says).
+    cfg.MODEL.LONG_TAIL.FEDERATED = CN()
+    # Classes per batch: those present (background included) plus sampled negatives.
+    cfg.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES = 50
+    # Negative classes are drawn with probability proportional to image_count ** POWER.
+    cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
 
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0

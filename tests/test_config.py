@@ -16,7 +16,8 @@ def test_keys_and_defaults():
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
     lt = cfg.MODEL.LONG_TAIL
-    assert (lt.LOSS, lt.COSINE, lt.TEMPERATURE, lt.OBJECTNESS) == ("ce", True, 20.0, False)
+    assert (lt.LOSS, lt.CLASSIFIER, lt.TEMPERATURE, lt.OBJECTNESS) == ("ce", "auto", 20.0, False)
+    assert (lt.FEDERATED.NUM_CLASSES, lt.FEDERATED.FREQ_WEIGHT_POWER) == (50, 0.5)
     assert (lt.SEESAW.P, lt.SEESAW.Q, lt.SEESAW.EPS) == (0.8, 2.0, 1e-2)
     assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.STATISTIC == "instance_count"
     assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
@@ -48,9 +49,25 @@ def test_shipped_config_loads_and_builds(path):
             assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
         epochs = cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH / 100170  # LVIS v1 train images
         assert round(epochs) in (12, 24) and abs(epochs - round(epochs)) < 1e-3
+        # the file itself states its schedule, in epochs and in iterations at batch 16
+        text = " ".join(open(path).read().replace("#", " ").split())
+        assert f"{round(epochs)} epochs" in text, path
+        assert f"{cfg.SOLVER.MAX_ITER:,} iterations at batch 16" in text, path
+    if "cascade" in path:
+        assert cfg.MODEL.ROI_HEADS.NAME == "LongTailCascadeROIHeads"
+        assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
+        assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS == (
+            (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+        if "LVISv1" in path:
+            assert cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
+    for loss in ("federated", "cosine_ce"):
+        if loss in path:
+            assert cfg.MODEL.LONG_TAIL.LOSS == loss
     if "ecm" in path:
         assert cfg.MODEL.LONG_TAIL.LOSS == "ecm" and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 5.0
     if "seesaw" in path:
         assert cfg.MODEL.LONG_TAIL.LOSS == "seesaw" and cfg.MODEL.LONG_TAIL.OBJECTNESS
     model = build_model(cfg)
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if "cascade" in path:
+        assert len(model.roi_heads.box_predictor) == 3

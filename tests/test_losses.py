@@ -19,6 +19,7 @@ from seesaw_ecm.losses import (
     LOSSES,
     CrossEntropyLoss,
     ECMLoss,
+    FederatedLoss,
     SeesawLoss,
     effective_class_margins,
     loss_class,
@@ -118,12 +119,13 @@ def test_losses_and_layers_work_without_detectron2():
 
 
 def test_registry():
-    assert LOSSES == {"ce": CrossEntropyLoss, "seesaw": SeesawLoss, "ecm": ECMLoss}
+    assert LOSSES == {"ce": CrossEntropyLoss, "cosine_ce": CrossEntropyLoss,
+                      "federated": FederatedLoss, "seesaw": SeesawLoss, "ecm": ECMLoss}
     assert loss_class("ecm") is ECMLoss
-    with pytest.raises(ValueError, match=r"'focal'.*\['ce', 'ecm', 'seesaw'\]"):
+    with pytest.raises(ValueError, match=r"'focal'.*\['ce', 'cosine_ce', 'ecm', 'federated', "):
         loss_class("focal")
     assert SeesawLoss.uses_objectness and not ECMLoss.uses_objectness
-    assert not CrossEntropyLoss.uses_objectness
+    assert not CrossEntropyLoss.uses_objectness and not FederatedLoss.uses_objectness
 
 
 # ---------------------------------------------------------------- Seesaw
@@ -392,7 +394,8 @@ def test_ecm_get_probs():
     assert (probs >= 0).all() and (probs <= 1).all()
 
 
-@pytest.mark.parametrize("make", [lambda: ECMLoss([3, 40, 500]), lambda: CrossEntropyLoss(3)])
+@pytest.mark.parametrize("make", [lambda: ECMLoss([3, 40, 500]), lambda: CrossEntropyLoss(3),
+                                  lambda: FederatedLoss([3, 40, 500])])
 def test_empty_batch_keeps_graph(make):
     logits = torch.randn(0, 4, requires_grad=True)
     out = make()(logits, torch.zeros(0, dtype=torch.long))["loss_cls"]
@@ -408,3 +411,89 @@ def test_cross_entropy_baseline():
     torch.testing.assert_close(loss(logits, labels)["loss_cls"],
                                0.5 * F.cross_entropy(logits, labels))
     torch.testing.assert_close(loss.get_probs(logits), logits.softmax(1))
+
+
+# ---------------------------------------------------------------- Federated
+def federated_reference(logits, labels, classes):
+    """Loop over RoIs and the given classes, float64: sum of -[t log s + (1 - t) log(1 - s)] / N."""
+    total = Decimal(0)
+    for i, label in enumerate(labels.tolist()):
+        for c in classes:
+            z = float(logits[i, c].detach())
+            s = 1 / (1 + math.exp(-z))
+            total += Decimal(-math.log(s) if label == c else -math.log(1 - s))
+    return float(total) / len(labels)
+
+
+FED_COUNTS = [900, 400, 100, 16, 4, 1, 0]  # image counts; class 6 never seen
+
+
+def test_federated_sampled_classes():
+    loss = FederatedLoss(FED_COUNTS, num_sampled_classes=5)
+    torch.testing.assert_close(loss.freq_weight, torch.tensor(FED_COUNTS, dtype=torch.float).sqrt())
+    torch.manual_seed(0)
+    for _ in range(50):
+        labels = torch.tensor([7, 7, 3, 7, 5, 3])  # present: 3, 5 and background (7)
+        classes = loss.sample_classes(labels).tolist()
+        assert classes[:2] == [3, 5] and len(classes) == 4 == len(set(classes))  # 5 - 3 places
+        assert 7 not in classes and 6 not in classes  # never background, never a 0-count class
+    # fewer eligible classes than places: all of them, no error
+    big = FederatedLoss(FED_COUNTS, num_sampled_classes=50)
+    assert sorted(big.sample_classes(torch.tensor([0, 7])).tolist()) == [0, 1, 2, 3, 4, 5]
+    # more present classes than places: exactly the present foreground classes
+    small = FederatedLoss(FED_COUNTS, num_sampled_classes=2)
+    assert big.sample_classes(torch.tensor([2, 0, 1, 7])).tolist()[:3] == [0, 1, 2]
+    assert small.sample_classes(torch.tensor([2, 0, 1, 7])).tolist() == [0, 1, 2]
+
+
+def test_federated_negatives_drawn_by_image_count_power():
+    # one place left, eligible classes 0, 1, 2 with image counts 1, 16, 81 and power 0.5:
+    # probabilities 1/14, 4/14, 9/14
+    loss = FederatedLoss([1, 16, 81, 5], num_sampled_classes=3, freq_weight_power=0.5)
+    torch.manual_seed(0)
+    labels = torch.tensor([3, 4])  # class 3 and background take two places
+    draws = torch.tensor([loss.sample_classes(labels)[1].item() for _ in range(7000)])
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([1, 4, 9, 0], dtype=torch.double) / 14,
+                               atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_federated_matches_reference_value_and_gradient(seed):
+    torch.manual_seed(seed)
+    n, num = 12, len(FED_COUNTS)
+    logits = (torch.randn(n, num + 1, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.randint(0, num + 1, (n,))
+    loss = FederatedLoss(FED_COUNTS, num_sampled_classes=5, loss_weight=0.7)
+    torch.manual_seed(100 + seed)
+    classes = loss.sample_classes(labels).tolist()
+    torch.manual_seed(100 + seed)  # forward draws the same set
+    out = loss(logits, labels)["loss_cls"]
+    assert out.item() == pytest.approx(0.7 * federated_reference(logits, labels, classes), rel=1e-12)
+    (grad,) = grads(out, logits)
+    # d/dz BCE = sigmoid(z) - t on the selected columns, 0 elsewhere (background column too)
+    expected = torch.zeros_like(logits)
+    target = (labels[:, None] == torch.arange(num + 1)).double()
+    expected[:, classes] = (logits.sigmoid() - target)[:, classes].detach() * 0.7 / n
+    torch.testing.assert_close(grad, expected)
+
+
+def test_federated_is_bce_over_all_classes_when_every_class_is_sampled():
+    logits = torch.randn(9, 5, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 4, 4, 1, 0])
+    loss = FederatedLoss([5, 3, 2, 1], num_sampled_classes=100)
+    target = F.one_hot(labels, 5).float()[:, :4]
+    expected = F.binary_cross_entropy_with_logits(logits[:, :4], target, reduction="sum") / 9
+    torch.testing.assert_close(loss(logits, labels)["loss_cls"], expected)
+    torch.testing.assert_close(loss.get_probs(logits), logits.sigmoid())
+
+
+def test_federated_placeholder_then_load_state_dict():
+    loss = FederatedLoss(None, num_classes=4)
+    with pytest.raises(RuntimeError, match="placeholder"):
+        loss(torch.zeros(2, 5), torch.tensor([0, 4]))
+    loss.load_state_dict(FederatedLoss([5, 3, 2, 1]).state_dict())
+    torch.testing.assert_close(loss.freq_weight, torch.tensor([5.0, 3, 2, 1]).sqrt())
+    assert loss(torch.zeros(2, 5), torch.tensor([0, 4]))["loss_cls"] > 0
+    with pytest.raises(ValueError, match="num_classes=3 but 4"):
+        FederatedLoss([5, 3, 2, 1], num_classes=3)

@@ -18,8 +18,9 @@ from seesaw_ecm.data.datasets import register_lvis_format
 from seesaw_ecm.data.statistics import class_statistics, count_classes
 from seesaw_ecm.engine import Trainer
 from seesaw_ecm.layers import NormedConv2d, NormedLinear
-from seesaw_ecm.losses import CrossEntropyLoss, ECMLoss, SeesawLoss
+from seesaw_ecm.losses import CrossEntropyLoss, ECMLoss, FederatedLoss, SeesawLoss
 from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
+from seesaw_ecm.modeling.predictor import uses_cosine_classifier
 
 C = 3
 
@@ -78,7 +79,7 @@ def predictor(cls_loss, cosine=True):
 @pytest.mark.parametrize(
     "loss, n_scores, prob_sum_one",
     [(SeesawLoss(C), C + 2, True), (CrossEntropyLoss(C), C + 1, True),
-     (ECMLoss([5, 2, 1]), C + 1, False)],
+     (ECMLoss([5, 2, 1]), C + 1, False), (FederatedLoss([5, 2, 1]), C + 1, False)],
 )
 def test_predictor_layout_losses_and_probs(loss, n_scores, prob_sum_one):
     torch.manual_seed(0)
@@ -119,9 +120,26 @@ def test_linear_classifier_when_cosine_off():
 
 
 @pytest.mark.parametrize(
+    "loss, classifier, cosine",
+    [("ce", "auto", False), ("cosine_ce", "auto", True), ("federated", "auto", False),
+     ("seesaw", "auto", True), ("ecm", "auto", True), ("ce", "cosine", True),
+     ("ecm", "linear", False)],
+)
+def test_classifier_follows_the_loss_name_unless_overridden(loss, classifier, cosine):
+    cfg = small_cfg(loss, loss == "seesaw", **{"MODEL.LONG_TAIL.CLASSIFIER": classifier})
+    assert uses_cosine_classifier(cfg) is cosine
+
+
+def test_unknown_classifier_lists_choices():
+    with pytest.raises(ValueError, match="CLASSIFIER 'mlp'.*'auto', 'cosine', 'linear'"):
+        uses_cosine_classifier(small_cfg(**{"MODEL.LONG_TAIL.CLASSIFIER": "mlp"}))
+
+
+@pytest.mark.parametrize(
     "loss, objectness, cls, p",
     [("seesaw", True, SeesawLoss, 0.8), ("ce", True, SeesawLoss, 0.0),
-     ("ce", False, CrossEntropyLoss, None)],
+     ("cosine_ce", True, SeesawLoss, 0.0), ("ce", False, CrossEntropyLoss, None),
+     ("cosine_ce", False, CrossEntropyLoss, None)],
 )
 def test_build_cls_loss_from_cfg(loss, objectness, cls, p):
     built = build_cls_loss(small_cfg(loss, objectness))
@@ -130,14 +148,15 @@ def test_build_cls_loss_from_cfg(loss, objectness, cls, p):
         assert built.p == p
 
 
-@pytest.mark.parametrize("loss, objectness", [("seesaw", False), ("ecm", True)])
+@pytest.mark.parametrize("loss, objectness", [("seesaw", False), ("ecm", True), ("federated", True)])
 def test_invalid_combination_lists_valid_ones(loss, objectness):
     with pytest.raises(ValueError, match="not a valid combination.*'seesaw' needs OBJECTNESS True"):
         build_cls_loss(small_cfg(loss, objectness))
 
 
 def test_unknown_loss_name_lists_choices():
-    with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['ce', 'ecm', 'seesaw'\]"):
+    with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['ce', 'cosine_ce', 'ecm', "
+                                         r"'federated', 'seesaw'\]"):
         build_cls_loss(small_cfg("focal"))
 
 
@@ -151,6 +170,18 @@ def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
     assert saved["counts"] == [3, 1, 0] and saved["datasets"] == [tiny_dataset]
     cfg.MODEL.LONG_TAIL.STATISTIC = "image_count"
     assert class_statistics(cfg).tolist() == [2, 1, 0]
+
+
+def test_federated_weights_from_training_image_counts(tiny_dataset, tmp_path):
+    # image counts [2, 1, 0] whatever MODEL.LONG_TAIL.STATISTIC (ECM's) says
+    cfg = small_cfg("federated", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)",
+                                    "OUTPUT_DIR": str(tmp_path),
+                                    "MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES": 7,
+                                    "MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER": 0.5})
+    loss = build_cls_loss(cfg)
+    assert type(loss) is FederatedLoss and loss.num_sampled_classes == 7
+    torch.testing.assert_close(loss.freq_weight, torch.tensor([2.0, 1.0, 0.0]).sqrt())
+    assert json.loads((tmp_path / "class_statistics.json").read_text())["statistic"] == "image_count"
 
 
 def test_ecm_class_count_mismatch_is_clear(tiny_dataset):
@@ -183,24 +214,48 @@ def test_count_classes():
         count_classes(dicts, 3, "area")
 
 
-@pytest.mark.parametrize("loss, objectness", [("seesaw", True), ("ecm", False), ("ce", False)])
-def test_full_model_builds_trains_one_step_and_infers(loss, objectness):
-    cfg = small_cfg(loss, objectness, **{"MODEL.ROI_MASK_HEAD.NAME": "NormedMaskRCNNConvUpsampleHead"})
-    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
-    model = build_model(cfg)
-    assert isinstance(model.roi_heads.box_predictor, LongTailOutputLayers)
-    assert isinstance(model.roi_heads.mask_head.predictor, NormedConv2d)
-    if loss == "ecm":  # what a checkpoint would bring
-        model.roi_heads.box_predictor.cls_loss.load_state_dict(ECMLoss([4, 2, 1]).state_dict())
-    torch.manual_seed(0)
-    inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
-                     gt_classes=torch.tensor([1]))
+CHECKPOINT_STATISTICS = {"ecm": ECMLoss([4, 2, 1]), "federated": FederatedLoss([4, 2, 1])}
+
+
+def one_image_batch():
     from detectron2.structures import BitMasks
 
+    inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
+                     gt_classes=torch.tensor([1]))
     mask = torch.zeros(1, 64, 64, dtype=torch.bool)
     mask[:, 8:40, 8:40] = True
     inst.gt_masks = BitMasks(mask)
-    batch = [{"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64, "width": 64}]
+    return [{"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64, "width": 64}]
+
+
+def build_small_model(loss, objectness, heads="LongTailROIHeads"):
+    """A small model of `heads`; the statistics a checkpoint would bring are loaded."""
+    cfg = small_cfg(loss, objectness, **{"MODEL.ROI_MASK_HEAD.NAME": "NormedMaskRCNNConvUpsampleHead",
+                                         "MODEL.ROI_HEADS.NAME": heads})
+    if heads == "LongTailCascadeROIHeads":
+        cfg.merge_from_file("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml")
+        cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", C, "MODEL.LONG_TAIL.LOSS", loss,
+                             "MODEL.LONG_TAIL.OBJECTNESS", objectness])
+    cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
+    model = build_model(cfg)
+    predictors = model.roi_heads.box_predictor
+    for pred in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+        if loss in CHECKPOINT_STATISTICS:
+            pred.cls_loss.load_state_dict(CHECKPOINT_STATISTICS[loss].state_dict())
+    return model
+
+
+LOSS_SETTINGS = [("seesaw", True), ("ecm", False), ("ce", False), ("cosine_ce", False),
+                 ("federated", False)]
+
+
+@pytest.mark.parametrize("loss, objectness", LOSS_SETTINGS)
+def test_full_model_builds_trains_one_step_and_infers(loss, objectness):
+    model = build_small_model(loss, objectness)
+    assert isinstance(model.roi_heads.box_predictor, LongTailOutputLayers)
+    assert isinstance(model.roi_heads.mask_head.predictor, NormedConv2d)
+    torch.manual_seed(0)
+    batch = one_image_batch()
     model.train()
     with EventStorage():
         losses = model(batch)
@@ -214,6 +269,60 @@ def test_full_model_builds_trains_one_step_and_infers(loss, objectness):
         out = model(batch)[0]["instances"]
     assert ((out.scores >= 0) & (out.scores <= 1)).all()
     assert (out.pred_classes < C).all()
+
+
+@pytest.mark.parametrize("loss, objectness", LOSS_SETTINGS)
+def test_cascade_every_stage_has_its_own_long_tail_predictor(loss, objectness):
+    model = build_small_model(loss, objectness, "LongTailCascadeROIHeads")
+    heads = model.roi_heads
+    assert heads.num_cascade_stages == 3
+    assert [m.thresholds[1] for m in heads.proposal_matchers] == [0.5, 0.6, 0.7]
+    assert [p.box2box_transform.weights for p in heads.box_predictor] == [
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)]
+    losses = [p.cls_loss for p in heads.box_predictor]
+    assert all(isinstance(p, LongTailOutputLayers) for p in heads.box_predictor)
+    assert len({id(x) for x in losses}) == 3 and len({type(x) for x in losses}) == 1
+    assert all(p.bbox_pred.out_features == 4 for p in heads.box_predictor)  # class-agnostic
+
+    torch.manual_seed(0)
+    batch = one_image_batch()
+    model.train()
+    with EventStorage():
+        out = model(batch)
+    per_stage = {"loss_cls", "loss_box_reg"} | ({"loss_objectness"} if objectness else set())
+    expected = {f"{k}_stage{s}" for k in per_stage for s in range(3)}
+    assert set(out) == expected | {"loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    sum(out.values()).backward()
+    for pred in heads.box_predictor:
+        assert pred.cls_score.weight.grad.abs().sum() > 0
+    if loss == "seesaw":  # each stage counted its own samples
+        counts = [x.cum_samples for x in losses]
+        assert all(c.sum() > 0 for c in counts)
+        assert not torch.equal(counts[0], counts[2])
+
+
+def test_cascade_scores_are_the_mean_of_the_stages_probabilities():
+    model = build_small_model("seesaw", True, "LongTailCascadeROIHeads").eval()
+    heads = model.roi_heads
+    torch.manual_seed(0)
+    batch = one_image_batch()
+    stage_probs = []
+    hooks = [p.register_forward_hook(
+        lambda m, i, o: stage_probs.append(m.cls_loss.get_probs(*m._split(o[0]))))
+        for p in heads.box_predictor]
+    with torch.no_grad():
+        instances = model(batch)[0]["instances"]
+    for h in hooks:
+        h.remove()
+    assert len(stage_probs) == 3 and all(p.shape[1] == C + 1 for p in stage_probs)
+    mean = sum(stage_probs) / 3
+    assert len(instances) > 0
+    assert ((instances.scores > 0) & (instances.scores <= 1)).all()
+    # every output score is one of the averaged class probabilities (before NMS / top-k)
+    fg = mean[:, :C].flatten()
+    for score in instances.scores:
+        assert torch.isclose(fg, score, rtol=1e-5, atol=1e-7).any()
+    assert instances.pred_masks.shape[1:] == (64, 64) and instances.pred_boxes.tensor.shape[1] == 4
 
 
 def test_global_norm_clipping():

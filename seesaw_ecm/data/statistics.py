@@ -1,7 +1,7 @@
 """Per-class training statistics (instance or image counts) of the datasets in DATASETS.TRAIN.
 
 Computed once per job on the main process, shared with every rank, logged as a short summary
-and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM) keep them as
+and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM, Federated) keep them as
 buffers, so checkpoints carry them and evaluation needs no dataset.
 """
 import json
@@ -64,14 +64,15 @@ def _compute(dataset_names, num_classes, statistic):
     return total
 
 
-def class_statistics(cfg):
-    """(NUM_CLASSES,) int64 counts of cfg.MODEL.LONG_TAIL.STATISTIC over cfg.DATASETS.TRAIN.
+def class_statistics(cfg, statistic=None):
+    """(NUM_CLASSES,) int64 counts of `statistic` (default cfg.MODEL.LONG_TAIL.STATISTIC) over
+    cfg.DATASETS.TRAIN.
 
     Computed on the main process and broadcast, so all ranks hold the same numbers; written to
     OUTPUT_DIR/class_statistics.json (atomically) and summarized in the log.
     """
     names = list(cfg.DATASETS.TRAIN)
-    statistic = cfg.MODEL.LONG_TAIL.STATISTIC
+    statistic = statistic or cfg.MODEL.LONG_TAIL.STATISTIC
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if not names:
         raise SeesawEcmError(

@@ -8,18 +8,27 @@ background, labels (N,) int64 in [0, C]):
 - ``uses_objectness = True`` (Seesaw): ``forward(class_logits (N, C), objectness_logits (N, 2)
   [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
   objectness_logits)``.
-- ``uses_objectness = False`` (ce, ECM): ``forward(logits (N, C + 1), labels)`` -> {loss_cls};
+- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM): ``forward(logits (N, C + 1), labels)`` -> {loss_cls};
   ``get_probs(logits)``.
 
 Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,
-``ECMLoss(class_counts, fg_bg_ratio)`` (or ``ECMLoss(None, num_classes=C)`` to be filled from a
-checkpoint); all take ``loss_weight``.
+``ECMLoss(class_counts, fg_bg_ratio)``, ``FederatedLoss(class_image_counts, num_sampled_classes,
+freq_weight_power)`` (the last two also ``(None, num_classes=C)``, to be filled from a
+checkpoint); all take ``loss_weight``. "ce" and "cosine_ce" are the same loss: the names differ in
+the classifier the predictor gives them (linear / cosine).
 """
 from .cross_entropy import CrossEntropyLoss
 from .ecm import ECMLoss, effective_class_margins
+from .federated import FederatedLoss
 from .seesaw import SeesawLoss
 
-LOSSES = {"ce": CrossEntropyLoss, "seesaw": SeesawLoss, "ecm": ECMLoss}
+LOSSES = {
+    "ce": CrossEntropyLoss,
+    "cosine_ce": CrossEntropyLoss,
+    "federated": FederatedLoss,
+    "seesaw": SeesawLoss,
+    "ecm": ECMLoss,
+}
 
 
 def loss_class(name):
@@ -30,5 +39,5 @@ def loss_class(name):
         raise ValueError(f"Unknown loss {name!r}; valid choices: {sorted(LOSSES)}") from None
 
 
-__all__ = ["CrossEntropyLoss", "ECMLoss", "LOSSES", "SeesawLoss", "effective_class_margins",
+__all__ = ["CrossEntropyLoss", "ECMLoss", "FederatedLoss", "LOSSES", "SeesawLoss", "effective_class_margins",
            "loss_class"]
