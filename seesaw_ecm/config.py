@@ -52,6 +52,24 @@ def add_seesaw_ecm_config(cfg):
     # Negative classes are drawn with probability proportional to image_count ** POWER.
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
 
+    # HTC-Lite (MODEL.META_ARCHITECTURE "HTCLiteRCNN", ROI_HEADS.NAME "HTCLiteROIHeads"): the
+    # cascade box stages of ROI_BOX_CASCADE_HEAD with the MODEL.LONG_TAIL predictor, one mask
+    # head after the last stage, and a global context encoder. Each part is one key (ablations).
+    cfg.MODEL.HTC_LITE = CN()
+    # Global context encoder: its per-image vector is added to the RoI features of every box
+    # stage and of the mask head, and it is trained by an image-level multi-label loss over the
+    # annotated classes (LVIS: positives + neg_category_ids of the image).
+    cfg.MODEL.HTC_LITE.CONTEXT = True
+    # Backbone output it reads: the coarsest FPN level, as mmdetection's GlobalContextHead.
+    cfg.MODEL.HTC_LITE.CONTEXT_IN_FEATURE = "p6"
+    # 3x3 conv + ReLU layers of the context encoder before global average pooling.
+    cfg.MODEL.HTC_LITE.CONTEXT_NUM_CONVS = 4
+    # Weight of loss_context (mmdetection's GlobalContextHead config in SCNet uses 3.0).
+    cfg.MODEL.HTC_LITE.CONTEXT_LOSS_WEIGHT = 3.0
+    # True: the mask head trains on the last stage's foreground RoIs after that stage refined
+    # their boxes (HTC's interleaved execution); False: on the same RoIs, unrefined.
+    cfg.MODEL.HTC_LITE.INTERLEAVED = True
+
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
 

@@ -60,6 +60,13 @@ def test_shipped_config_loads_and_builds(path):
             (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
         if "LVISv1" in path:
             assert cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
+    if "htc_lite" in path:
+        assert cfg.MODEL.META_ARCHITECTURE == "HTCLiteRCNN"
+        assert cfg.MODEL.ROI_HEADS.NAME == "HTCLiteROIHeads"
+        assert cfg.MODEL.HTC_LITE.CONTEXT and cfg.MODEL.HTC_LITE.INTERLEAVED
+        assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
+        if "LVISv1" in path:
+            assert f"R_{cfg.MODEL.RESNETS.DEPTH}_" in path
     for loss in ("federated", "cosine_ce"):
         if loss in path:
             assert cfg.MODEL.LONG_TAIL.LOSS == loss
@@ -69,5 +76,5 @@ def test_shipped_config_loads_and_builds(path):
         assert cfg.MODEL.LONG_TAIL.LOSS == "seesaw" and cfg.MODEL.LONG_TAIL.OBJECTNESS
     model = build_model(cfg)
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    if "cascade" in path:
+    if "cascade" in path or "htc_lite" in path:
         assert len(model.roi_heads.box_predictor) == 3

@@ -122,8 +122,9 @@ def test_malformed_dataset_is_a_clear_error(tmp_path):
     ("cascade_mask_rcnn_R18_FPN_ecm", {"loss_cls", "loss_box_reg"}),
     ("cascade_mask_rcnn_R18_FPN_ecm MODEL.LONG_TAIL.LOSS cosine_ce", {"loss_cls", "loss_box_reg"}),
     ("cascade_mask_rcnn_R18_FPN_ecm MODEL.LONG_TAIL.LOSS federated", {"loss_cls", "loss_box_reg"}),
+    ("htc_lite_R18_FPN_seesaw", {"loss_cls", "loss_objectness", "loss_box_reg"}),
 ])
-def test_cascade_short_training_run_per_loss(small_synthetic, tmp_path, config, per_stage):
+def test_cascade_and_htc_lite_short_training_run(small_synthetic, tmp_path, config, per_stage):
     """Train a few iterations, evaluate, and evaluate the checkpoint again with --eval-only
     (statistics and counts of every stage come from the checkpoint)."""
     name, *opts = config.split()
@@ -133,6 +134,7 @@ def test_cascade_short_training_run_per_loss(small_synthetic, tmp_path, config, 
     last = [r for r in rows if "total_loss" in r][-1]
     assert {f"{k}_stage{s}" for k in per_stage for s in range(3)} <= set(last)
     assert all(torch.isfinite(torch.tensor(last[f"loss_cls_stage{s}"])) for s in range(3))
+    assert ("loss_context" in last) == name.startswith("htc_lite")
     assert "bbox" in summary(proc.stdout)  # evaluated (8 iterations may segment nothing yet)
     again = run_train_net(small_synthetic, tmp_path / "eval", path, *opts, "--eval-only",
                           "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),

@@ -1,7 +1,9 @@
 """Model parts that seesaw_ecm registers with detectron2."""
 from .mask_head import NormedMaskRCNNConvUpsampleHead
 from .predictor import LongTailOutputLayers, build_cls_loss
-from .roi_heads import LongTailROIHeads
+from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
+from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
-__all__ = ["LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
+__all__ = ["GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads", "LongTailCascadeROIHeads",
+           "LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
            "build_cls_loss"]

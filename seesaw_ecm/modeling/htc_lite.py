@@ -1,0 +1,276 @@
+"""HTC-Lite, the light Hybrid Task Cascade of the LVIS 2020 Seesaw entry: three cascade box
+stages with the long-tail predictor, one mask head at the last stage trained "interleaved"
+(on the last stage's foreground RoIs after that stage has refined them), and a global context
+encoder instead of HTC's semantic-segmentation branch, fused into the RoI features of every box
+stage and of the mask head.
+
+detectron2 has no HTC; the context branch follows the GlobalContextHead of mmdetection
+(convs on the coarsest FPN level, global average pooling, a multi-label classifier), written
+here because no library ships it for detectron2.
+"""
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.structures import Boxes, pairwise_iou
+from detectron2.utils.events import get_event_storage
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import SeesawEcmError
+from .roi_heads import LongTailCascadeROIHeads
+
+
+class GlobalContextEncoder(nn.Module):
+    """Convs on one feature map, pooled to one vector per image, plus a multi-label classifier.
+
+    Args:
+        in_channels: D, channels of the input map; the context vector has D channels too, so it
+            can be added to RoI features of the same FPN.
+        num_classes: C, outputs of the image-level classifier.
+        num_convs: 3x3 conv + ReLU layers before pooling.
+    """
+
+    def __init__(self, in_channels, num_classes, num_convs=4):
+        super().__init__()
+        layers = []
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        for m in self.convs:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x):
+        """x: (B, D, H, W) -> (context (B, D, 1, 1), image-level class logits (B, C))."""
+        context = F.adaptive_avg_pool2d(self.convs(x), 1)
+        return context, self.classifier(context.flatten(1))
+
+
+def context_loss(logits, positives, negatives=None):
+    """Image-level multi-label BCE over the annotated classes only.
+
+    Args:
+        logits: (B, C) image-level class logits.
+        positives: (B, C) bool, the classes with an instance in the image.
+        negatives: (B, C) bool, classes verified absent (LVIS ``neg_category_ids``), or None
+            when every class is annotated in every image (exhaustive, COCO-style data). With
+            LVIS-format data a class that is neither positive nor negative in an image is not
+            verified there and gets no loss.
+
+    Returns:
+        scalar: sum of BCE over the annotated entries / their number (0 if there are none).
+    """
+    annotated = torch.ones_like(positives) if negatives is None else positives | negatives
+    loss = F.binary_cross_entropy_with_logits(logits, positives.to(logits.dtype), reduction="none")
+    return (loss * annotated).sum() / annotated.sum().clamp(min=1)
+
+
+def _image_index(boxes):
+    """(R,) index of the image each RoI belongs to, for a list of per-image Boxes."""
+    counts = torch.as_tensor([len(b) for b in boxes], device=boxes[0].tensor.device)
+    return torch.repeat_interleave(torch.arange(len(boxes), device=counts.device), counts)
+
+
+@ROI_HEADS_REGISTRY.register()
+class HTCLiteROIHeads(LongTailCascadeROIHeads):
+    """Cascade box stages with the long-tail predictor (see LongTailCascadeROIHeads), a single
+    mask head after the last stage, and an optional global context encoder.
+
+    Training, per image batch: RoIs are sampled and labelled per stage as in the cascade; with
+    MODEL.HTC_LITE.INTERLEAVED the mask head takes the last stage's foreground RoIs with the
+    boxes that stage regressed (detached, gt assignment unchanged, mask targets cropped at the
+    refined boxes), otherwise the same RoIs unrefined. With MODEL.HTC_LITE.CONTEXT the context
+    vector of each image is added to every RoI feature of that image (box stages and mask head)
+    and the image-level classifier adds ``loss_context``. Inference: cascade boxes and scores,
+    masks predicted on the final boxes.
+
+    The annotated-negative classes of each training image come from HTCLiteRCNN (the
+    meta-architecture), which hands them over before each training forward.
+    """
+
+    @configurable
+    def __init__(self, *, context_encoder=None, context_in_feature="p6", context_loss_weight=1.0,
+                 interleaved=True, **kwargs):
+        super().__init__(**kwargs)
+        self.context_encoder = context_encoder
+        self.context_in_feature = context_in_feature
+        self.context_loss_weight = context_loss_weight
+        self.interleaved = interleaved
+        # set by HTCLiteRCNN before a training forward: per image a (C,) bool tensor of
+        # verified-absent classes, or None for exhaustively annotated images
+        self.annotated_negatives = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        htc = cfg.MODEL.HTC_LITE
+        ret["interleaved"] = htc.INTERLEAVED
+        if htc.CONTEXT:
+            if htc.CONTEXT_IN_FEATURE not in input_shape:
+                raise SeesawEcmError(
+                    f"MODEL.HTC_LITE.CONTEXT_IN_FEATURE {htc.CONTEXT_IN_FEATURE!r} is not a "
+                    f"backbone output; choose one of {sorted(input_shape)}")
+            ret["context_encoder"] = GlobalContextEncoder(
+                input_shape[htc.CONTEXT_IN_FEATURE].channels, cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                htc.CONTEXT_NUM_CONVS)
+            ret["context_in_feature"] = htc.CONTEXT_IN_FEATURE
+            ret["context_loss_weight"] = htc.CONTEXT_LOSS_WEIGHT
+        return ret
+
+    def forward(self, images, features, proposals, targets=None):
+        del images
+        context = logits = None
+        if self.context_encoder is not None:
+            context, logits = self.context_encoder(features[self.context_in_feature])
+        if not self.training:
+            instances, _ = self._forward_box(features, proposals, context=context)
+            return self._forward_mask(features, instances, context), {}
+
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        losses, (refined, last) = self._forward_box(features, proposals, targets, context)
+        if self.mask_on:
+            if self.interleaved:  # the boxes the last stage regressed, gt assignment unchanged
+                for p, boxes in zip(last, refined):
+                    p.proposal_boxes = Boxes(boxes.detach())
+            losses.update(self._forward_mask(features, last, context))
+        if logits is not None:
+            losses["loss_context"] = self.context_loss_weight * self._context_loss(logits, targets)
+        return proposals, losses
+
+    def _context_loss(self, logits, targets):
+        negatives = self.annotated_negatives
+        self.annotated_negatives = None  # one hand-over per forward
+        if negatives is None:
+            raise SeesawEcmError(
+                "HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT needs the image-level annotations "
+                "that META_ARCHITECTURE 'HTCLiteRCNN' provides; set MODEL.META_ARCHITECTURE "
+                "HTCLiteRCNN (or MODEL.HTC_LITE.CONTEXT False).")
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        rows = cat([torch.full((len(t),), i, device=logits.device) for i, t in enumerate(targets)])
+        positives[rows, cat([t.gt_classes for t in targets])] = True
+        # exhaustive images (None) have every class annotated: all absent classes are negatives
+        negs = torch.stack([~positives[i] if n is None else n.to(logits.device)
+                            for i, n in enumerate(negatives)])
+        return context_loss(logits, positives, negs)
+
+    def _run_stage(self, features, proposals, stage, context=None):
+        boxes = [x.proposal_boxes for x in proposals]
+        box_features = self.box_pooler(features, boxes)
+        if context is not None:
+            box_features = box_features + context[_image_index(boxes)]
+        box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
+        box_features = self.box_head[stage](box_features)
+        return self.box_predictor[stage](box_features)
+
+    def _forward_box(self, features, proposals, targets=None, context=None):
+        """As CascadeROIHeads._forward_box, with the context added in every stage.
+
+        Returns:
+            (losses in training / instances in inference, (boxes regressed by the last stage,
+            per image (Ri, 4), and the last stage's proposals)).
+        """
+        features = [features[f] for f in self.box_in_features]
+        head_outputs = []  # (predictor, predictions, proposals) per stage
+        image_sizes = [x.image_size for x in proposals]
+        boxes = None
+        for k in range(self.num_cascade_stages):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
+                if self.training:
+                    proposals = self._match_and_label_boxes(proposals, k, targets)
+            predictions = self._run_stage(features, proposals, k, context)
+            boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
+            head_outputs.append((self.box_predictor[k], predictions, proposals))
+        last = (boxes, proposals)
+        if self.training:
+            losses = {}
+            storage = get_event_storage()
+            for stage, (predictor, predictions, stage_proposals) in enumerate(head_outputs):
+                with storage.name_scope(f"stage{stage}"):
+                    stage_losses = predictor.losses(predictions, stage_proposals)
+                losses.update({f"{k}_stage{stage}": v for k, v in stage_losses.items()})
+            return losses, last
+        # average the stages' (R, C + 1) probabilities; boxes of the last stage
+        per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
+        scores = [sum(s) * (1.0 / self.num_cascade_stages) for s in zip(*per_stage)]
+        predictor, predictions, stage_proposals = head_outputs[-1]
+        instances, _ = fast_rcnn_inference(
+            predictor.predict_boxes(predictions, stage_proposals), scores, image_sizes,
+            predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image)
+        return instances, last
+
+    @torch.no_grad()
+    def _match_and_label_boxes(self, proposals, stage, targets):
+        """detectron2's matching, plus the matched gt masks at the last stage (the mask head
+        trains on that stage's RoIs)."""
+        proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        if self.mask_on and stage == self.num_cascade_stages - 1:
+            for p, t in zip(proposals, targets):
+                if len(t):  # same matcher, same IoUs: the same assignment as above
+                    idx, _ = self.proposal_matchers[stage](pairwise_iou(t.gt_boxes, p.proposal_boxes))
+                    p.gt_masks = t.gt_masks[idx]
+        return proposals
+
+    def _forward_mask(self, features, instances, context=None):
+        """StandardROIHeads._forward_mask with the context added to the pooled RoI features."""
+        if not self.mask_on:
+            return {} if self.training else instances
+        if self.training:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        mask_features = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+        if context is not None and len(mask_features):
+            mask_features = mask_features + context[_image_index(boxes)]
+        return self.mask_head(mask_features, instances)
+
+
+@META_ARCH_REGISTRY.register()
+class HTCLiteRCNN(GeneralizedRCNN):
+    """GeneralizedRCNN that hands each training image's verified-absent classes
+    (``neg_category_ids`` of LVIS-format dataset dicts, mapped to contiguous ids) to the
+    HTC-Lite ROI heads for the context loss. Images without that key count as exhaustively
+    annotated."""
+
+    @configurable
+    def __init__(self, *, dataset_id_to_contiguous_id=None, **kwargs):
+        super().__init__(**kwargs)
+        self.dataset_id_to_contiguous_id = dataset_id_to_contiguous_id
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        id_map = None
+        if cfg.DATASETS.TRAIN:
+            # LVIS v1's builtin registration has ids 1..1203 and no map: contiguous = id - 1
+            id_map = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get(
+                "thing_dataset_id_to_contiguous_id")
+        ret["dataset_id_to_contiguous_id"] = id_map
+        return ret
+
+    def _negatives(self, record, num_classes):
+        if "neg_category_ids" not in record:
+            return None
+        ids = record["neg_category_ids"]
+        if self.dataset_id_to_contiguous_id is not None:
+            ids = [self.dataset_id_to_contiguous_id[i] for i in ids]
+        else:
+            ids = [i - 1 for i in ids]
+        mask = torch.zeros(num_classes, dtype=torch.bool)
+        mask[torch.as_tensor(ids, dtype=torch.long)] = True
+        return mask
+
+    def forward(self, batched_inputs):
+        if self.training and getattr(self.roi_heads, "context_encoder", None) is not None:
+            num_classes = self.roi_heads.num_classes
+            self.roi_heads.annotated_negatives = [self._negatives(x, num_classes)
+                                                  for x in batched_inputs]
+        return super().forward(batched_inputs)
