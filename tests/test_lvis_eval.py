@@ -120,6 +120,7 @@ def test_segm_with_box_area_and_box_polygons():
         assert_equal_to_lvis(ev, lvis_fast.evaluate(dataset, results, "segm"), f"seed {seed}")
 
 
+@pytest.mark.slow
 def test_medium_synthetic_set_equal_to_lvis():
     """LVIS statistics (1,203 classes, 300 detections per image), 60 images."""
     dataset, results = synthetic.generate(60, seed=3)
