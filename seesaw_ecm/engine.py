@@ -6,13 +6,20 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
+from .errors import SeesawEcmError
+from .evaluation.evaluator import FastLVISEvaluator
+
+# TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
+LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
+
 # The metrics printed at the end of a run, for each task, in this order.
 SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
-    progress with ETA) whose evaluator is LVISEvaluator for LVIS-format datasets."""
+    progress with ETA) whose evaluator for LVIS-format datasets is chosen by
+    TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator)."""
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
@@ -45,7 +52,12 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type == "lvis":
-            return LVISEvaluator(
+            backend = cfg.TEST.LVIS_EVAL_BACKEND
+            if backend not in LVIS_EVALUATORS:
+                raise SeesawEcmError(
+                    f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
+                    f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
+            return LVIS_EVALUATORS[backend](
                 dataset_name, output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             )

@@ -1,18 +1,19 @@
 """Atomic file writes: readers see the old file or the new one, never a partial one."""
+import contextlib
 import os
 import tempfile
 
 
-def write_atomic(path, data):
-    """Write bytes or text to `path` through a temporary file in the same folder + os.replace,
-    so that readers see the old file or the new one, never a partial one."""
-    if isinstance(data, str):
-        data = data.encode()
+@contextlib.contextmanager
+def open_atomic(path):
+    """Binary file object for writing `path` in pieces (large outputs that should not be held in
+    memory): a temporary file in the same folder, fsynced and moved over `path` with os.replace
+    when the block ends without error, removed otherwise."""
     folder, base = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -21,3 +22,12 @@ def write_atomic(path, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path, data):
+    """Write bytes or text to `path` through a temporary file in the same folder + os.replace,
+    so that readers see the old file or the new one, never a partial one."""
+    if isinstance(data, str):
+        data = data.encode()
+    with open_atomic(path) as f:
+        f.write(data)

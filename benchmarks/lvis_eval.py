@@ -1,0 +1,148 @@
+"""Time and peak memory of LVIS evaluation: official `lvis` against seesaw_ecm's `lvis_fast`.
+
+Synthetic LVIS-scale data (seesaw_ecm.evaluation.synthetic: 1,203 classes in r/c/f groups,
+negative and not-exhaustive lists, polygon ground truth, 300 detections per image with RLE
+masks) is generated once per size and cached under --data-dir. Each (size, task, backend) runs
+in its own child process, which loads the ground truth and results json (as detectron2 holds
+them: a list of dicts), evaluates, and reports the evaluation's wall time and the process' peak
+resident memory (VmHWM, loading included; torch / detectron2 are not imported by either). For segm the results' "bbox" is removed first, as
+detectron2's LVISEvaluator does. lvis' time counts LVISResults + LVISEval.run (its LVIS(gt)
+index is built before the clock starts); lvis_fast's counts building its ground-truth arrays
+and the whole evaluation. The parent prints a table with the ratios, checks that both backends
+give the same metrics and per-category AP, and writes a JSON report.
+
+    python benchmarks/lvis_eval.py [--sizes 1000 5000] [--tasks bbox segm]
+        [--data-dir /tmp/lvis_eval_bench] [--out benchmarks/lvis_eval.json]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+LVIS_V1_VAL_IMAGES = 19809
+
+
+def _peak_rss_gib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def child(backend, task, gt_path, res_path):
+    """Runs in a fresh process; prints one JSON line with time, memory and the metrics."""
+    import logging
+
+    for name in ("lvis", "lvis.results", "lvis.eval", "lvis.lvis"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with open(res_path) as f:
+        results = json.load(f)
+    if task == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    if backend == "lvis":
+        from lvis import LVIS, LVISEval, LVISResults
+
+        gt = LVIS(gt_path)
+        loaded = _peak_rss_gib()
+        start = time.perf_counter()
+        ev = LVISEval(gt, LVISResults(gt, results, max_dets=300), task)
+        ev.run()
+        seconds = time.perf_counter() - start
+        metrics, precision = dict(ev.results), ev.eval["precision"]
+    else:
+        # lvis_fast needs numpy + pycocotools only; importing it through a bare `seesaw_ecm`
+        # package skips seesaw_ecm/__init__.py, which loads torch and detectron2 (~0.6 GiB
+        # that the lvis child does not pay either)
+        import types
+
+        pkg = types.ModuleType("seesaw_ecm")
+        pkg.__path__ = [os.path.join(ROOT, "seesaw_ecm")]
+        sys.modules["seesaw_ecm"] = pkg
+        from seesaw_ecm.evaluation import lvis_fast
+
+        with open(gt_path) as f:
+            dataset = json.load(f)
+        loaded = _peak_rss_gib()
+        start = time.perf_counter()
+        res = lvis_fast.evaluate(lvis_fast.LvisGroundTruth(dataset), results, task, 300)
+        seconds = time.perf_counter() - start
+        metrics, precision = dict(res.metrics), res.precision
+    p = precision[:, :, :, 0]
+    valid = p > -1
+    per_cat = np.where(valid.any(axis=(0, 1)), np.where(valid, p, 0).sum(axis=(0, 1))
+                       / np.maximum(valid.sum(axis=(0, 1)), 1), -1)
+    print(json.dumps({"seconds": seconds, "peak_gib": _peak_rss_gib(), "loaded_gib": loaded,
+                      "metrics": {k: float(v) for k, v in metrics.items()},
+                      "per_category_ap": per_cat.tolist()}))
+
+
+def run_child(backend, task, gt_path, res_path):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, task, gt_path, res_path]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"])
+    parser.add_argument("--data-dir", default="/tmp/lvis_eval_bench")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "lvis_eval.json"))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    from seesaw_ecm.evaluation import synthetic
+
+    rows = []
+    print(f"{'images':>7} {'task':<5} {'lvis s':>8} {'fast s':>8} {'speed-up':>8} "
+          f"{'lvis GiB':>9} {'fast GiB':>9} {'mem ratio':>9} {'max |diff|':>10}", flush=True)
+    for n in args.sizes:
+        gt_path, res_path = synthetic.write(os.path.join(args.data_dir, str(n)), n)
+        for task in args.tasks:
+            lv = run_child("lvis", task, gt_path, res_path)
+            fa = run_child("fast", task, gt_path, res_path)
+            diff = max(max(abs(lv["metrics"][k] - fa["metrics"][k]) for k in lv["metrics"]),
+                       float(np.max(np.abs(np.subtract(lv["per_category_ap"],
+                                                       fa["per_category_ap"])))))
+            row = {"images": n, "task": task, "lvis": lv, "fast": fa, "max_abs_diff": diff,
+                   "speedup": lv["seconds"] / fa["seconds"],
+                   "memory_ratio": lv["peak_gib"] / fa["peak_gib"]}
+            for result in (lv, fa):  # compared above; too long for the report
+                del result["per_category_ap"]
+            rows.append(row)
+            print(f"{n:>7} {task:<5} {lv['seconds']:>8.1f} {fa['seconds']:>8.1f} "
+                  f"{row['speedup']:>7.1f}x {lv['peak_gib']:>9.2f} {fa['peak_gib']:>9.2f} "
+                  f"{row['memory_ratio']:>8.1f}x {diff:>10.1e}", flush=True)
+    # linear extrapolation from the two largest sizes (time and memory grow ~linearly)
+    print(f"\nExtrapolated to LVIS v1 val ({LVIS_V1_VAL_IMAGES} images), linear in images "
+          "from the two largest sizes:")
+    for task in args.tasks:
+        pts = sorted((r for r in rows if r["task"] == task), key=lambda r: r["images"])[-2:]
+        if len(pts) < 2:
+            continue
+        for backend in ("lvis", "fast"):
+            ext = {}
+            for key in ("seconds", "peak_gib"):
+                (x0, y0), (x1, y1) = [(r["images"], r[backend][key]) for r in pts]
+                ext[key] = y1 + (y1 - y0) / (x1 - x0) * (LVIS_V1_VAL_IMAGES - x1)
+            print(f"  {task:<5} {backend:<5} ~{ext['seconds']:7.0f} s  ~{ext['peak_gib']:6.1f} GiB")
+            rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "backend": backend,
+                         "extrapolated": ext})
+    with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()

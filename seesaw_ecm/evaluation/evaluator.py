@@ -1,0 +1,193 @@
+"""FastLVISEvaluator: detectron2's LVISEvaluator with the `lvis_fast` backend.
+
+Same inputs (`process` converts instances with detectron2's `instances_to_coco_json`), same
+returned keys ({"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"},
+"segm": {...}}, in percent) and the same numbers as LVISEvaluator with the official `lvis` API.
+What differs is memory: every `chunk_images` images, each process matches its predictions
+against the ground truth and keeps only compact `MatchRecords` (a few dozen bytes per evaluated
+detection, no masks); `evaluate` gathers those records, not the predictions. The optional
+`lvis_instances_results.json` dump is streamed: each process appends its results to a part file
+as it goes, and the main process concatenates the parts (same bytes as detectron2's
+json.dumps of the whole list). detectron2's `instances_predictions.pth` is not written (it would
+hold every prediction in memory at once).
+
+Extra outputs: AR@300, ARs/ARm/ARl and per-category AP per task, logged as a table by frequency
+group and written to `lvis_fast_eval.json` in the output folder.
+"""
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections import OrderedDict
+
+import numpy as np
+import detectron2.utils.comm as comm
+from detectron2.evaluation import LVISEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils.logger import create_small_table
+
+from ..fileio import open_atomic, write_atomic
+from .lvis_fast import FREQ_LABELS, LvisEvalResult, LvisGroundTruth, LvisMatcher, MatchRecords
+
+# the keys detectron2's LVISEvaluator returns per task
+D2_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+RESULTS_FILE = "lvis_instances_results.json"
+REPORT_FILE = "lvis_fast_eval.json"
+
+
+class FastLVISEvaluator(LVISEvaluator):
+    """LVISEvaluator whose `evaluate` uses seesaw_ecm.evaluation.lvis_fast (equal numbers)."""
+
+    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                 max_dets_per_image=None, chunk_images=200, dump_results=True):
+        """Arguments of detectron2's LVISEvaluator, plus chunk_images (images buffered per
+        process before they are matched) and dump_results (write lvis_instances_results.json
+        into output_dir, as LVISEvaluator does)."""
+        super().__init__(dataset_name, tasks, distributed, output_dir,
+                         max_dets_per_image=max_dets_per_image)
+        self._gt = LvisGroundTruth(self._lvis_api.dataset)
+        self._chunk_images = chunk_images
+        self._dump = bool(dump_results and output_dir)
+        self._max_dets = 300 if max_dets_per_image is None else max_dets_per_image
+        if hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            mapping = self._metadata.thing_dataset_id_to_contiguous_id
+            self._to_dataset_id = {v: k for k, v in mapping.items()}
+        else:  # detectron2: LVIS category ids are contiguous ids + 1
+            self._to_dataset_id = None
+
+    def reset(self):
+        super().reset()
+        self._buffer = []  # per image: its result dicts
+        self._num_images = 0
+        self._num_results = 0
+        self._matchers = {}  # task -> LvisMatcher
+        if self._dump:
+            os.makedirs(self._output_dir, exist_ok=True)
+            self._part_path = os.path.join(
+                self._output_dir, f".{RESULTS_FILE}.rank{comm.get_rank()}.part")
+            open(self._part_path, "wb").close()
+
+    def process(self, inputs, outputs):
+        for input, output in zip(inputs, outputs):
+            self._num_images += 1
+            if "instances" in output:
+                instances = output["instances"].to(self._cpu_device)
+                results = instances_to_coco_json(instances, input["image_id"])
+                for r in results:
+                    r["category_id"] = (r["category_id"] + 1 if self._to_dataset_id is None
+                                        else self._to_dataset_id[r["category_id"]])
+                self._buffer.append(results)
+            if "proposals" in output:  # proposals are small: kept as detectron2 keeps them
+                self._predictions.append({"image_id": input["image_id"],
+                                          "proposals": output["proposals"].to(self._cpu_device)})
+        if len(self._buffer) >= self._chunk_images:
+            self._flush()
+
+    def _flush(self):
+        """Match the buffered images' results; append them to this process' dump part."""
+        results = list(itertools.chain(*self._buffer))
+        self._buffer = []
+        if not results:
+            return
+        if self._dump:
+            with open(self._part_path, "ab") as f:
+                f.write(((", " if self._num_results else "")
+                         + ", ".join(json.dumps(r) for r in results)).encode())
+        self._num_results += len(results)
+        if not self._matchers:
+            tasks = self._tasks or self._tasks_from_predictions(results)
+            self._matchers = {t: LvisMatcher(self._gt, t, self._max_dets, box_area=(t == "bbox"))
+                              for t in tasks}
+        for matcher in self._matchers.values():
+            matcher.add(results)
+
+    def evaluate(self):
+        self._flush()
+        own = {"images": self._num_images, "results": self._num_results,
+               "records": {t: m.records() for t, m in self._matchers.items()},
+               "proposals": self._predictions}
+        if self._distributed:
+            comm.synchronize()
+            parts = comm.gather(own, dst=0)
+            if not comm.is_main_process():
+                return None
+        else:
+            parts = [own]
+        if sum(p["images"] for p in parts) == 0:
+            self._logger.warning("[FastLVISEvaluator] Did not receive valid predictions.")
+            return {}
+        self._results = OrderedDict()
+        proposals = list(itertools.chain(*(p["proposals"] for p in parts)))
+        if proposals:
+            self._eval_box_proposals(proposals)
+        if self._dump:
+            self._write_results(len(parts))
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return self._results
+        tasks = self._tasks or sorted({t for p in parts for t in p["records"]}) or ("bbox",)
+        report = {}
+        for task in sorted(tasks):
+            if sum(p["results"] for p in parts) == 0:
+                self._logger.warning("No predictions from the model!")
+                self._results[task] = {m: float("nan") for m in D2_METRICS}
+                continue
+            records = MatchRecords.concatenate(p["records"][task] for p in parts
+                                               if task in p["records"])
+            result = LvisEvalResult(self._gt, records)
+            self._results[task] = {m: float(result.metrics[m] * 100) for m in D2_METRICS}
+            report[task] = self._report(task, result)
+        if report and self._output_dir:
+            write_atomic(os.path.join(self._output_dir, REPORT_FILE),
+                         json.dumps(report, indent=1) + "\n")
+        return self._results
+
+    def _report(self, task, result):
+        """Log the metrics and per-group AP; return the task's entry of lvis_fast_eval.json."""
+        metrics = {k: float(v * 100) for k, v in result.metrics.items()}
+        self._logger.info(f"Evaluation results for {task} (lvis_fast, max detections per "
+                          f"image = {self._max_dets}): \n" + create_small_table(metrics))
+        names = self._metadata.get("thing_classes")
+        cat_ids = result.cat_ids.tolist()
+        ap = [None if np.isnan(a) else float(a * 100) for a in result.per_category_ap]
+        groups = {}
+        for label, members in zip(FREQ_LABELS, self._gt.freq_groups):
+            values = [ap[k] for k in members if ap[k] is not None]
+            groups[label] = {"categories": len(members), "with_ground_truth": len(values),
+                             "AP": float(np.mean(values)) if values else None}
+        self._logger.info(f"Per-group AP for {task} (mean of per-category AP over categories "
+                          "with ground truth): \n" + create_small_table(
+                              {f"AP{g}": v["AP"] if v["AP"] is not None else float("nan")
+                               for g, v in groups.items()}))
+        freq = {k: label for label, members in zip(FREQ_LABELS, self._gt.freq_groups)
+                for k in members}
+        per_cat = [{"id": c, "name": names[k] if names and len(names) == len(cat_ids) else None,
+                    "frequency": freq[k], "AP": ap[k]} for k, c in enumerate(cat_ids)]
+        return {"metrics": metrics, "groups": groups, "per_category_ap": per_cat}
+
+    def _write_results(self, num_ranks):
+        """Concatenate the processes' parts into lvis_instances_results.json (streamed)."""
+        parts = [os.path.join(self._output_dir, f".{RESULTS_FILE}.rank{r}.part")
+                 for r in range(num_ranks)]
+        missing = [p for p in parts if not os.path.exists(p)]
+        if missing:
+            self._logger.warning(f"Not writing {RESULTS_FILE}: {missing[0]} is not visible from "
+                                 "the main process (output folder not shared); the parts stay.")
+            return
+        path = os.path.join(self._output_dir, RESULTS_FILE)
+        self._logger.info(f"Saving results to {path}")
+        with open_atomic(path) as out:
+            out.write(b"[")
+            first = True
+            for part in parts:
+                if os.path.getsize(part) == 0:
+                    continue
+                if not first:
+                    out.write(b", ")
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+                first = False
+            out.write(b"]")
+        for part in parts:
+            os.unlink(part)
