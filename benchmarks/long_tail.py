@@ -46,6 +46,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="output/benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("lvis").setLevel(logging.ERROR)  # "Assuming user provided the results..."
     try:
         folders = args.collect or benchmark.train_all(
             args.losses, args.archs, args.seeds, args.output_dir, force=args.force,

@@ -75,16 +75,16 @@ class GradientBalance:
     def _accumulate(self, stage, labels, grad):
         """grad: (R, >= C) dL/dz; labels: (R,). Vectorised: no loop over classes."""
         num_classes = self.num_classes
-        g = grad[:, :num_classes].abs().to(torch.float64)  # (R, C)
+        g = grad[:, :num_classes].abs()  # (R, C), summed in float64 below
         fg = labels < num_classes
         idx = labels[fg]
-        on_label = g[fg].gather(1, idx[:, None]).squeeze(1)  # (R_fg,) |dL/dz_{r, y_r}|
+        on_label = g[fg].gather(1, idx[:, None]).squeeze(1).double()  # (R_fg,) |dL/dz_{r,y_r}|
         if self.pending is None:
             self.pending = torch.zeros_like(self.total, device=grad.device)
         positive = torch.zeros(num_classes, dtype=torch.float64, device=grad.device)
         positive.index_add_(0, idx, on_label)
         self.pending[0, stage] += positive
-        self.pending[1, stage] += g.sum(dim=0) - positive
+        self.pending[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
         self.pending[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
 
     def sync(self, device="cpu"):
