@@ -52,6 +52,15 @@ def add_seesaw_ecm_config(cfg):
     # Negative classes are drawn with probability proportional to image_count ** POWER.
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
 
+    # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
+    # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others
+    # (negative), saved in checkpoints and OUTPUT_DIR/gradient_balance.json. Off = no hook.
+    cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE = CN()
+    # Install the hook (opt-in; a few % slower per iteration when on, nothing when off).
+    cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED = False
+    # Iterations between all-reduces of the sums and TensorBoard / metrics.json summaries.
+    cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD = 20
+
     # HTC-Lite (MODEL.META_ARCHITECTURE "HTCLiteRCNN", ROI_HEADS.NAME "HTCLiteROIHeads"): the
     # cascade box stages of ROI_BOX_CASCADE_HEAD with the MODEL.LONG_TAIL predictor, one mask
     # head after the last stage, and a global context encoder. Each part is one key (ablations).

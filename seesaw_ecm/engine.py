@@ -3,11 +3,13 @@ import os
 
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.utils import comm
 
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
+from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
@@ -19,13 +21,31 @@ SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
 class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
-    TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator)."""
+    TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
+    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE)."""
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
         TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`)."""
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    def build_hooks(self):
+        """detectron2's hooks; with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the
+        gradient-balance hook (before the checkpointer, whose checkpoints then hold its sums)."""
+        ret = super().build_hooks()
+        gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
+        if not gb.ENABLED:
+            return ret
+        hook = GradientBalanceHook(
+            self.model, gb.PERIOD, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.OUTPUT_DIR,
+            class_info=training_class_info(self.cfg) if comm.is_main_process() else None,
+        )
+        self.checkpointer.checkpointables[CHECKPOINT_KEY] = hook.balance
+        at = next(i for i, h in enumerate(ret)
+                  if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        ret.insert(at, hook)
+        return ret
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -31,3 +31,18 @@ def write_atomic(path, data):
         data = data.encode()
     with open_atomic(path) as f:
         f.write(data)
+
+
+def write_figure(fig, path, dpi=120):
+    """Lay out a matplotlib figure, save it as PNG through :func:`write_atomic` (folders
+    created) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

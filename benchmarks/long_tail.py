@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Long-tail benchmark: train each selected loss and architecture with the same schedule and
+seed(s), or collect finished runs; write one JSON, print one table (box / mask AP, AP50, APr,
+APc, APf, s/iter; mean ± std over seeds) and plot per-class AP against training count.
+
+    python benchmarks/long_tail.py --losses ce seesaw ecm --archs mask_rcnn --seeds 1 2 3 \\
+        --output-dir output/benchmark [--opts SOLVER.MAX_ITER 600]
+    python benchmarks/long_tail.py --dataset mine=/d/train.json:/d/img --dataset \\
+        mine_val=/d/val.json:/d/img --train mine --test mine_val \\
+        --opts MODEL.ROI_HEADS.NUM_CLASSES 37
+    python benchmarks/long_tail.py --collect output/synthetic/* --output-dir output/benchmark
+
+A thin command line over seesaw_ecm.benchmark (docs/BENCHMARKS.md).
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from seesaw_ecm import benchmark  # noqa: E402
+from seesaw_ecm.errors import SeesawEcmError  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--losses", nargs="+", default=list(benchmark.LOSSES),
+                        choices=benchmark.LOSSES)
+    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=benchmark.ARCHS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:ROOT",
+                        help="LVIS-format dataset, passed to train_net.py --dataset (repeatable)")
+    parser.add_argument("--train", nargs="+", default=[], metavar="NAME",
+                        help="DATASETS.TRAIN (default: the configs' synthetic_lt_train)")
+    parser.add_argument("--test", nargs="+", default=[], metavar="NAME",
+                        help="DATASETS.TEST (default: synthetic_lt_val)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides for every run, KEY VALUE ... (last option)")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
+                        help="aggregate these finished train_net.py output folders; no training")
+    parser.add_argument("--no-per-class", action="store_true",
+                        help="skip the per-class AP (LVISEval per run) and its plot")
+    parser.add_argument("--output-dir", default="output/benchmark")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("lvis").setLevel(logging.ERROR)  # "Assuming user provided the results..."
+    try:
+        folders = args.collect or benchmark.train_all(
+            args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
+            datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
+            num_gpus=args.num_gpus)
+        runs = [benchmark.read_run(f, per_class=not args.no_per_class) for f in folders]
+        _, table = benchmark.write_report(runs, args.output_dir, command=sys.argv)
+    except SeesawEcmError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"Wrote {os.path.join(args.output_dir, 'long_tail_benchmark.json')}"
+          + ("" if args.no_per_class else " and long_tail_per_class_ap.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""Seconds per training iteration (forward + backward + optimizer step) of each long-tail loss
+against stock detectron2 Mask R-CNN (StandardROIHeads + FastRCNNOutputLayers, softmax CE),
+measured in one process, plus the peak memory of each.
+
+Every model is the stock config (configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml, or its cascade
+with detectron2's CascadeROIHeads) with only the box predictor changed: LongTailROIHeads /
+LongTailCascadeROIHeads with MODEL.LONG_TAIL.LOSS set (and OBJECTNESS for Seesaw; classifier
+as the loss's default). All models train on the same batch (IMS_PER_BATCH images of a small
+generated synthetic set, mapped once), timed round-robin, the order rotated every round to
+cancel drift; the ratio is the median over rounds of (model time / stock time in that round).
+With --gradient-balance every model also runs with the gradient-balance recorder attached.
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated over a few iterations per model; on the
+CPU the peak resident set size (VmHWM) of a fresh subprocess per model over 3 training
+iterations, reset after the model is built (it includes the ~0.8 GiB of Python, torch,
+detectron2, the model and the data), and that peak minus the RSS before training.
+
+    python benchmarks/train_speed.py [--device cuda] [--archs mask_rcnn cascade] \\
+        [--losses ce seesaw ecm] [--repeats 20] [--gradient-balance] [--memory]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from seesaw_ecm import add_seesaw_ecm_config  # noqa: E402
+from seesaw_ecm.benchmark import CASCADE_OPTS, LOSSES  # noqa: E402
+from seesaw_ecm.data.datasets import register_lvis_format  # noqa: E402
+from seesaw_ecm.data.synthetic import ensure_generated  # noqa: E402
+from seesaw_ecm.engine import Trainer  # noqa: E402
+from seesaw_ecm.gradient_balance import GradientBalance, attach, box_predictors  # noqa: E402
+
+STOCK = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
+DATASET = "train_speed_synthetic"
+
+
+def make_cfg(arch, loss, device, data):
+    """The stock config, or with `loss` the same config with the long-tail predictor."""
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file(STOCK)
+    if arch == "cascade":
+        cfg.merge_from_list(list(CASCADE_OPTS))
+        cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    if loss is not None:
+        cascade = cfg.MODEL.ROI_HEADS.NAME == "CascadeROIHeads"
+        cfg.MODEL.ROI_HEADS.NAME = "LongTailCascadeROIHeads" if cascade else "LongTailROIHeads"
+        cfg.MODEL.LONG_TAIL.LOSS = loss
+        cfg.MODEL.LONG_TAIL.OBJECTNESS = loss == "seesaw"
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = data["num_classes"]
+    cfg.DATASETS.TRAIN = (DATASET,)
+    cfg.OUTPUT_DIR = ""
+    # one batch stepped on again and again at the full rate (no warm-up here) diverges; the
+    # rate does not change what an iteration costs
+    cfg.SOLVER.BASE_LR = 1e-4
+    return cfg
+
+
+def prepare_data(data_dir, num_classes):
+    paths = ensure_generated(data_dir, num_classes=num_classes, train_images=400, val_images=8,
+                             image_size=128, seed=0)
+    if DATASET not in DatasetCatalog.list():
+        register_lvis_format(DATASET, paths["train_json"], paths["image_root"])
+    return {"num_classes": num_classes}
+
+
+def make_batch(cfg, n):
+    """The first n training images with at least 2 objects, mapped by DatasetMapper (train)."""
+    torch.manual_seed(0)
+    mapper = DatasetMapper(cfg, is_train=True)
+    dicts = [d for d in DatasetCatalog.get(DATASET) if len(d["annotations"]) >= 2][:n]
+    return [mapper(d) for d in dicts]
+
+
+class Case:
+    """One model + optimizer; ``step()`` runs one timed training iteration."""
+
+    def __init__(self, name, cfg, batch, gradient_balance=False):
+        torch.manual_seed(0)
+        self.name, self.batch = name, batch
+        self.model = build_model(cfg)
+        self.model.train()
+        self.optimizer = Trainer.build_optimizer(cfg, self.model)
+        self.device = torch.device(cfg.MODEL.DEVICE)
+        self.balance = None
+        if gradient_balance:
+            predictors = box_predictors(self.model)
+            self.balance = GradientBalance(predictors[0].num_classes, len(predictors))
+            attach(predictors, self.balance)
+        self.iter = 0
+
+    def step(self):
+        self._sync()
+        start = time.perf_counter()
+        losses = sum(self.model(self.batch).values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self.optimizer.step()
+        self.iter += 1
+        if self.balance is not None and self.iter % 20 == 0:
+            self.balance.sync(self.device)  # as the hook does every PERIOD iterations
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def case_specs(archs, losses, gradient_balance):
+    """[(name, arch, loss or None for stock, gradient balance on)]"""
+    specs = []
+    for arch in archs:
+        for loss in [None] + list(losses):
+            name = f"{arch} {'stock' if loss is None else loss}"
+            specs.append((name, arch, loss, False))
+            if gradient_balance:
+                specs.append((name + " +gb", arch, loss, True))
+    return specs
+
+
+def time_cases(cases, warmup, repeats, stock_of):
+    """Median seconds per iteration of each case and median of per-round ratios to its stock."""
+    times = {c.name: [] for c in cases}
+    for rnd in range(warmup + repeats):
+        order = cases[rnd % len(cases):] + cases[: rnd % len(cases)]
+        for case in order:
+            t = case.step()
+            if rnd >= warmup:
+                times[case.name].append(t)
+    out = {}
+    for c in cases:
+        ratios = [t / s for t, s in zip(times[c.name], times[stock_of[c.name]])]
+        out[c.name] = (statistics.median(times[c.name]), statistics.median(ratios))
+    return out
+
+
+def peak_memory(spec, args):
+    """(peak, peak - before training) in MiB of one case over 3 iterations: CUDA max allocated
+    (no second figure), or the peak RSS of a subprocess (see the module docstring)."""
+    if args.device == "cuda":
+        cfg = make_cfg(spec[1], spec[2], "cuda", args.data)
+        case = Case(spec[0], cfg, make_batch(cfg, cfg.SOLVER.IMS_PER_BATCH), spec[3])
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with EventStorage():
+            for _ in range(3):
+                case.step()
+        return torch.cuda.max_memory_allocated() / 2**20, None
+    cmd = [sys.executable, __file__, "--memory-of", json.dumps(spec), "--data-dir", args.data_dir,
+           "--num-classes", str(args.num_classes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    before, peak = map(float, proc.stdout.strip().splitlines()[-1].split())
+    return peak, peak - before
+
+
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def memory_of(spec, args):
+    """Subprocess mode: build one case, then reset the peak RSS (Linux clear_refs) and train 3
+    iterations; print "RSS before training, peak RSS while training" in MiB."""
+    cfg = make_cfg(spec[1], spec[2], "cpu", args.data)
+    case = Case(spec[0], cfg, make_batch(cfg, cfg.SOLVER.IMS_PER_BATCH), spec[3])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_mib("VmRSS")
+    with EventStorage():
+        for _ in range(3):
+            case.step()
+    print(before, _status_mib("VmHWM"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=["mask_rcnn", "cascade"])
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--gradient-balance", action="store_true",
+                        help="also time every model with the gradient-balance recorder on")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--num-classes", type=int, default=60)
+    parser.add_argument("--data-dir", default="output/train_speed_data")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    args.data = prepare_data(args.data_dir, args.num_classes)
+    if args.memory_of:
+        return memory_of(json.loads(args.memory_of), args)
+
+    specs = case_specs(args.archs, args.losses, args.gradient_balance)
+    cfg0 = make_cfg(args.archs[0], None, args.device, args.data)
+    batch = make_batch(cfg0, cfg0.SOLVER.IMS_PER_BATCH)
+    if args.device == "cuda":
+        batch = [{k: (v.to("cuda") if hasattr(v, "to") else v) for k, v in d.items()} for d in batch]
+    stock_of = {name: f"{arch} stock" for name, arch, _, _ in specs}
+    with EventStorage():
+        cases = [Case(name, make_cfg(arch, loss, args.device, args.data), batch, gb)
+                 for name, arch, loss, gb in specs]
+        result = time_cases(cases, args.warmup, args.repeats, stock_of)
+    del cases
+    memory = {s[0]: peak_memory(s, args) for s in specs} if args.memory else {}
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (
+        f"cpu, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {device}; batch {cfg0.SOLVER.IMS_PER_BATCH} images of "
+          f"{cfg0.INPUT.MIN_SIZE_TRAIN[0]} px, {args.num_classes} classes, "
+          f"{cfg0.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE} RoIs/image; median of {args.repeats} "
+          f"rounds after {args.warmup} warm-up")
+    mem_head = (" | peak GPU MiB" if args.device == "cuda"
+                else " | peak RSS MiB | of which training MiB")
+    print(f"| model | s/iter | x stock{mem_head if memory else ''} |")
+    print("|---|---|---|" + ("---|" * (1 if args.device == "cuda" else 2) if memory else ""))
+    for name, (sec, ratio) in result.items():
+        mem = ""
+        if memory:
+            peak, delta = memory[name]
+            mem = f" | {peak:.0f}" + (f" | {delta:.0f}" if delta is not None else "")
+        print(f"| {name} | {sec:.4f} | {ratio:.3f}{mem} |")
+
+
+if __name__ == "__main__":
+    main()

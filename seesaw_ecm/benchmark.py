@@ -1,0 +1,380 @@
+"""Long-tail benchmark harness: train every selected (loss, architecture, seed) with the same
+schedule through train_net.py, or collect finished run folders, then aggregate box / mask AP,
+AP50, APr, APc, APf, seconds per iteration and per-class AP against training instance count.
+
+What a finished run folder holds (train_net.py writes it): config.yaml, metrics.json (training
+rows with "time"; an evaluation row with "bbox/AP", "segm/AP", ...), and
+inference/<test dataset>/lvis_instances_results.json (the detections LVISEvaluator scored).
+Per-class AP is recomputed from those detections and the test set's annotation file with
+lvis.LVISEval, the way LVISEval.summarize averages precision (entries > -1, all areas, all
+IoU thresholds and recall points), but per category. benchmarks/long_tail.py is the
+command line.
+"""
+import copy
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+
+from .errors import SeesawEcmError
+from .fileio import write_atomic, write_figure
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm")
+ARCHS = ("mask_rcnn", "cascade")
+TASKS = ("bbox", "segm")
+METRICS = ("AP", "AP50", "APr", "APc", "APf")
+CONFIG_DIR = "configs/Synthetic"
+# Cascade Mask R-CNN = the loss's Mask R-CNN config with these keys, exactly how
+# cascade_mask_rcnn_R18_FPN_{seesaw,ecm}.yaml are derived from mask_rcnn_R18_FPN_{seesaw,ecm}.yaml.
+CASCADE_OPTS = (
+    "MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True",
+    "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.5, 0.6, 0.7)",
+    "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
+    "((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))",
+)
+
+
+def config_for(loss, arch, config_dir=CONFIG_DIR):
+    """(config file, extra opts) of `loss` with `arch`: the shipped file when there is one,
+    else the loss's Mask R-CNN file plus CASCADE_OPTS (the stock-CE Mask R-CNN file uses
+    StandardROIHeads; its cascade uses LongTailCascadeROIHeads with LOSS ce, a linear
+    classifier, as the stock predictor)."""
+    if loss not in LOSSES or arch not in ARCHS:
+        raise SeesawEcmError(f"Unknown loss {loss!r} or architecture {arch!r}: choose from "
+                             f"{LOSSES} and {ARCHS}")
+    shipped = os.path.join(config_dir, f"{'cascade_' if arch == 'cascade' else ''}"
+                                        f"mask_rcnn_R18_FPN_{loss}.yaml")
+    if os.path.isfile(shipped):
+        return shipped, []
+    return os.path.join(config_dir, f"mask_rcnn_R18_FPN_{loss}.yaml"), list(CASCADE_OPTS)
+
+
+def run_dir(output_dir, loss, arch, seed):
+    return os.path.join(output_dir, f"{arch}_{loss}", f"seed{seed}")
+
+
+def train_command(loss, arch, seed, out, datasets=(), train=(), test=(), opts=(), num_gpus=1):
+    """The train_net.py command line of one run (list of str)."""
+    config, extra = config_for(loss, arch)
+    cmd = [sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus)]
+    for spec in datasets:
+        cmd += ["--dataset", spec]
+    cmd += extra
+    if train:
+        cmd += ["DATASETS.TRAIN", repr(tuple(train))]
+    if test:
+        cmd += ["DATASETS.TEST", repr(tuple(test))]
+    return cmd + list(opts) + ["SEED", str(seed), "OUTPUT_DIR", out]
+
+
+def _read_metrics(folder):
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_finished(folder, cmd=None):
+    """Whether `folder` holds an evaluated run (of `cmd`, when given: the harness stores it)."""
+    if not any("bbox/AP" in row for row in _read_metrics(folder)):
+        return False
+    if cmd is None:
+        return True
+    stored = os.path.join(folder, "harness_command.json")
+    return os.path.isfile(stored) and json.load(open(stored)) == cmd[1:]
+
+
+def train_all(losses, archs, seeds, output_dir, force=False, **kwargs):
+    """Run train_net.py for every (arch, loss, seed) in turn; skip finished runs unless
+    `force`. kwargs: as :func:`train_command`. Returns the run folders."""
+    folders = []
+    for arch in archs:
+        for loss in losses:
+            for seed in seeds:
+                out = run_dir(output_dir, loss, arch, seed)
+                cmd = train_command(loss, arch, seed, out, **kwargs)
+                folders.append(out)
+                if not force and is_finished(out, cmd):
+                    print(f"[skip] {out}: finished", flush=True)
+                    continue
+                os.makedirs(out, exist_ok=True)
+                print(f"[train] {arch} {loss} seed {seed} -> {out}", flush=True)
+                with open(os.path.join(out, "harness_stdout.txt"), "w") as log:
+                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+                if proc.returncode != 0:
+                    tail = open(os.path.join(out, "harness_stdout.txt")).read()[-3000:]
+                    raise SeesawEcmError(f"Training {arch} {loss} seed {seed} failed "
+                                         f"(exit {proc.returncode}):\n{tail}")
+                write_atomic(os.path.join(out, "harness_command.json"), json.dumps(cmd[1:]))
+    return folders
+
+
+def _dataset_json(name, specs):
+    """Annotation file of a dataset name: from the run's DATASETS.LVIS_FORMAT specs, else from
+    detectron2's registry (built-in synthetic set, builtin LVIS)."""
+    from detectron2.data import MetadataCatalog
+
+    import seesaw_ecm  # noqa: F401  (registers the built-in datasets)
+
+    from .data.datasets import parse_dataset_spec
+
+    for spec in specs:
+        spec_name, json_file, _ = parse_dataset_spec(spec)
+        if spec_name == name:
+            return json_file
+    json_file = MetadataCatalog.get(name).get("json_file")
+    if not json_file or not os.path.isfile(json_file):
+        raise SeesawEcmError(
+            f"Cannot find the annotation file of dataset {name!r} ({json_file}). Run from the "
+            "checkout that trained it or set $DETECTRON2_DATASETS to its datasets folder.")
+    return json_file
+
+
+def training_counts(json_files):
+    """{category id: non-crowd instance count} summed over LVIS-format annotation files."""
+    counts = {}
+    for path in json_files:
+        with open(path) as f:
+            data = json.load(f)
+        for c in data["categories"]:
+            counts.setdefault(c["id"], 0)
+        for a in data["annotations"]:
+            if not a.get("iscrowd", 0):
+                counts[a["category_id"]] += 1
+    return counts
+
+
+def per_class_ap(gt, results, iou_type, max_dets=300):
+    """Per-category AP (in %, nan for a category without ground truth) and the overall AP.
+
+    Args:
+        gt: lvis.LVIS of the test set.
+        results: detections as LVISEvaluator writes them (dicts with image_id, category_id,
+            score, bbox and segmentation); for "segm" the boxes are dropped first, as
+            detectron2 does, so areas are mask areas.
+        iou_type: "bbox" or "segm".
+    Returns:
+        ({category id: AP}, overall AP) where the overall AP is LVISEval's own.
+    """
+    from lvis import LVISEval, LVISResults
+
+    if not results:
+        return {c: float("nan") for c in gt.get_cat_ids()}, float("nan")
+    if iou_type == "segm":
+        results = copy.deepcopy(results)
+        for r in results:
+            r.pop("bbox", None)
+    lvis_eval = LVISEval(gt, LVISResults(gt, results, max_dets=max_dets), iou_type)
+    lvis_eval.run()
+    precision = lvis_eval.eval["precision"][:, :, :, 0]  # (iou thresholds, recalls, K), area all
+    ap = {}
+    for k, cat_id in enumerate(lvis_eval.params.cat_ids):
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        ap[cat_id] = float(valid.mean() * 100) if valid.size else float("nan")
+    return ap, float(lvis_eval.results["AP"] * 100)
+
+
+_GT_CACHE = {}
+
+
+def _load_gt(path):
+    if path not in _GT_CACHE:
+        from lvis import LVIS
+
+        _GT_CACHE[path] = LVIS(path)
+    return _GT_CACHE[path]
+
+
+def read_run(folder, per_class=True):
+    """Everything the benchmark needs from one finished run folder, as a JSON-able dict:
+    loss, arch, seed, final metrics {"bbox/AP": ...} (None for "n/a"), sec_per_iter (median
+    of the last training's metrics.json "time" rows), and with `per_class`,
+    per-class AP {"bbox"|"segm": {category id: AP}} and training counts {category id: n}."""
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(config):
+        raise SeesawEcmError(f"{folder}: no config.yaml; not a train_net.py output folder.")
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    heads = cfg["MODEL"]["ROI_HEADS"]["NAME"]
+    long_tail = cfg["MODEL"].get("LONG_TAIL", {})
+    loss = long_tail.get("LOSS", "ce") if heads.startswith("LongTail") else "ce"
+    if long_tail.get("OBJECTNESS") and loss != "seesaw" and heads.startswith("LongTail"):
+        loss += "+objectness"
+    rows = _read_metrics(folder)
+    evals = [r for r in rows if "bbox/AP" in r]
+    if not evals:
+        raise SeesawEcmError(f"{folder}: metrics.json has no evaluation ('bbox/AP'); the run is "
+                             "not finished (or trained with DATASETS.TEST empty).")
+    last_eval = evals[-1]
+    timed = [r for r in rows if "time" in r and "iteration" in r]
+    # a restarted (not resumed) training appends to metrics.json: keep the last one's rows
+    start = max([0] + [i for i in range(1, len(timed))
+                       if timed[i]["iteration"] <= timed[i - 1]["iteration"]])
+    times = [r["time"] for r in timed[start:]]
+    run = {
+        "path": os.path.abspath(folder),
+        "loss": loss,
+        "arch": "cascade" if "Cascade" in heads else "mask_rcnn",
+        "seed": cfg.get("SEED"),
+        "iterations": cfg["SOLVER"]["MAX_ITER"],
+        "metrics": {f"{t}/{m}": (last_eval.get(f"{t}/{m}") if last_eval.get(f"{t}/{m}", -1) >= 0
+                                 else None) for t in TASKS for m in METRICS},
+        "sec_per_iter": statistics.median(times) if times else None,
+    }
+    if not per_class:
+        return run
+    specs = cfg["DATASETS"].get("LVIS_FORMAT", [])
+    test = cfg["DATASETS"]["TEST"][0]
+    results_file = os.path.join(folder, "inference", test, "lvis_instances_results.json")
+    if not os.path.isfile(results_file):
+        logger.warning(f"{folder}: no {results_file}; no per-class AP for this run.")
+        return run
+    with open(results_file) as f:
+        results = json.load(f)
+    gt = _load_gt(_dataset_json(test, specs))
+    max_dets = cfg["TEST"]["DETECTIONS_PER_IMAGE"]
+    run["per_class_ap"], run["ap_check"] = {}, {}
+    for task in TASKS:
+        if task == "segm" and results and "segmentation" not in results[0]:
+            continue
+        ap, overall = per_class_ap(gt, results, task, max_dets)
+        run["per_class_ap"][task] = {str(k): (None if np.isnan(v) else v) for k, v in ap.items()}
+        run["ap_check"][task] = overall
+    run["class_names"] = {str(c["id"]): c["name"] for c in gt.dataset["categories"]}
+    run["train_counts"] = {str(k): v for k, v in _train_counts(folder, cfg, gt).items()}
+    return run
+
+
+def _train_counts(folder, cfg, gt):
+    train = list(cfg["DATASETS"]["TRAIN"])
+    stats_file = os.path.join(folder, "class_statistics.json")
+    if os.path.isfile(stats_file):
+        stats = json.load(open(stats_file))
+        if stats.get("statistic") == "instance_count" and stats.get("datasets") == train:
+            cat_ids = sorted(gt.get_cat_ids())  # contiguous class i = i-th category id
+            if len(cat_ids) == len(stats["counts"]):
+                return dict(zip(cat_ids, stats["counts"]))
+    specs = cfg["DATASETS"].get("LVIS_FORMAT", [])
+    return training_counts([_dataset_json(name, specs) for name in train])
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def aggregate(runs):
+    """Group runs by (arch, loss): mean and sample standard deviation (ddof 1) over seeds of
+    every metric and of seconds per iteration; mean per-class AP. Two runs of one group with
+    the same seed are an error (they would count as two seeds)."""
+    order = {k: i for i, k in enumerate((a, l) for a in ARCHS for l in LOSSES)}
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["arch"], run["loss"]), []).append(run)
+    out = []
+    for (arch, loss), members in sorted(groups.items(), key=lambda kv: order.get(kv[0], 99)):
+        seeds = [r["seed"] for r in members]
+        if len(set(seeds)) != len(seeds):
+            raise SeesawEcmError(
+                f"{arch} {loss}: several runs with the same seed ({seeds}): "
+                + ", ".join(r["path"] for r in members))
+        group = {"arch": arch, "loss": loss, "seeds": seeds, "runs": [r["path"] for r in members],
+                 "mean": {}, "std": {}}
+        for key in [f"{t}/{m}" for t in TASKS for m in METRICS] + ["sec_per_iter"]:
+            vals = [r["metrics"][key] if key != "sec_per_iter" else r[key] for r in members]
+            group["mean"][key], group["std"][key] = _mean_std(vals)
+        per_class = [r for r in members if r.get("per_class_ap")]
+        if per_class:
+            group["train_counts"] = per_class[0]["train_counts"]
+            group["per_class_ap"] = {}
+            for task in per_class[0]["per_class_ap"]:
+                cats = per_class[0]["per_class_ap"][task]
+                group["per_class_ap"][task] = {
+                    c: _mean_std([r["per_class_ap"][task].get(c) for r in per_class])[0]
+                    for c in cats}
+        out.append(group)
+    return out
+
+
+def _cell(mean, std, digits=2):
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def format_table(groups):
+    """Markdown table: one row per (arch, loss); box and mask AP, AP50, APr, APc, APf and
+    seconds per iteration, as mean ± std over seeds (std only with several seeds)."""
+    head = (["arch", "loss", "seeds"] + [f"box {m}" for m in METRICS]
+            + [f"mask {m}" for m in METRICS] + ["s/iter"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g["arch"], g["loss"], str(len(g["seeds"]))]
+        cells += [_cell(g["mean"][f"{t}/{m}"], g["std"][f"{t}/{m}"]) for t in TASKS for m in METRICS]
+        cells.append(_cell(g["mean"]["sec_per_iter"], g["std"]["sec_per_iter"], 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_per_class(groups, out_png):
+    """Per-class AP (mean over seeds) against training instance count (log x), one panel per
+    task, one series per (arch, loss): points per class and a line through the mean AP of
+    log-spaced count bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in groups if g.get("per_class_ap")]
+    if not groups:
+        raise SeesawEcmError("No run has per-class AP (inference/*/lvis_instances_results.json).")
+    tasks = [t for t in TASKS if any(t in g["per_class_ap"] for g in groups)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes[0], tasks):
+        for i, g in enumerate(groups):
+            ap = g["per_class_ap"].get(task, {})
+            cats = [c for c in ap if ap[c] is not None and g["train_counts"].get(c, 0) > 0]
+            x = np.array([g["train_counts"][c] for c in cats], dtype=float)
+            y = np.array([ap[c] for c in cats], dtype=float)
+            style = "-" if g["arch"] == "mask_rcnn" else "--"
+            color = colors[i % len(colors)]
+            ax.scatter(x, y, s=10, alpha=0.45, color=color,
+                       marker="o" if g["arch"] == "mask_rcnn" else "^")
+            edges = np.logspace(0, np.log10(max(x.max(), 2)) + 1e-9, 8) if x.size else []
+            which = np.digitize(x, edges)
+            centers = [np.exp(np.log(x[which == b]).mean()) for b in np.unique(which)]
+            means = [y[which == b].mean() for b in np.unique(which)]
+            ax.plot(centers, means, style, color=color, lw=1.8,
+                    label=f"{g['arch']} {g['loss']} (n={len(g['seeds'])})")
+        ax.set_xscale("log")
+        ax.set_xlabel("training instances of the class (log)")
+        ax.set_ylabel(f"{'box' if task == 'bbox' else 'mask'} AP of the class")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    write_figure(fig, out_png)
+    return out_png
+
+
+def write_report(runs, output_dir, command=None):
+    """Aggregate `runs`, write OUTPUT/long_tail_benchmark.json and .png (atomically); return
+    (groups, markdown table)."""
+    groups = aggregate(runs)
+    table = format_table(groups)
+    os.makedirs(output_dir, exist_ok=True)
+    write_atomic(os.path.join(output_dir, "long_tail_benchmark.json"), json.dumps(
+        {"command": command, "groups": groups, "runs": runs, "table": table}, indent=1))
+    if any(g.get("per_class_ap") for g in groups):
+        plot_per_class(groups, os.path.join(output_dir, "long_tail_per_class_ap.png"))
+    return groups, table

@@ -1,0 +1,337 @@
+"""Gradient-balance diagnostic: per class, the positive and negative gradient magnitudes that
+reach the classifier logits during training (the quantity Seesaw Loss is built to balance).
+
+For a box predictor whose classification output is z (R, C+1 or C+2; the first C columns are
+the class logits in every layout of this package and in detectron2's own predictor), with
+RoI labels y (R,) in [0, C] (C = background) and L the total training loss, the accumulators
+hold, summed over every training iteration and every rank:
+
+    positive[c] = sum over RoIs r with y_r == c of |dL/dz_rc|
+    negative[c] = sum over RoIs r with y_r != c (other classes and background) of |dL/dz_rc|
+    samples[c]  = number of RoIs r with y_r == c
+
+The background column (C + 1 layouts) and the two objectness columns (Seesaw's C + 2 layout)
+are not accumulated: they are not class classifiers. One row per box predictor (one per
+cascade stage). Opt-in with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED; when off nothing is
+installed, so training runs exactly the code it runs without this module.
+"""
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .data.statistics import count_classes
+from .errors import SeesawEcmError
+from .fileio import write_atomic, write_figure
+
+logger = logging.getLogger(__name__)
+
+JSON_NAME = "gradient_balance.json"
+CHECKPOINT_KEY = "gradient_balance"
+GROUPS = ("r", "c", "f")
+
+
+class GradientBalance:
+    """Accumulators of positive / negative logit-gradient magnitudes per stage and class.
+
+    Not an nn.Module on purpose: it is no part of the model (model-zoo exports and weights
+    stay unchanged); the trainer's checkpointer saves it through ``state_dict``.
+
+    Each rank adds its own RoIs to ``pending`` (on the device of the gradients); :meth:`sync`
+    all-reduces ``pending`` across ranks into ``total`` (float64, CPU), which is what the
+    checkpoint, the JSON and the logged scalars hold.
+    """
+
+    def __init__(self, num_classes, num_stages=1):
+        self.num_classes = num_classes
+        self.num_stages = num_stages
+        # [positive, negative, samples] x stage x class
+        self.total = torch.zeros(3, num_stages, num_classes, dtype=torch.float64)
+        self.pending = None
+        self.iterations = 0
+
+    def record(self, stage, scores, gt_classes):
+        """Accumulate dL/dscores of this forward pass when backward reaches it.
+
+        Args:
+            stage: row of the accumulators (cascade stage; 0 for Mask R-CNN).
+            scores: (R, C + 1) or (R, C + 2) classification logits; columns 0..C-1 are classes.
+            gt_classes: (R,) int64 labels in [0, C], C = background.
+        """
+        if scores.requires_grad:
+            labels = gt_classes.detach()
+            scores.register_hook(lambda grad: self._accumulate(stage, labels, grad))
+
+    @torch.no_grad()
+    def _accumulate(self, stage, labels, grad):
+        """grad: (R, >= C) dL/dz; labels: (R,). Vectorised: no loop over classes."""
+        num_classes = self.num_classes
+        g = grad[:, :num_classes].abs()  # (R, C), summed in float64 below
+        fg = labels < num_classes
+        idx = labels[fg]
+        on_label = g[fg].gather(1, idx[:, None]).squeeze(1).double()  # (R_fg,) |dL/dz_{r,y_r}|
+        if self.pending is None:
+            self.pending = torch.zeros_like(self.total, device=grad.device)
+        positive = torch.zeros(num_classes, dtype=torch.float64, device=grad.device)
+        positive.index_add_(0, idx, on_label)
+        self.pending[0, stage] += positive
+        self.pending[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
+        self.pending[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
+
+    def sync(self, device="cpu"):
+        """Add every rank's pending sums to ``total`` (a collective: call on all ranks)."""
+        pending = self.pending if self.pending is not None else torch.zeros_like(
+            self.total, device=device)
+        if comm.get_world_size() > 1:
+            dist.all_reduce(pending)
+        self.total += pending.cpu()
+        self.pending = None
+
+    def ratio(self):
+        """(S, C) positive / negative; nan where a class received no negative gradient."""
+        pos, neg = self.total[0], self.total[1]
+        return torch.where(neg > 0, pos / neg.clamp(min=1e-300), torch.full_like(pos, float("nan")))
+
+    def state_dict(self):
+        return {
+            "positive": self.total[0].clone(),
+            "negative": self.total[1].clone(),
+            "samples": self.total[2].clone(),
+            "iterations": self.iterations,
+        }
+
+    def load_state_dict(self, state):
+        shape = (self.num_stages, self.num_classes)
+        if tuple(state["positive"].shape) != shape:
+            raise SeesawEcmError(
+                f"The checkpoint's gradient-balance accumulators have shape "
+                f"{tuple(state['positive'].shape)}, this model needs {shape} (stages, classes)."
+            )
+        self.total = torch.stack([state["positive"], state["negative"], state["samples"]]).to(
+            torch.float64)
+        self.pending = None
+        self.iterations = int(state["iterations"])
+
+
+def box_predictors(model):
+    """The box predictors of a (possibly DDP-wrapped) R-CNN: one, or one per cascade stage."""
+    model = getattr(model, "module", model)
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    predictors = list(predictor) if isinstance(predictor, nn.ModuleList) else [predictor]
+    if not all(isinstance(p, FastRCNNOutputLayers) for p in predictors):
+        raise SeesawEcmError(
+            "MODEL.LONG_TAIL.GRADIENT_BALANCE needs ROI heads with FastRCNNOutputLayers box "
+            "predictors (StandardROIHeads, CascadeROIHeads or the LongTail ones); got "
+            f"{[type(p).__name__ for p in predictors]}. Set GRADIENT_BALANCE.ENABLED False."
+        )
+    return predictors
+
+
+def attach(predictors, balance):
+    """Make each predictor's ``losses`` record into ``balance`` (row = stage). Instance-level,
+    undone by :func:`detach`; the predictor classes are not touched."""
+    for stage, predictor in enumerate(predictors):
+        original = type(predictor).losses.__get__(predictor)
+
+        def losses(predictions, proposals, _stage=stage, _original=original):
+            if len(proposals):
+                gt_classes = torch.cat([p.gt_classes for p in proposals])
+                balance.record(_stage, predictions[0], gt_classes)
+            return _original(predictions, proposals)
+
+        predictor.losses = losses
+
+
+def detach(predictors):
+    for predictor in predictors:
+        predictor.__dict__.pop("losses", None)
+
+
+def training_class_info(cfg):
+    """Class names, per-class training instance counts (C,) and LVIS frequency letters (or None)
+    of cfg.DATASETS.TRAIN. Counts come from the datasets' metadata when their loader set
+    `class_instance_count` (this package's LVIS-format loader does), else they are counted."""
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    names = list(cfg.DATASETS.TRAIN)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for name in names:
+        stated = MetadataCatalog.get(name).get("class_instance_count")
+        if stated is not None and len(stated) == num_classes and sum(stated) > 0:
+            counts += np.asarray(stated, dtype=np.int64)
+        else:
+            counts += count_classes(DatasetCatalog.get(name), num_classes)
+    meta = MetadataCatalog.get(names[0]) if names else None
+    classes = list(meta.get("thing_classes", [])) if meta else []
+    if len(classes) != num_classes:
+        classes = [str(i) for i in range(num_classes)]
+    freq = list(meta.get("class_frequency", [])) if meta else []
+    freq = freq if len(names) == 1 and len(freq) == num_classes and set(freq) <= set(GROUPS) else None
+    return classes, counts, freq
+
+
+def frequency_groups(counts, frequency=None):
+    """{"r"|"c"|"f": (k,) class indices}: the LVIS frequency letters when given, else thirds of
+    the classes by training count (rarest third = "r")."""
+    if frequency is not None:
+        letters = np.asarray(frequency)
+        return {g: np.flatnonzero(letters == g) for g in GROUPS}
+    order = np.argsort(np.asarray(counts), kind="stable")
+    return dict(zip(GROUPS, np.array_split(order, 3)))
+
+
+def summary_scalars(ratio, groups):
+    """{name: value}: mean positive/negative ratio over the classes of each group, per stage.
+
+    ratio: (S, C) array; groups: as :func:`frequency_groups`."""
+    out = {}
+    for stage, row in enumerate(np.asarray(ratio)):
+        suffix = f"_stage{stage}" if len(ratio) > 1 else ""
+        for g, idx in groups.items():
+            vals = row[idx]
+            vals = vals[np.isfinite(vals)]
+            if vals.size:
+                out[f"gradient_balance/pos_neg_ratio_{g}{suffix}"] = float(vals.mean())
+    return out
+
+
+class GradientBalanceHook(HookBase):
+    """Installs :class:`GradientBalance` on the box predictors for the duration of training.
+
+    Every `period` iterations, at checkpoint iterations and at the end it all-reduces the
+    ranks' sums; it then logs :func:`summary_scalars` to the EventStorage (metrics.json,
+    TensorBoard). At checkpoint iterations and at the end the main process also writes
+    OUTPUT_DIR/gradient_balance.json. Register ``self.balance`` with the checkpointer (the
+    Trainer does) so checkpoints hold the accumulators and --resume continues them.
+    Place it before the PeriodicCheckpointer hook.
+    """
+
+    def __init__(self, model, period, checkpoint_period, output_dir="", class_info=None):
+        """
+        Args:
+            model: the trainer's model (DDP-wrapped or not).
+            period: iterations between summaries.
+            checkpoint_period: SOLVER.CHECKPOINT_PERIOD (iterations that also sync and write).
+            output_dir: where the main process writes gradient_balance.json ("" = nowhere).
+            class_info: (names, counts (C,), frequency letters or None), as
+                :func:`training_class_info`; None = class indices, thirds by nothing.
+        """
+        self.predictors = box_predictors(model)
+        num_classes = self.predictors[0].num_classes
+        self.balance = GradientBalance(num_classes, len(self.predictors))
+        self.period, self.checkpoint_period = period, checkpoint_period
+        self.output_dir = output_dir
+        names, counts, freq = class_info or (
+            [str(i) for i in range(num_classes)], np.zeros(num_classes, np.int64), None)
+        self.class_names, self.class_counts, self.class_frequency = names, np.asarray(counts), freq
+        self.groups = frequency_groups(self.class_counts, freq)
+        self._device = next(self.predictors[0].parameters()).device
+
+    def before_train(self):
+        attach(self.predictors, self.balance)
+
+    def after_train(self):
+        detach(self.predictors)
+
+    def after_step(self):
+        it = self.trainer.iter
+        self.balance.iterations = it + 1
+        last = it + 1 >= self.trainer.max_iter
+        save = last or (self.checkpoint_period > 0 and (it + 1) % self.checkpoint_period == 0)
+        if not (save or (it + 1) % self.period == 0):
+            return
+        self.balance.sync(self._device)
+        ratio = self.balance.ratio().numpy()
+        get_event_storage().put_scalars(
+            smoothing_hint=False, **summary_scalars(ratio, self.groups))
+        if save and self.output_dir and comm.is_main_process():
+            write_atomic(os.path.join(self.output_dir, JSON_NAME), json.dumps(self.to_json()))
+
+    def to_json(self):
+        state = self.balance.state_dict()
+        return {
+            "iterations": state["iterations"],
+            "num_classes": self.balance.num_classes,
+            "num_stages": self.balance.num_stages,
+            "class_names": list(self.class_names),
+            "class_counts": [int(c) for c in self.class_counts],
+            "class_frequency": self.class_frequency,
+            "positive": state["positive"].tolist(),
+            "negative": state["negative"].tolist(),
+            "samples": state["samples"].tolist(),
+        }
+
+
+def load_run(path):
+    """A saved gradient balance as a dict like GradientBalanceHook.to_json().
+
+    `path`: a gradient_balance.json, a run folder holding one, or a checkpoint (.pth) with the
+    "gradient_balance" entry (then class counts are those the hook stored, if any)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, JSON_NAME)
+    if not os.path.isfile(path):
+        raise SeesawEcmError(
+            f"{path}: no such file. Give a {JSON_NAME}, a run folder with one (training with "
+            "MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED True writes it) or a checkpoint.")
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if CHECKPOINT_KEY not in ckpt:
+        raise SeesawEcmError(
+            f"{path} holds no '{CHECKPOINT_KEY}' entry: it was not trained with "
+            "MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED True.")
+    state = ckpt[CHECKPOINT_KEY]
+    num_stages, num_classes = state["positive"].shape
+    run = {k: state[k].tolist() for k in ("positive", "negative", "samples")}
+    run.update(iterations=int(state["iterations"]), num_classes=num_classes,
+               num_stages=num_stages, class_names=[str(i) for i in range(num_classes)])
+    meta = os.path.join(os.path.dirname(path), JSON_NAME)  # class counts of the same run
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            saved = json.load(f)
+        run.update({k: saved[k] for k in ("class_names", "class_counts", "class_frequency")})
+    return run
+
+
+def plot_ratios(runs, out_png, labels=None, stages=None):
+    """Positive/negative ratio per class, classes sorted by training count (most frequent
+    left), one series per run (and per stage for cascades), log y; written to `out_png`.
+
+    Args:
+        runs: dicts as :func:`load_run` returns.
+        labels: one name per run (default "run 0", ...).
+        stages: stage indices to draw (default: every stage).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [f"run {i}" for i in range(len(runs))]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for run, label in zip(runs, labels):
+        pos, neg = np.asarray(run["positive"]), np.asarray(run["negative"])
+        counts = np.asarray(run.get("class_counts") or np.zeros(pos.shape[1]))
+        order = np.argsort(-counts, kind="stable")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(neg > 0, pos / neg, np.nan)
+        for stage in stages if stages is not None else range(len(pos)):
+            name = label if len(pos) == 1 else f"{label} stage {stage}"
+            ax.plot(np.arange(len(order)), ratio[stage, order], marker=".", lw=1, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("class, sorted by training instance count (most frequent left)")
+    ax.set_ylabel("accumulated |positive| / |negative| gradient")
+    ax.set_title("Gradient balance of the classifier logits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    write_figure(fig, out_png)
+    return out_png

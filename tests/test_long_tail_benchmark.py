@@ -1,0 +1,208 @@
+"""The long-tail benchmark harness: config mapping, collecting hand-made run folders (metrics,
+seconds per iteration, per-class AP against hand-computed values), aggregation over seeds,
+and one short end-to-end run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from detectron2.config import get_cfg
+from pycocotools import mask as mask_utils
+
+from seesaw_ecm import add_seesaw_ecm_config, benchmark
+from seesaw_ecm.errors import SeesawEcmError
+
+
+def load(path, opts=()):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def test_config_mapping_reproduces_the_shipped_cascades():
+    assert benchmark.config_for("ce", "mask_rcnn") == (
+        "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml", [])
+    assert benchmark.config_for("seesaw", "cascade") == (
+        "configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", [])
+    path, opts = benchmark.config_for("federated", "cascade")
+    cfg = load(path, opts)
+    assert cfg.MODEL.ROI_HEADS.NAME == "LongTailCascadeROIHeads"
+    assert cfg.MODEL.LONG_TAIL.LOSS == "federated" and not cfg.MODEL.LONG_TAIL.OBJECTNESS
+    # the rule "Mask R-CNN config + CASCADE_OPTS" gives exactly the shipped cascade configs
+    for loss in ("seesaw", "ecm"):
+        derived = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml", benchmark.CASCADE_OPTS)
+        shipped = load(f"configs/Synthetic/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
+        derived.OUTPUT_DIR = shipped.OUTPUT_DIR
+        assert derived.dump() == shipped.dump()
+    with pytest.raises(SeesawEcmError):
+        benchmark.config_for("focal", "mask_rcnn")
+    cmd = benchmark.train_command("ecm", "mask_rcnn", 3, "out/x", datasets=["a=j:r"],
+                                  train=["a"], test=["b"], opts=["SOLVER.MAX_ITER", "6"])
+    assert cmd[-10:] == ["DATASETS.TRAIN", "('a',)", "DATASETS.TEST", "('b',)",
+                         "SOLVER.MAX_ITER", "6", "SEED", "3", "OUTPUT_DIR", "out/x"]
+    assert cmd[cmd.index("--dataset") + 1] == "a=j:r"
+
+
+SQUARE = lambda x, y, s: [[x, y, x + s, y, x + s, y + s, x, y + s]]  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def tiny_lvis(tmp_path_factory):
+    """Val: one 64x64 image with GT of categories 1, 2, 3 (category 4 has no val GT).
+    Train: instances per category 1..4 = 10, 5, 2, 1."""
+    root = tmp_path_factory.mktemp("tiny_lvis")
+    cats = [{"id": i, "name": f"c{i}", "frequency": f, "image_count": 1}
+            for i, f in zip((1, 2, 3, 4), "fcrr")]
+    gt_boxes = {1: (4, 4, 16), 2: (30, 30, 20), 3: (4, 40, 12)}
+    val = {
+        "images": [{"id": 1, "height": 64, "width": 64, "file_name": "a.jpg",
+                    "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "annotations": [{"id": c, "image_id": 1, "category_id": c, "bbox": [x, y, s, s],
+                         "area": s * s, "segmentation": SQUARE(x, y, s), "iscrowd": 0}
+                        for c, (x, y, s) in gt_boxes.items()],
+        "categories": cats,
+    }
+    train_anns = [c for c, n in zip((1, 2, 3, 4), (10, 5, 2, 1)) for _ in range(n)]
+    train = {
+        "images": [{"id": 1, "height": 64, "width": 64, "file_name": "a.jpg"}],
+        "annotations": [{"id": i + 1, "image_id": 1, "category_id": c, "bbox": [1, 1, 8, 8],
+                         "area": 64, "segmentation": SQUARE(1, 1, 8)}
+                        for i, c in enumerate(train_anns)],
+        "categories": cats,
+    }
+    (root / "val.json").write_text(json.dumps(val))
+    (root / "train.json").write_text(json.dumps(train))
+
+    def det(c, x, y, s, score):
+        rle = mask_utils.merge(mask_utils.frPyObjects(SQUARE(x, y, s), 64, 64))
+        rle["counts"] = rle["counts"].decode()
+        return {"image_id": 1, "category_id": c, "bbox": [x, y, s, s], "score": score,
+                "segmentation": rle}
+
+    # category 1: one exact hit -> AP 100; category 2: a false positive scored above the exact
+    # hit -> precision 1/2 at every recall point -> AP 50; category 3: no detection -> AP 0;
+    # category 4: no val GT -> no AP. Mean over the three categories with GT: 50.
+    results = [det(1, 4, 4, 16, 0.9), det(2, 2, 48, 10, 0.8), det(2, 30, 30, 20, 0.7)]
+    return {"root": root, "results": results}
+
+
+def fake_run(tiny, folder, loss, seed, bbox_ap, times, heads="LongTailROIHeads", stats=None):
+    folder.mkdir(parents=True)
+    root = tiny["root"]
+    cfg = {
+        "MODEL": {"ROI_HEADS": {"NAME": heads}, "LONG_TAIL": {"LOSS": loss,
+                                                              "OBJECTNESS": loss == "seesaw"}},
+        "DATASETS": {"TRAIN": ["tiny_tr"], "TEST": ["tiny_val"], "LVIS_FORMAT": [
+            f"tiny_tr={root}/train.json:{root}", f"tiny_val={root}/val.json:{root}"]},
+        "TEST": {"DETECTIONS_PER_IMAGE": 100}, "SOLVER": {"MAX_ITER": 40}, "SEED": seed,
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [{"iteration": 19 + 20 * i, "time": t, "total_loss": 1.0} for i, t in enumerate(times)]
+    metrics = {f"{t}/{m}": bbox_ap + (1 if t == "segm" else 0) + j
+               for t in ("bbox", "segm") for j, m in enumerate(benchmark.METRICS)}
+    metrics["bbox/APr"] = -100.0  # LVISEval's "no category in this group"
+    with open(folder / "metrics.json", "w") as f:
+        for row in rows + [dict(metrics, iteration=20 * len(times))]:
+            f.write(json.dumps(row) + "\n")
+    inference = folder / "inference" / "tiny_val"
+    inference.mkdir(parents=True)
+    (inference / "lvis_instances_results.json").write_text(json.dumps(tiny["results"]))
+    if stats is not None:
+        (folder / "class_statistics.json").write_text(json.dumps(
+            {"datasets": ["tiny_tr"], "statistic": "instance_count", "counts": stats}))
+    return str(folder)
+
+
+def test_read_run_metrics_time_and_per_class_ap(tiny_lvis, tmp_path):
+    folder = fake_run(tiny_lvis, tmp_path / "a", "seesaw", 1, 10.0, [9.0, 1.0, 2.0, 3.0])
+    # a restarted training: metrics.json holds an earlier, aborted run first
+    lines = open(os.path.join(folder, "metrics.json")).read()
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        f.write(json.dumps({"iteration": 19, "time": 100.0}) + "\n"
+                + json.dumps({"iteration": 39, "time": 100.0}) + "\n" + lines)
+    run = benchmark.read_run(folder)
+    assert (run["loss"], run["arch"], run["seed"]) == ("seesaw", "mask_rcnn", 1)
+    assert run["sec_per_iter"] == 2.5  # median of 9, 1, 2, 3 (the aborted run's rows skipped)
+    assert run["metrics"]["bbox/AP"] == 10.0 and run["metrics"]["segm/APf"] == 15.0
+    assert run["metrics"]["bbox/APr"] is None
+    for task in ("bbox", "segm"):
+        ap = run["per_class_ap"][task]
+        assert ap["1"] == pytest.approx(100) and ap["2"] == pytest.approx(50)
+        assert ap["3"] == 0 and ap["4"] is None
+        assert run["ap_check"][task] == pytest.approx(50)  # LVISEval's own mean
+    assert run["train_counts"] == {"1": 10, "2": 5, "3": 2, "4": 1}  # counted in train.json
+    stats = fake_run(tiny_lvis, tmp_path / "b", "ecm", 1, 10.0, [1.0], stats=[7, 6, 5, 4])
+    assert benchmark.read_run(stats)["train_counts"] == {"1": 7, "2": 6, "3": 5, "4": 4}
+    cascade = fake_run(tiny_lvis, tmp_path / "c", "ecm", 1, 1.0, [1.0],
+                       heads="LongTailCascadeROIHeads")
+    stock = fake_run(tiny_lvis, tmp_path / "d", "seesaw", 1, 1.0, [1.0], heads="StandardROIHeads")
+    assert benchmark.read_run(cascade, per_class=False)["arch"] == "cascade"
+    assert benchmark.read_run(stock, per_class=False)["loss"] == "ce"
+
+
+def test_collect_aggregates_mean_and_std_over_seeds(tiny_lvis, tmp_path):
+    folders = [
+        fake_run(tiny_lvis, tmp_path / "s1", "seesaw", 1, 10.0, [1.0, 1.0]),
+        fake_run(tiny_lvis, tmp_path / "s2", "seesaw", 2, 14.0, [2.0, 2.0]),
+        fake_run(tiny_lvis, tmp_path / "ce", "ce", 1, 8.0, [0.5], heads="StandardROIHeads"),
+    ]
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--collect", *folders,
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    ce = next(line for line in lines if "| ce |" in line).split(" | ")
+    seesaw = next(line for line in lines if "| seesaw |" in line).split(" | ")
+    assert ce[1:5] == ["ce", "1", "8.00", "9.00"] and ce[5] == "n/a"
+    # bbox/AP 10 and 14: mean 12, sample std sqrt(8) = 2.83; s/iter 1 and 2: 1.5 +- 0.707
+    assert seesaw[3] == "12.00 ± 2.83" and seesaw[-1].startswith("1.500 ± 0.707")
+    report = json.loads((out / "long_tail_benchmark.json").read_text())
+    group = next(g for g in report["groups"] if g["loss"] == "seesaw")
+    assert group["seeds"] == [1, 2] and group["mean"]["segm/AP"] == pytest.approx(13)
+    assert group["std"]["segm/AP"] == pytest.approx(np.std([11, 15], ddof=1))
+    assert group["per_class_ap"]["bbox"]["2"] == pytest.approx(50)
+    assert len(report["runs"]) == 3
+    png = (out / "long_tail_per_class_ap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    dup = fake_run(tiny_lvis, tmp_path / "s1b", "seesaw", 1, 10.0, [1.0])
+    with pytest.raises(SeesawEcmError, match="same seed"):
+        benchmark.aggregate([benchmark.read_run(f, per_class=False) for f in (folders[0], dup)])
+
+
+def test_is_finished_checks_evaluation_and_command(tiny_lvis, tmp_path):
+    folder = fake_run(tiny_lvis, tmp_path / "r", "ecm", 1, 1.0, [1.0])
+    assert benchmark.is_finished(folder)
+    assert not benchmark.is_finished(folder, ["python", "train_net.py", "X"])
+    (tmp_path / "r" / "harness_command.json").write_text(json.dumps(["train_net.py", "X"]))
+    assert benchmark.is_finished(folder, ["python", "train_net.py", "X"])
+    assert not benchmark.is_finished(str(tmp_path / "none"))
+
+
+@pytest.mark.slow
+def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_path):
+    data = small_synthetic
+    cmd = [
+        sys.executable, "benchmarks/long_tail.py", "--losses", "ce", "seesaw", "--seeds", "1",
+        "--dataset", f"hs_train={data['train_json']}:{data['image_root']}",
+        "--dataset", f"hs_val={data['val_json']}:{data['image_root']}",
+        "--train", "hs_train", "--test", "hs_val", "--output-dir", str(tmp_path),
+        "--opts", "MODEL.ROI_HEADS.NUM_CLASSES", "12", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
+        "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.DEVICE", "cpu",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("[train]") == 2 and "| mask_rcnn | seesaw | 1 |" in proc.stdout
+    report = json.loads((tmp_path / "long_tail_benchmark.json").read_text())
+    assert [g["loss"] for g in report["groups"]] == ["ce", "seesaw"]
+    run = report["runs"][1]
+    assert run["seed"] == 1 and run["iterations"] == 6 and run["sec_per_iter"] > 0
+    assert len(run["train_counts"]) == 12 and sum(run["train_counts"].values()) > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("[skip]") == 2
