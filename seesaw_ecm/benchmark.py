@@ -27,7 +27,7 @@ from .fileio import write_atomic, write_figure
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm")
-ARCHS = ("mask_rcnn", "cascade")
+ARCHS = ("mask_rcnn", "cascade", "htc_lite")
 TASKS = ("bbox", "segm")
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 CONFIG_DIR = "configs/Synthetic"
@@ -40,20 +40,26 @@ CASCADE_OPTS = (
     "MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS",
     "((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))",
 )
+# HTC-Lite = the loss's cascade with these keys, as htc_lite_R18_FPN_seesaw.yaml derives from
+# cascade_mask_rcnn_R18_FPN_seesaw.yaml.
+HTC_LITE_OPTS = ("MODEL.META_ARCHITECTURE", "HTCLiteRCNN", "MODEL.ROI_HEADS.NAME", "HTCLiteROIHeads")
 
 
 def config_for(loss, arch, config_dir=CONFIG_DIR):
     """(config file, extra opts) of `loss` with `arch`: the shipped file when there is one,
     else the loss's Mask R-CNN file plus CASCADE_OPTS (the stock-CE Mask R-CNN file uses
     StandardROIHeads; its cascade uses LongTailCascadeROIHeads with LOSS ce, a linear
-    classifier, as the stock predictor)."""
+    classifier, as the stock predictor), plus HTC_LITE_OPTS for "htc_lite"."""
     if loss not in LOSSES or arch not in ARCHS:
         raise SeesawEcmError(f"Unknown loss {loss!r} or architecture {arch!r}: choose from "
                              f"{LOSSES} and {ARCHS}")
-    shipped = os.path.join(config_dir, f"{'cascade_' if arch == 'cascade' else ''}"
-                                        f"mask_rcnn_R18_FPN_{loss}.yaml")
+    prefix = {"mask_rcnn": "mask_rcnn", "cascade": "cascade_mask_rcnn", "htc_lite": "htc_lite"}
+    shipped = os.path.join(config_dir, f"{prefix[arch]}_R18_FPN_{loss}.yaml")
     if os.path.isfile(shipped):
         return shipped, []
+    if arch == "htc_lite":
+        config, opts = config_for(loss, "cascade", config_dir)
+        return config, opts + list(HTC_LITE_OPTS)
     return os.path.join(config_dir, f"mask_rcnn_R18_FPN_{loss}.yaml"), list(CASCADE_OPTS)
 
 
@@ -206,8 +212,10 @@ def read_run(folder, per_class=True):
         cfg = yaml.safe_load(f)
     heads = cfg["MODEL"]["ROI_HEADS"]["NAME"]
     long_tail = cfg["MODEL"].get("LONG_TAIL", {})
-    loss = long_tail.get("LOSS", "ce") if heads.startswith("LongTail") else "ce"
-    if long_tail.get("OBJECTNESS") and loss != "seesaw" and heads.startswith("LongTail"):
+    # the stock heads (StandardROIHeads, CascadeROIHeads) ignore MODEL.LONG_TAIL
+    long_tail_heads = heads.startswith("LongTail") or heads == "HTCLiteROIHeads"
+    loss = long_tail.get("LOSS", "ce") if long_tail_heads else "ce"
+    if long_tail.get("OBJECTNESS") and loss != "seesaw" and long_tail_heads:
         loss += "+objectness"
     rows = _read_metrics(folder)
     evals = [r for r in rows if "bbox/AP" in r]
@@ -223,7 +231,8 @@ def read_run(folder, per_class=True):
     run = {
         "path": os.path.abspath(folder),
         "loss": loss,
-        "arch": "cascade" if "Cascade" in heads else "mask_rcnn",
+        "arch": ("htc_lite" if "HTCLite" in heads else "cascade" if "Cascade" in heads
+                 else "mask_rcnn"),
         "seed": cfg.get("SEED"),
         "iterations": cfg["SOLVER"]["MAX_ITER"],
         "metrics": {f"{t}/{m}": (last_eval.get(f"{t}/{m}") if last_eval.get(f"{t}/{m}", -1) >= 0

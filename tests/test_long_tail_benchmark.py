@@ -39,6 +39,16 @@ def test_config_mapping_reproduces_the_shipped_cascades():
         shipped = load(f"configs/Synthetic/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
         assert derived.dump() == shipped.dump()
+    # and "cascade + HTC_LITE_OPTS" the shipped HTC-Lite config
+    assert benchmark.config_for("seesaw", "htc_lite") == (
+        "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml", [])
+    derived = load("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", benchmark.HTC_LITE_OPTS)
+    shipped = load("configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml")
+    derived.OUTPUT_DIR = shipped.OUTPUT_DIR
+    assert derived.dump() == shipped.dump()
+    path, opts = benchmark.config_for("ecm", "htc_lite")
+    cfg = load(path, opts)
+    assert cfg.MODEL.ROI_HEADS.NAME == "HTCLiteROIHeads" and cfg.MODEL.LONG_TAIL.LOSS == "ecm"
     with pytest.raises(SeesawEcmError):
         benchmark.config_for("focal", "mask_rcnn")
     cmd = benchmark.train_command("ecm", "mask_rcnn", 3, "out/x", datasets=["a=j:r"],
