@@ -42,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="aggregate these finished train_net.py output folders; no training")
     parser.add_argument("--no-per-class", action="store_true",
-                        help="skip the per-class AP (LVISEval per run) and its plot")
+                        help="skip the per-class AP (an LVIS evaluation per run) and its plot")
     parser.add_argument("--output-dir", default="output/benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -6,11 +6,11 @@ What a finished run folder holds (train_net.py writes it): config.yaml, metrics.
 rows with "time"; an evaluation row with "bbox/AP", "segm/AP", ...), and
 inference/<test dataset>/lvis_instances_results.json (the detections LVISEvaluator scored).
 Per-class AP is recomputed from those detections and the test set's annotation file with
-lvis.LVISEval, the way LVISEval.summarize averages precision (entries > -1, all areas, all
-IoU thresholds and recall points), but per category. benchmarks/long_tail.py is the
+the project's exact LVIS backend (seesaw_ecm.evaluation.lvis_fast, equal to lvis.LVISEval):
+per category the mean of the precision entries > -1 over IoU thresholds and recall points,
+area all, the average LVISEval.summarize takes over all categories. benchmarks/long_tail.py is the
 command line.
 """
-import copy
 import json
 import logging
 import os
@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from .errors import SeesawEcmError
+from .evaluation import lvis_fast
 from .fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
@@ -163,40 +164,34 @@ def per_class_ap(gt, results, iou_type, max_dets=300):
     """Per-category AP (in %, nan for a category without ground truth) and the overall AP.
 
     Args:
-        gt: lvis.LVIS of the test set.
+        gt: the test set as `lvis_fast.LvisGroundTruth`.
         results: detections as LVISEvaluator writes them (dicts with image_id, category_id,
             score, bbox and segmentation); for "segm" the boxes are dropped first, as
             detectron2 does, so areas are mask areas.
         iou_type: "bbox" or "segm".
     Returns:
-        ({category id: AP}, overall AP) where the overall AP is LVISEval's own.
+        ({category id: AP}, overall AP), computed by the project's exact LVIS backend
+        (`seesaw_ecm.evaluation.lvis_fast`, equal to `lvis.LVISEval`).
     """
-    from lvis import LVISEval, LVISResults
-
     if not results:
-        return {c: float("nan") for c in gt.get_cat_ids()}, float("nan")
+        return {c: float("nan") for c in gt.cat_ids.tolist()}, float("nan")
     if iou_type == "segm":
-        results = copy.deepcopy(results)
-        for r in results:
-            r.pop("bbox", None)
-    lvis_eval = LVISEval(gt, LVISResults(gt, results, max_dets=max_dets), iou_type)
-    lvis_eval.run()
-    precision = lvis_eval.eval["precision"][:, :, :, 0]  # (iou thresholds, recalls, K), area all
-    ap = {}
-    for k, cat_id in enumerate(lvis_eval.params.cat_ids):
-        valid = precision[:, :, k][precision[:, :, k] > -1]
-        ap[cat_id] = float(valid.mean() * 100) if valid.size else float("nan")
-    return ap, float(lvis_eval.results["AP"] * 100)
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    result = lvis_fast.evaluate(gt, results, iou_type, max_dets)
+    ap = {c: float(a * 100) for c, a in zip(result.cat_ids.tolist(), result.per_category_ap)}
+    return ap, float(result.metrics["AP"] * 100)
 
 
 _GT_CACHE = {}
 
 
 def _load_gt(path):
+    """({category id: name}, lvis_fast.LvisGroundTruth) of an annotation file, cached."""
     if path not in _GT_CACHE:
-        from lvis import LVIS
-
-        _GT_CACHE[path] = LVIS(path)
+        with open(path) as f:
+            data = json.load(f)
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        _GT_CACHE[path] = names, lvis_fast.LvisGroundTruth(data)
     return _GT_CACHE[path]
 
 
@@ -249,7 +244,7 @@ def read_run(folder, per_class=True):
         return run
     with open(results_file) as f:
         results = json.load(f)
-    gt = _load_gt(_dataset_json(test, specs))
+    class_names, gt = _load_gt(_dataset_json(test, specs))
     max_dets = cfg["TEST"]["DETECTIONS_PER_IMAGE"]
     run["per_class_ap"], run["ap_check"] = {}, {}
     for task in TASKS:
@@ -258,7 +253,7 @@ def read_run(folder, per_class=True):
         ap, overall = per_class_ap(gt, results, task, max_dets)
         run["per_class_ap"][task] = {str(k): (None if np.isnan(v) else v) for k, v in ap.items()}
         run["ap_check"][task] = overall
-    run["class_names"] = {str(c["id"]): c["name"] for c in gt.dataset["categories"]}
+    run["class_names"] = {str(k): v for k, v in class_names.items()}
     run["train_counts"] = {str(k): v for k, v in _train_counts(folder, cfg, gt).items()}
     return run
 
@@ -269,7 +264,7 @@ def _train_counts(folder, cfg, gt):
     if os.path.isfile(stats_file):
         stats = json.load(open(stats_file))
         if stats.get("statistic") == "instance_count" and stats.get("datasets") == train:
-            cat_ids = sorted(gt.get_cat_ids())  # contiguous class i = i-th category id
+            cat_ids = gt.cat_ids.tolist()  # sorted: contiguous class i = i-th category id
             if len(cat_ids) == len(stats["counts"]):
                 return dict(zip(cat_ids, stats["counts"]))
     specs = cfg["DATASETS"].get("LVIS_FORMAT", [])

@@ -144,7 +144,7 @@ def test_read_run_metrics_time_and_per_class_ap(tiny_lvis, tmp_path):
         ap = run["per_class_ap"][task]
         assert ap["1"] == pytest.approx(100) and ap["2"] == pytest.approx(50)
         assert ap["3"] == 0 and ap["4"] is None
-        assert run["ap_check"][task] == pytest.approx(50)  # LVISEval's own mean
+        assert run["ap_check"][task] == pytest.approx(50)  # the evaluator's own overall AP
     assert run["train_counts"] == {"1": 10, "2": 5, "3": 2, "4": 1}  # counted in train.json
     stats = fake_run(tiny_lvis, tmp_path / "b", "ecm", 1, 10.0, [1.0], stats=[7, 6, 5, 4])
     assert benchmark.read_run(stats)["train_counts"] == {"1": 7, "2": 6, "3": 5, "4": 4}

@@ -74,10 +74,11 @@ def context_loss(logits, positives, negatives=None):
     return (loss * annotated).sum() / annotated.sum().clamp(min=1)
 
 
-def _image_index(boxes):
-    """(R,) index of the image each RoI belongs to, for a list of per-image Boxes."""
-    counts = torch.as_tensor([len(b) for b in boxes], device=boxes[0].tensor.device)
-    return torch.repeat_interleave(torch.arange(len(boxes), device=counts.device), counts)
+def _image_index(per_image, device):
+    """(R,) index of the image each row belongs to, for a list of per-image Boxes / Instances
+    (R = their total length)."""
+    counts = torch.as_tensor([len(x) for x in per_image], device=device)
+    return torch.repeat_interleave(torch.arange(len(per_image), device=device), counts)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -155,7 +156,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
                 "that META_ARCHITECTURE 'HTCLiteRCNN' provides; set MODEL.META_ARCHITECTURE "
                 "HTCLiteRCNN (or MODEL.HTC_LITE.CONTEXT False).")
         positives = torch.zeros_like(logits, dtype=torch.bool)
-        rows = cat([torch.full((len(t),), i, device=logits.device) for i, t in enumerate(targets)])
+        rows = _image_index(targets, logits.device)
         positives[rows, cat([t.gt_classes for t in targets])] = True
         # exhaustive images (None) have every class annotated: all absent classes are negatives
         negs = torch.stack([~positives[i] if n is None else n.to(logits.device)
@@ -166,7 +167,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         boxes = [x.proposal_boxes for x in proposals]
         box_features = self.box_pooler(features, boxes)
         if context is not None:
-            box_features = box_features + context[_image_index(boxes)]
+            box_features = box_features + context[_image_index(boxes, box_features.device)]
         box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
         box_features = self.box_head[stage](box_features)
         return self.box_predictor[stage](box_features)
@@ -199,12 +200,12 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
                     stage_losses = predictor.losses(predictions, stage_proposals)
                 losses.update({f"{k}_stage{stage}": v for k, v in stage_losses.items()})
             return losses, last
-        # average the stages' (R, C + 1) probabilities; boxes of the last stage
+        # average the stages' (R, C + 1) probabilities; boxes of the last stage (`boxes`)
         per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
         scores = [sum(s) * (1.0 / self.num_cascade_stages) for s in zip(*per_stage)]
-        predictor, predictions, stage_proposals = head_outputs[-1]
+        predictor = self.box_predictor[-1]
         instances, _ = fast_rcnn_inference(
-            predictor.predict_boxes(predictions, stage_proposals), scores, image_sizes,
+            boxes, scores, image_sizes,
             predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image)
         return instances, last
 
@@ -229,7 +230,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
         mask_features = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
         if context is not None and len(mask_features):
-            mask_features = mask_features + context[_image_index(boxes)]
+            mask_features = mask_features + context[_image_index(boxes, mask_features.device)]
         return self.mask_head(mask_features, instances)
 
 
