@@ -24,7 +24,8 @@ from seesaw_ecm.errors import SeesawEcmError  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", nargs="+", default=list(benchmark.LOSSES),
                         choices=benchmark.LOSSES)
     parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=benchmark.ARCHS)

@@ -92,7 +92,8 @@ def run_child(backend, task, gt_path, res_path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"])
     parser.add_argument("--data-dir", default="/tmp/lvis_eval_bench")

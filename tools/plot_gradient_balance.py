@@ -16,7 +16,8 @@ from seesaw_ecm.gradient_balance import load_run, plot_ratios
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN")
     parser.add_argument("--labels", nargs="+", help="one name per run (default: the paths)")
     parser.add_argument("--stages", type=int, nargs="+",
