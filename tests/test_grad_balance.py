@@ -125,6 +125,30 @@ def test_seesaw_layout_uses_the_class_columns_only_and_accumulates():
     assert np.allclose(ratio, pos / neg)
 
 
+@pytest.mark.parametrize("loss", [CrossEntropyLoss, SeesawLoss], ids=["ce", "seesaw"])
+def test_recording_leaves_the_gradients_unchanged(loss):
+    """The recorder only reads dL/dz: every parameter gradient is bit-identical to a run
+    without it (an in-place op on the hooked gradient would change them)."""
+    torch.manual_seed(0)
+    predictor = long_tail_predictor(loss(C))
+    state = {k: v.clone() for k, v in predictor.state_dict().items()}
+    grads = []
+    for balance in (None, GradientBalance(C)):
+        predictor.load_state_dict(state)
+        predictor.zero_grad()
+        torch.manual_seed(1)
+        x = torch.randn(len(LABELS), 8) * 3
+        if balance is not None:
+            attach([predictor], balance)
+        with EventStorage():
+            losses = predictor.losses(predictor(x), proposals(LABELS))
+        sum(losses.values()).backward()
+        detach([predictor])
+        grads.append([p.grad.clone() for p in predictor.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert balance.pending is not None and balance.pending.abs().sum() > 0
+
+
 def test_nothing_recorded_without_backward_or_grad():
     balance = GradientBalance(C)
     predictor = stock_predictor()
