@@ -104,6 +104,7 @@ def main():
         return child(*args.child)
 
     from seesaw_ecm.evaluation import synthetic
+    from seesaw_ecm.fileio import write_atomic
 
     rows = []
     print(f"{'images':>7} {'task':<5} {'lvis s':>8} {'fast s':>8} {'speed-up':>8} "
@@ -140,8 +141,7 @@ def main():
             print(f"  {task:<5} {backend:<5} ~{ext['seconds']:7.0f} s  ~{ext['peak_gib']:6.1f} GiB")
             rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "backend": backend,
                          "extrapolated": ext})
-    with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    write_atomic(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"\nwritten {args.out}")
 
 

@@ -70,14 +70,6 @@ def _lookup(sorted_ids, query, what):
     return np.where(found, idx, -1)
 
 
-def _member(sorted_keys, query):
-    """Boolean (N,): query[i] in the sorted int64 array sorted_keys."""
-    if len(sorted_keys) == 0:
-        return np.zeros(len(query), bool)
-    idx = np.minimum(np.searchsorted(sorted_keys, query), len(sorted_keys) - 1)
-    return sorted_keys[idx] == query
-
-
 def _to_rle(segm, height, width):
     """lvis.LVIS.ann_to_rle: polygons -> merged RLE, uncompressed RLE -> RLE, RLE as is."""
     if isinstance(segm, list):
@@ -252,10 +244,6 @@ class MatchRecords:
         with np.load(path) as data:
             return cls(*(data[f] for f in cls.FIELDS))
 
-    @property
-    def nbytes(self):
-        return sum(getattr(self, f).nbytes for f in self.FIELDS)
-
 
 def _greedy_match(iou, row_start, nrows, gt_ig):
     """LVIS' greedy matching, vectorised over pairs, area ranges and IoU thresholds.
@@ -349,7 +337,8 @@ class LvisMatcher:
         key = img[keep] * gt.num_categories + cat
         # evaluated: known category, annotated in the image or negative for it (checked before
         # the areas, which need the masks decoded)
-        ev = np.flatnonzero((cat >= 0) & (_member(gt.pos_keys, key) | _member(gt.neg_keys, key)))
+        annotated = (_lookup(gt.pos_keys, key, None) >= 0) | (_lookup(gt.neg_keys, key, None) >= 0)
+        ev = np.flatnonzero((cat >= 0) & annotated)
         keep, cat, key = keep[ev], cat[ev], key[ev]
         img, score, pos = img[keep], score[keep], keep
         geom, area = self._geometry([results[i] for i in keep.tolist()], img)
@@ -405,7 +394,7 @@ class LvisMatcher:
         matched = found & ~m_id0
         # unmatched detections outside the area range or of a not-exhaustive category: ignored
         ig_mask = (area[:, None] < AREA_RNGS[:, 0]) | (area[:, None] > AREA_RNGS[:, 1])
-        ig_mask |= _member(gt.not_exhaustive_keys, key)[:, None]
+        ig_mask |= (_lookup(gt.not_exhaustive_keys, key, None) >= 0)[:, None]
         ignored = m_ig | (~matched & ig_mask[:, :, None])
         tp = ((matched & ~ignored) * _BITS).sum(axis=-1, dtype=np.uint16)
         fp = ((~matched & ~ignored) * _BITS).sum(axis=-1, dtype=np.uint16)
