@@ -12,6 +12,7 @@ setup(
     version="0.1.0",
     description="Seesaw Loss and ECM loss for long-tailed instance segmentation (Detectron2)",
     packages=find_packages(include=["seesaw_ecm", "seesaw_ecm.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.0",

@@ -1,6 +1,6 @@
 """Time and peak memory of LVIS evaluation: official `lvis` against seesaw_ecm's `lvis_fast`.
 
-Synthetic LVIS-scale data (seesaw_ecm.evaluation.synthetic: 1,203 classes in r/c/f groups,
+Synthetic LVIS-scale data (seesaw_ecm.evaluation.lvis_scale_synthetic: 1,203 classes in r/c/f groups,
 negative and not-exhaustive lists, polygon ground truth, 300 detections per image with RLE
 masks) is generated once per size and cached under --data-dir. Each (size, task, backend) runs
 in its own child process, which loads the ground truth and results json (as detectron2 holds
@@ -103,7 +103,7 @@ def main():
     if args.child:
         return child(*args.child)
 
-    from seesaw_ecm.evaluation import synthetic
+    from seesaw_ecm.evaluation import lvis_scale_synthetic as synthetic
     from seesaw_ecm.fileio import write_atomic
 
     rows = []

@@ -44,7 +44,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from seesaw_ecm import add_seesaw_ecm_config  # noqa: E402
 from seesaw_ecm.benchmark import CASCADE_OPTS, LOSSES  # noqa: E402
 from seesaw_ecm.data.datasets import register_lvis_format  # noqa: E402
-from seesaw_ecm.data.synthetic import ensure_generated  # noqa: E402
+from seesaw_ecm.data.synthetic_lt import ensure_generated  # noqa: E402
 from seesaw_ecm.engine import Trainer  # noqa: E402
 from seesaw_ecm.gradient_balance import GradientBalance, attach, box_predictors  # noqa: E402
 

@@ -13,7 +13,7 @@ import json
 import time
 
 from seesaw_ecm.data.datasets import synthetic_root
-from seesaw_ecm.data.synthetic import DEFAULTS, generate
+from seesaw_ecm.data.synthetic_lt import DEFAULTS, generate
 
 
 def main():

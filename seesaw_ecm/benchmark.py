@@ -146,20 +146,6 @@ def _dataset_json(name, specs):
     return json_file
 
 
-def training_counts(json_files):
-    """{category id: non-crowd instance count} summed over LVIS-format annotation files."""
-    counts = {}
-    for path in json_files:
-        with open(path) as f:
-            data = json.load(f)
-        for c in data["categories"]:
-            counts.setdefault(c["id"], 0)
-        for a in data["annotations"]:
-            if not a.get("iscrowd", 0):
-                counts[a["category_id"]] += 1
-    return counts
-
-
 def per_class_ap(gt, results, iou_type, max_dets=300):
     """Per-category AP (in %, nan for a category without ground truth) and the overall AP.
 
@@ -268,7 +254,13 @@ def _train_counts(folder, cfg, gt):
             if len(cat_ids) == len(stats["counts"]):
                 return dict(zip(cat_ids, stats["counts"]))
     specs = cfg["DATASETS"].get("LVIS_FORMAT", [])
-    return training_counts([_dataset_json(name, specs) for name in train])
+    from .data.statistics import json_class_counts
+
+    counts = {}
+    for name in train:
+        for cat, n in json_class_counts(_dataset_json(name, specs)).items():
+            counts[cat] = counts.get(cat, 0) + n
+    return counts
 
 
 def _mean_std(values):

@@ -12,7 +12,7 @@ def add_seesaw_ecm_config(cfg):
     # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads" and, in every
     # stage, by "LongTailCascadeROIHeads".
     cfg.MODEL.LONG_TAIL = CN()
-    # Classification loss (seesaw_ecm.losses.LOSSES): "ce" (softmax CE, linear classifier),
+    # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
     # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
@@ -30,9 +30,9 @@ def add_seesaw_ecm_config(cfg):
     # counted on DATASETS.TRAIN when the model is built; "checkpoint" = left empty and loaded
     # with MODEL.WEIGHTS (eval-only, deployment; train_net.py --eval-only sets it).
     cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "train"
-    # Per-class statistic of the ECM margins, counted on DATASETS.TRAIN: "instance_count" (as
-    # the official ECM file) or "image_count".
-    cfg.MODEL.LONG_TAIL.STATISTIC = "instance_count"
+    # Deprecated old name of ECM.STATISTIC (read by ECM only); "" = unset. Still accepted, with
+    # a warning.
+    cfg.MODEL.LONG_TAIL.STATISTIC = ""
 
     cfg.MODEL.LONG_TAIL.SEESAW = CN()
     cfg.MODEL.LONG_TAIL.SEESAW.P = 0.8  # mitigation exponent: (N_k / N_i)^p for N_k < N_i
@@ -43,9 +43,12 @@ def add_seesaw_ecm_config(cfg):
     # Background count = FG_BG_RATIO x sum of the class counts ("empirical fg/bg ratio of
     # Mask R-CNN" in the official code).
     cfg.MODEL.LONG_TAIL.ECM.FG_BG_RATIO = 6.3313
+    # Per-class statistic of the ECM margins, counted on DATASETS.TRAIN: "instance_count" (as
+    # the official ECM file) or "image_count".
+    cfg.MODEL.LONG_TAIL.ECM.STATISTIC = "instance_count"
 
     # Federated loss: its negatives are sampled by the training image count of each class
-    # (always image counts, whatever STATISTIC says).
+    # (always image counts, whatever ECM.STATISTIC says).
     cfg.MODEL.LONG_TAIL.FEDERATED = CN()
     # Classes per batch: those present (background included) plus sampled negatives.
     cfg.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES = 50

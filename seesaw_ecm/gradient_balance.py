@@ -22,14 +22,14 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .data.statistics import count_classes
+from .data.statistics import dataset_class_counts
 from .errors import SeesawEcmError
 from .fileio import write_atomic, write_figure
 
@@ -158,17 +158,10 @@ def detach(predictors):
 
 def training_class_info(cfg):
     """Class names, per-class training instance counts (C,) and LVIS frequency letters (or None)
-    of cfg.DATASETS.TRAIN. Counts come from the datasets' metadata when their loader set
-    `class_instance_count` (this package's LVIS-format loader does), else they are counted."""
+    of cfg.DATASETS.TRAIN (counts from seesaw_ecm.data.statistics)."""
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     names = list(cfg.DATASETS.TRAIN)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for name in names:
-        stated = MetadataCatalog.get(name).get("class_instance_count")
-        if stated is not None and len(stated) == num_classes and sum(stated) > 0:
-            counts += np.asarray(stated, dtype=np.int64)
-        else:
-            counts += count_classes(DatasetCatalog.get(name), num_classes)
+    counts = dataset_class_counts(names, num_classes)
     meta = MetadataCatalog.get(names[0]) if names else None
     classes = list(meta.get("thing_classes", [])) if meta else []
     if len(classes) != num_classes:

@@ -19,7 +19,7 @@ def test_keys_and_defaults():
     assert (lt.LOSS, lt.CLASSIFIER, lt.TEMPERATURE, lt.OBJECTNESS) == ("ce", "auto", 20.0, False)
     assert (lt.FEDERATED.NUM_CLASSES, lt.FEDERATED.FREQ_WEIGHT_POWER) == (50, 0.5)
     assert (lt.SEESAW.P, lt.SEESAW.Q, lt.SEESAW.EPS) == (0.8, 2.0, 1e-2)
-    assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.STATISTIC == "instance_count"
+    assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.ECM.STATISTIC == "instance_count"
     assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
     # detectron2 rejects unknown keys, so the keys must exist before merging a config
     bare = get_cfg()

@@ -16,13 +16,11 @@ from torch import distributed as dist
 from torch import multiprocessing as mp
 
 from seesaw_ecm.losses import (
-    LOSSES,
     CrossEntropyLoss,
     ECMLoss,
     FederatedLoss,
     SeesawLoss,
     effective_class_margins,
-    loss_class,
 )
 
 C = 6
@@ -118,12 +116,7 @@ def test_losses_and_layers_work_without_detectron2():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=PACKAGE_DIR.parent)
 
 
-def test_registry():
-    assert LOSSES == {"ce": CrossEntropyLoss, "cosine_ce": CrossEntropyLoss,
-                      "federated": FederatedLoss, "seesaw": SeesawLoss, "ecm": ECMLoss}
-    assert loss_class("ecm") is ECMLoss
-    with pytest.raises(ValueError, match=r"'focal'.*\['ce', 'cosine_ce', 'ecm', 'federated', "):
-        loss_class("focal")
+def test_loss_layouts():
     assert SeesawLoss.uses_objectness and not ECMLoss.uses_objectness
     assert not CrossEntropyLoss.uses_objectness and not FederatedLoss.uses_objectness
 

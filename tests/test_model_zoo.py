@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_net import NUM_CLASSES, run_train_net, summary
 
-from seesaw_ecm import model_zoo
+from seesaw_ecm import export, model_zoo
 from seesaw_ecm.data.datasets import load_lvis_format_json
 from seesaw_ecm.errors import SeesawEcmError
 
@@ -86,9 +86,9 @@ def test_tampered_truncated_or_misnamed_files_are_refused(tmp_path):
 
 def test_bad_export_or_load_requests_are_clear_errors(tmp_path):
     with pytest.raises(SeesawEcmError, match="no last_checkpoint"):
-        model_zoo.export_model("m", str(tmp_path / "zoo"), output_dir=str(tmp_path))
+        export.export_model("m", str(tmp_path / "zoo"), output_dir=str(tmp_path))
     with pytest.raises(SeesawEcmError, match="config file and a weights file"):
-        model_zoo.export_model("m", str(tmp_path / "zoo"), config_file=SEESAW)
+        export.export_model("m", str(tmp_path / "zoo"), config_file=SEESAW)
     with pytest.raises(SeesawEcmError, match="No model 'nope' in"):
         model_zoo.get_predictor("nope", zoo_dir=str(tmp_path))
     assert model_zoo.list_models(str(tmp_path / "zoo")) == []
@@ -104,9 +104,9 @@ def test_table_rows_are_added_then_replaced(tmp_path):
                 "metrics": {"bbox": {"AP": ap, "APr": None}, "segm": {"AP": 1.0, "APr": 2.0}},
                 "files": {"pth": {"name": f"{name}_0123abcd.pth"}}}
 
-    model_zoo.update_table(str(table), info("a", 10.0))
-    model_zoo.update_table(str(table), info("b", 20.0))
-    model_zoo.update_table(str(table), info("a", 30.0))
+    export.update_table(str(table), info("a", 10.0))
+    export.update_table(str(table), info("b", 20.0))
+    export.update_table(str(table), info("a", 30.0))
     rows = [line for line in table.read_text().splitlines() if line.startswith("| a ")
             or line.startswith("| b ")]
     assert rows == [
@@ -241,13 +241,31 @@ def test_evaluation_of_the_export_reproduces_the_runs_metrics(trained, exported,
     """Config + weights instead of the run folder, metrics by evaluating the exported model."""
     out, _ = trained
     _, info = exported
-    evaluated = model_zoo.export_model(
+    evaluated = export.export_model(
         "seesaw_eval", str(tmp_path), config_file=str(out / "config.yaml"),
         weights=str(out / "model_final.pth"), table=str(tmp_path / "MODEL_ZOO.md"),
         evaluate=True, num_images=1)
     assert evaluated["metrics_source"] == "evaluation"
     assert evaluated["metrics"] == info["metrics"]
     assert evaluated["files"]["pth"]["sha256"] == info["files"]["pth"]["sha256"]
+
+
+@pytest.mark.slow
+def test_export_with_given_images_names_the_classes(trained, small_synthetic, tmp_path):
+    """With --images the test set is never read for sample images; the class names must still
+    reach the metrics JSON and the TorchScript file (they were null)."""
+    out, _ = trained
+    image = load_lvis_format_json(small_synthetic["val_json"],
+                                  small_synthetic["image_root"])[0]["file_name"]
+    info = export.export_model("seesaw_images", str(tmp_path), output_dir=str(out),
+                               table=str(tmp_path / "MODEL_ZOO.md"), images=[image],
+                               torchscript=True)
+    expected = [c["name"] for c in sorted(json.load(open(small_synthetic["val_json"]))[
+        "categories"], key=lambda c: c["id"])]
+    assert info["classes"] == expected and len(expected) == NUM_CLASSES
+    extra = {export.TORCHSCRIPT_INFO: ""}
+    torch.jit.load(str(tmp_path / info["files"]["ts"]["name"]), _extra_files=extra)
+    assert json.loads(extra[export.TORCHSCRIPT_INFO])["classes"] == expected
 
 
 @pytest.mark.slow
@@ -262,8 +280,8 @@ def test_parity_failure_stops_the_export_and_writes_nothing(trained, tmp_path, m
 
     monkeypatch.setattr(model_zoo, "_serialize", corrupted)
     with pytest.raises(SeesawEcmError, match="Parity check failed.*pred_boxes"):
-        model_zoo.export_model("seesaw_small", str(tmp_path / "zoo"), output_dir=str(trained[0]),
-                               table=str(tmp_path / "MODEL_ZOO.md"), num_images=1)
+        export.export_model("seesaw_small", str(tmp_path / "zoo"), output_dir=str(trained[0]),
+                            table=str(tmp_path / "MODEL_ZOO.md"), num_images=1)
     assert os.listdir(tmp_path) == ["zoo"] and os.listdir(tmp_path / "zoo") == []
 
 
@@ -333,7 +351,7 @@ def test_torchscript_runs_without_seesaw_ecm(exported, small_synthetic, tmp_path
     for f in val_images(small_synthetic, 5)[2:]:  # images 0, 1 were traced and checked at export
         image = predictor.preprocess(read_image(f, format="BGR"))
         with torch.no_grad():
-            cases.append((image, list(model_zoo._raw_inference(predictor.model, image))))
+            cases.append((image, list(export._raw_inference(predictor.model, image))))
     torch.save(cases, tmp_path / "cases.pt")
     script = tmp_path / "run.py"
     script.write_text(BLOCKED_RUN)

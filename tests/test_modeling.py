@@ -19,8 +19,8 @@ from seesaw_ecm.data.statistics import class_statistics, count_classes
 from seesaw_ecm.engine import Trainer
 from seesaw_ecm.layers import NormedConv2d, NormedLinear
 from seesaw_ecm.losses import CrossEntropyLoss, ECMLoss, FederatedLoss, SeesawLoss
-from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
-from seesaw_ecm.modeling.predictor import uses_cosine_classifier
+from seesaw_ecm.modeling import LOSS_SPECS, LongTailOutputLayers, build_cls_loss
+from seesaw_ecm.modeling.cls_loss import uses_cosine_classifier
 
 C = 3
 
@@ -168,12 +168,34 @@ def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
         torch.testing.assert_close(dict(loss.named_buffers())[name], buf)
     saved = json.loads((tmp_path / "class_statistics.json").read_text())
     assert saved["counts"] == [3, 1, 0] and saved["datasets"] == [tiny_dataset]
-    cfg.MODEL.LONG_TAIL.STATISTIC = "image_count"
-    assert class_statistics(cfg).tolist() == [2, 1, 0]
+    assert class_statistics(cfg, "image_count").tolist() == [2, 1, 0]
+    cfg.MODEL.LONG_TAIL.ECM.STATISTIC = "image_count"
+    torch.testing.assert_close(build_cls_loss(cfg).sample_counts, ECMLoss([2, 1, 0]).sample_counts)
+
+
+def test_deprecated_ecm_statistic_key_still_works(tiny_dataset, tmp_path, caplog):
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)", "OUTPUT_DIR": str(tmp_path)})
+    cfg.MODEL.LONG_TAIL.STATISTIC = "image_count"  # the old name
+    torch.testing.assert_close(build_cls_loss(cfg).sample_counts, ECMLoss([2, 1, 0]).sample_counts)
+    assert "MODEL.LONG_TAIL.STATISTIC is deprecated" in caplog.text
+    cfg.MODEL.LONG_TAIL.ECM.STATISTIC = "image_count"  # both, equal: fine
+    build_cls_loss(cfg)
+    cfg.MODEL.LONG_TAIL.STATISTIC = "instance_count"  # both, different: which one?
+    with pytest.raises(ValueError, match="disagree: set only MODEL.LONG_TAIL.ECM.STATISTIC"):
+        build_cls_loss(cfg)
+
+
+def test_loss_table_lists_every_name_with_its_layout():
+    assert set(LOSS_SPECS) == {"ce", "cosine_ce", "federated", "seesaw", "ecm"}
+    for name, spec in LOSS_SPECS.items():  # the objectness rule agrees with the loss it builds
+        objectness = spec.objectness == "required"
+        loss = spec.build(small_cfg(name, objectness, **{"MODEL.LONG_TAIL.STATISTICS_FROM":
+                                                          "checkpoint"}))
+        assert loss.uses_objectness is objectness
 
 
 def test_federated_weights_from_training_image_counts(tiny_dataset, tmp_path):
-    # image counts [2, 1, 0] whatever MODEL.LONG_TAIL.STATISTIC (ECM's) says
+    # image counts [2, 1, 0] whatever MODEL.LONG_TAIL.ECM.STATISTIC says
     cfg = small_cfg("federated", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)",
                                     "OUTPUT_DIR": str(tmp_path),
                                     "MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES": 7,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from lvis import LVIS, LVISEval, LVISResults
 
-from seesaw_ecm.data import synthetic
-from seesaw_ecm.data.synthetic import (
+from seesaw_ecm.data import synthetic_lt as synthetic
+from seesaw_ecm.data.synthetic_lt import (
     ensure_generated,
     frequency_group,
     generate,

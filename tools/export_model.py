@@ -10,7 +10,7 @@ and changes nothing when a check fails; re-running it gives the same files and t
     python tools/export_model.py --name NAME --output-dir ... --torchscript --zoo-dir /shared/zoo \\
         --table /shared/zoo/MODEL_ZOO.md [KEY VALUE ...config overrides]
 
-See seesaw_ecm/model_zoo.py for the files and the loading API.
+See seesaw_ecm/model_zoo.py for the files and the loading API, seesaw_ecm/export.py for the export.
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm.errors import SeesawEcmError
-from seesaw_ecm.model_zoo import DEFAULT_TABLE, export_model
+from seesaw_ecm.export import DEFAULT_TABLE, export_model
 
 
 def main(argv=None):

@@ -188,7 +188,7 @@ def synthetic_root():
 
 
 def _load_synthetic(split, name):
-    from .synthetic import ensure_generated  # generated on first use, then cached
+    from .synthetic_lt import ensure_generated  # generated on first use, then cached
 
     paths = ensure_generated(synthetic_root())
     return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"], name)

@@ -50,7 +50,11 @@ def count_classes(dataset_dicts, num_classes, statistic="instance_count"):
     return counts
 
 
-def _compute(dataset_names, num_classes, statistic):
+def dataset_class_counts(dataset_names, num_classes, statistic="instance_count"):
+    """(num_classes,) int64 counts of `statistic` summed over registered datasets, after
+    checking that each has `num_classes` classes. The one place, with :func:`count_classes`,
+    that counts training classes: losses, the gradient-balance diagnostic and the benchmark
+    harness all use it."""
     total = np.zeros(num_classes, dtype=np.int64)
     for name in dataset_names:
         dicts = DatasetCatalog.get(name)  # also sets thing_classes for LVIS-format datasets
@@ -64,15 +68,29 @@ def _compute(dataset_names, num_classes, statistic):
     return total
 
 
-def class_statistics(cfg, statistic=None):
-    """(NUM_CLASSES,) int64 counts of `statistic` (default cfg.MODEL.LONG_TAIL.STATISTIC) over
+def json_class_counts(json_file, statistic="instance_count"):
+    """{category id: count of `statistic`} of an LVIS-format annotation file (for readers of a
+    finished run that have its files but no registered dataset), through :func:`count_classes`."""
+    with open(json_file) as f:
+        data = json.load(f)
+    cat_ids = sorted(c["id"] for c in data["categories"])
+    index = {c: i for i, c in enumerate(cat_ids)}
+    per_image = {}
+    for a in data["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(
+            {"category_id": index[a["category_id"]], "iscrowd": a.get("iscrowd", 0)})
+    records = [{"annotations": anns} for anns in per_image.values()]
+    return dict(zip(cat_ids, count_classes(records, len(cat_ids), statistic).tolist()))
+
+
+def class_statistics(cfg, statistic):
+    """(NUM_CLASSES,) int64 counts of `statistic` ("instance_count" or "image_count") over
     cfg.DATASETS.TRAIN.
 
     Computed on the main process and broadcast, so all ranks hold the same numbers; written to
     OUTPUT_DIR/class_statistics.json (atomically) and summarized in the log.
     """
     names = list(cfg.DATASETS.TRAIN)
-    statistic = statistic or cfg.MODEL.LONG_TAIL.STATISTIC
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if not names:
         raise SeesawEcmError(
@@ -83,7 +101,7 @@ def class_statistics(cfg, statistic=None):
     counts, error = None, None
     if comm.is_main_process():
         try:
-            counts = _compute(names, num_classes, statistic)
+            counts = dataset_class_counts(names, num_classes, statistic)
         except Exception as e:  # re-raised on every rank below, so no rank waits forever
             error = e
     counts, error = comm.all_gather((counts, error))[0]

@@ -14,30 +14,12 @@ background, labels (N,) int64 in [0, C]):
 Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,
 ``ECMLoss(class_counts, fg_bg_ratio)``, ``FederatedLoss(class_image_counts, num_sampled_classes,
 freq_weight_power)`` (the last two also ``(None, num_classes=C)``, to be filled from a
-checkpoint); all take ``loss_weight``. "ce" and "cosine_ce" are the same loss: the names differ in
-the classifier the predictor gives them (linear / cosine).
+checkpoint); all take ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
+table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
 """
 from .cross_entropy import CrossEntropyLoss
 from .ecm import ECMLoss, effective_class_margins
 from .federated import FederatedLoss
 from .seesaw import SeesawLoss
 
-LOSSES = {
-    "ce": CrossEntropyLoss,
-    "cosine_ce": CrossEntropyLoss,
-    "federated": FederatedLoss,
-    "seesaw": SeesawLoss,
-    "ecm": ECMLoss,
-}
-
-
-def loss_class(name):
-    """The loss class registered under ``name`` (a key of ``LOSSES``)."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"Unknown loss {name!r}; valid choices: {sorted(LOSSES)}") from None
-
-
-__all__ = ["CrossEntropyLoss", "ECMLoss", "FederatedLoss", "LOSSES", "SeesawLoss", "effective_class_margins",
-           "loss_class"]
+__all__ = ["CrossEntropyLoss", "ECMLoss", "FederatedLoss", "SeesawLoss", "effective_class_margins"]

@@ -7,15 +7,8 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_c
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ..data.statistics import class_statistics
-from ..errors import SeesawEcmError
 from ..layers import NormedLinear
-from ..losses import ECMLoss, FederatedLoss, SeesawLoss, loss_class
-
-# The classifier each loss is published with (MODEL.LONG_TAIL.CLASSIFIER "auto"): cosine
-# (NormedLinear, tau = 20) for Seesaw and ECM, detectron2's nn.Linear for its CE and Federated.
-LINEAR_BY_DEFAULT = ("ce", "federated")
-CLASSIFIERS = ("auto", "cosine", "linear")
+from .cls_loss import build_cls_loss, uses_cosine_classifier
 
 
 def _classifier(input_size, num_outputs, cosine, temperature):
@@ -25,60 +18,6 @@ def _classifier(input_size, num_outputs, cosine, temperature):
     nn.init.normal_(layer.weight, std=0.01)
     nn.init.constant_(layer.bias, 0)
     return layer
-
-
-def uses_cosine_classifier(cfg):
-    """Whether MODEL.LONG_TAIL (LOSS, CLASSIFIER) asks for the cosine classifier."""
-    lt = cfg.MODEL.LONG_TAIL
-    if lt.CLASSIFIER not in CLASSIFIERS:
-        raise SeesawEcmError(
-            f"MODEL.LONG_TAIL.CLASSIFIER {lt.CLASSIFIER!r}: valid choices are {CLASSIFIERS}")
-    if lt.CLASSIFIER == "auto":
-        return lt.LOSS not in LINEAR_BY_DEFAULT
-    return lt.CLASSIFIER == "cosine"
-
-
-def _statistics_from(cfg):
-    lt = cfg.MODEL.LONG_TAIL
-    if lt.STATISTICS_FROM not in ("train", "checkpoint"):
-        raise SeesawEcmError(
-            f"MODEL.LONG_TAIL.STATISTICS_FROM {lt.STATISTICS_FROM!r}: valid choices are "
-            "'train', 'checkpoint'"
-        )
-    return lt.STATISTICS_FROM
-
-
-def build_cls_loss(cfg):
-    """The classification loss module that MODEL.LONG_TAIL selects (statistics included)."""
-    lt = cfg.MODEL.LONG_TAIL
-    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    try:
-        cls = loss_class(lt.LOSS)
-    except ValueError as e:
-        raise SeesawEcmError(f"MODEL.LONG_TAIL.LOSS: {e}") from None
-    if cls is SeesawLoss or lt.OBJECTNESS:
-        if not lt.OBJECTNESS or lt.LOSS not in ("seesaw", "ce", "cosine_ce"):
-            raise SeesawEcmError(
-                f"MODEL.LONG_TAIL.LOSS {lt.LOSS!r} with OBJECTNESS {lt.OBJECTNESS} is not a valid "
-                "combination: 'seesaw' needs OBJECTNESS True; OBJECTNESS True works with "
-                "'seesaw', 'ce' and 'cosine_ce'; 'ecm' and 'federated' need OBJECTNESS False."
-            )
-        # CE with objectness = Seesaw without mitigation and compensation (p = q = 0)
-        p, q = (lt.SEESAW.P, lt.SEESAW.Q) if lt.LOSS == "seesaw" else (0.0, 0.0)
-        return SeesawLoss(num_classes, p=p, q=q, eps=lt.SEESAW.EPS, loss_weight=lt.LOSS_WEIGHT)
-    if cls is ECMLoss:
-        counts = class_statistics(cfg) if _statistics_from(cfg) == "train" else None
-        return ECMLoss(counts, fg_bg_ratio=lt.ECM.FG_BG_RATIO, loss_weight=lt.LOSS_WEIGHT,
-                       num_classes=num_classes)
-    if cls is FederatedLoss:
-        from_train = _statistics_from(cfg) == "train"
-        counts = class_statistics(cfg, "image_count") if from_train else None
-        return FederatedLoss(
-            counts, num_sampled_classes=lt.FEDERATED.NUM_CLASSES,
-            freq_weight_power=lt.FEDERATED.FREQ_WEIGHT_POWER, loss_weight=lt.LOSS_WEIGHT,
-            num_classes=num_classes,
-        )
-    return cls(num_classes, loss_weight=lt.LOSS_WEIGHT)
 
 
 class LongTailOutputLayers(FastRCNNOutputLayers):

@@ -5,7 +5,8 @@ import copy
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 
-from .predictor import LongTailOutputLayers, build_cls_loss
+from .cls_loss import build_cls_loss
+from .predictor import LongTailOutputLayers
 
 
 @ROI_HEADS_REGISTRY.register()
