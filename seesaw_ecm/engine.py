@@ -7,6 +7,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
+from .checkpoint import AtomicCheckpointer
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
@@ -31,8 +32,14 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     def build_hooks(self):
-        """detectron2's hooks; with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the
-        gradient-balance hook (before the checkpointer, whose checkpoints then hold its sums)."""
+        """detectron2's hooks, with a checkpointer that writes atomically (a job killed while
+        saving leaves the previous checkpoint as the last one); with
+        MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
+        checkpointer, whose checkpoints then hold its sums)."""
+        old = self.checkpointer  # DefaultTrainer.__init__ builds it just before build_hooks()
+        self.checkpointer = AtomicCheckpointer(old.model, old.save_dir,
+                                               save_to_disk=old.save_to_disk,
+                                               **old.checkpointables)
         ret = super().build_hooks()
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
