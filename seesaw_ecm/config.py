@@ -12,7 +12,8 @@ def add_seesaw_ecm_config(cfg):
     # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads" and, in every
     # stage, by "LongTailCascadeROIHeads".
     cfg.MODEL.LONG_TAIL = CN()
-    # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear classifier),
+    # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear
+    # classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
     # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
@@ -82,7 +83,8 @@ def add_seesaw_ecm_config(cfg):
     # their boxes (HTC's interleaved execution); False: on the same RoIs, unrefined.
     cfg.MODEL.HTC_LITE.INTERLEAVED = True
 
-    # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME "NormedMaskRCNNConvUpsampleHead").
+    # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
+    # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
 
     # Gradient clipping of the global norm over all parameters (the ECM recipe clips at 5);

@@ -78,8 +78,8 @@ def check_resume(data, out, config, *opts):
     return trainer, ckpt
 
 
-def test_seesaw_run_killed_after_a_checkpoint_resumes_with_counts_and_sums(small_synthetic,
-                                                                              tmp_path):
+def test_seesaw_run_killed_after_a_checkpoint_resumes_with_counts_and_sums(
+        small_synthetic, tmp_path):
     config = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
     opts = ("MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED", "True",
             "MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD", "2")
@@ -96,8 +96,8 @@ def test_seesaw_run_killed_after_a_checkpoint_resumes_with_counts_and_sums(small
         assert sums[k].sum() > 0 and torch.equal(sums[k], ckpt[CHECKPOINT_KEY][k]), k
 
 
-def test_ecm_run_killed_while_writing_a_checkpoint_resumes_from_the_previous(small_synthetic,
-                                                                               tmp_path):
+def test_ecm_run_killed_while_writing_a_checkpoint_resumes_from_the_previous(
+        small_synthetic, tmp_path):
     config = "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml"
     crash(small_synthetic, tmp_path, config, "during")
     # the half-written checkpoint never got its name; last_checkpoint names the previous one
