@@ -332,3 +332,47 @@ def test_evaluator_on_ground_truth_detections(tiny_oi, mode):
     metrics = evaluator.evaluate()["bbox"]
     assert metrics["AP"] == pytest.approx(100.0)
     assert set(metrics) == {"AP", "AP1", "AP2", "AP3", "AP4", "AP5"}
+
+
+def test_trainer_chooses_the_evaluator_and_summarizes_ap1_to_ap5(tiny_oi, tmp_path):
+    from seesaw_ecm.engine import Trainer, format_summary
+    from seesaw_ecm.evaluation.openimages_evaluator import OpenImagesEvaluator
+
+    cfg = _register(tiny_oi, "expand_boxes")
+    cfg.DATASETS.TRAIN = ("tiny_oi_train",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get("tiny_oi_train").thing_classes)
+    evaluator = Trainer.build_evaluator(cfg, "tiny_oi_val", str(tmp_path))
+    assert isinstance(evaluator, OpenImagesEvaluator)
+    counts = count_classes(DatasetCatalog.get("tiny_oi_train"), cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    np.testing.assert_array_equal(evaluator._train_counts(), counts)
+    table = format_summary({"tiny_oi_val": {"bbox": {"AP": 50.0, "AP1": 10.0, "AP5": 90.0}}})
+    assert table.splitlines()[0].split()[-6:] == ["AP", "AP1", "AP2", "AP3", "AP4", "AP5"]
+    assert table.splitlines()[1].split()[1:] == ["50.00", "10.00", "n/a", "n/a", "n/a", "90.00"]
+
+
+@pytest.mark.slow
+def test_train_net_trains_and_evaluates_on_open_images_files(tiny_oi, tmp_path):
+    import subprocess
+    import sys
+
+    specs = [f"tiny_{s}=" + ":".join(tiny_oi[s][k] for k in openimages.FILE_KEYS)
+             for s in ("train", "val")]
+    cmd = [sys.executable, "train_net.py", "--config-file",
+           "configs/OpenImages/synthetic_faster_rcnn_R18_FPN_seesaw.yaml",
+           "--openimages-dataset", specs[0], "--openimages-dataset", specs[1],
+           "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
+           "MODEL.ROI_HEADS.NUM_CLASSES", str(len(openimages.read_classes(
+               tiny_oi["train"]["classes"])[0])),
+           "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "2",
+           "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
+           "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "AP1     AP2     AP3     AP4     AP5" in proc.stdout + proc.stderr
+    report = json.load(open(tmp_path / "inference" / "tiny_val" / "openimages_eval.json"))
+    num_classes = len(report["per_class_ap"])
+    assert sorted(k for g in report["groups"] for k in g) == list(range(num_classes))
+    bad = [*cmd[:4], "--openimages-dataset", "x=a.csv:b.csv:missing-classes.csv:d.json:e",
+           *cmd[8:]]
+    proc = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing-classes.csv does not exist" in proc.stderr
