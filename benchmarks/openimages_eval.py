@@ -58,7 +58,10 @@ def _peak_rss_gib():
 def hierarchy():
     """Leaves 0..419 under parents 420..489 (6 each) under roots 490..499 (7 parents each)."""
     mids = [f"/m/{k}" for k in range(NUM_CLASSES)]
-    node = lambda k, sub=(): {"LabelName": mids[k], **({"Subcategory": list(sub)} if sub else {})}  # noqa: E731
+
+    def node(k, sub=()):
+        return {"LabelName": mids[k], **({"Subcategory": list(sub)} if sub else {})}
+
     parents = [node(LEAVES + p, [node(p * 6 + i) for i in range(6)]) for p in range(PARENTS)]
     roots = [node(LEAVES + PARENTS + r, parents[r * 7:(r + 1) * 7]) for r in range(ROOTS)]
     return LabelHierarchy({"LabelName": "/m/0bl9f", "Subcategory": roots}, mids)

@@ -166,8 +166,8 @@ def test_records_merge_across_processes_and_groups():
     for g, members in enumerate(result.groups):
         ap = whole.per_class_ap[members]
         ap = ap[~np.isnan(ap)]
-        assert result.metrics[f"AP{g + 1}"] == pytest.approx(ap.mean() if len(ap) else np.nan,
-                                                            nan_ok=True)
+        expected = ap.mean() if len(ap) else np.nan
+        assert result.metrics[f"AP{g + 1}"] == pytest.approx(expected, nan_ok=True)
 
 
 def test_group_of_and_unverified_rules_by_hand():
@@ -204,9 +204,9 @@ def test_group_of_and_unverified_rules_by_hand():
 
 def write_files(folder, boxes_rows, label_rows, classes=None, tree=None):
     classes = classes or [(m, f"class {k}") for k, m in enumerate(MIDS)]
-    paths = {k: str(folder / f) for k, f in (("boxes", "boxes.csv"), ("labels", "labels.csv"),
-                                              ("classes", "classes.csv"),
-                                              ("hierarchy", "h.json"))}
+    names = (("boxes", "boxes.csv"), ("labels", "labels.csv"), ("classes", "classes.csv"),
+             ("hierarchy", "h.json"))
+    paths = {k: str(folder / f) for k, f in names}
     (folder / "boxes.csv").write_text(
         "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,"
         "IsGroupOf,IsDepiction,IsInside\n" + "".join(r + "\n" for r in boxes_rows))

@@ -54,8 +54,9 @@ def class_list(num_leaves):
 
     shape_nodes = {s: node(_mid(s), [node(_mid(leaf)) for leaf, a in zip(leaves, attrs)
                                      if a[2] == s]) for s in shapes}
-    tree = node(ROOT_MID, [node(_mid(f"{g}_shape"), [shape_nodes[s] for s in GROUPS[g]
-                                                    if s in shape_nodes]) for g in groups])
+    group_nodes = [node(_mid(f"{g}_shape"), [shape_nodes[s] for s in GROUPS[g] if s in shapes])
+                   for g in groups]
+    tree = node(ROOT_MID, group_nodes)
     return mids, names, tree, attrs
 
 
