@@ -199,6 +199,18 @@ def test_group_of_and_unverified_rules_by_hand():
     assert evaluate(records, to_results({"b": dets}), num_classes=1).metrics["AP"] == 1.0
 
 
+def test_ground_truth_rejects_ids_outside_the_classes():
+    box = {"bbox": [0, 0, 5, 5], "bbox_mode": 0, "category_id": 3}
+    with pytest.raises(SeesawEcmError, match="category_id outside"):
+        OpenImagesGroundTruth([{"image_id": 1, "annotations": [box]}], 3)
+    with pytest.raises(SeesawEcmError, match="image label is outside"):
+        OpenImagesGroundTruth([{"image_id": 1, "annotations": [], "neg_category_ids": [3]}], 3)
+    gt = OpenImagesGroundTruth([{"image_id": 1, "annotations": [dict(box, category_id=0)]}], 3)
+    with pytest.raises(SeesawEcmError, match="contiguous class ids"):
+        OpenImagesMatcher(gt).add([{"image_id": 1, "category_id": 3, "score": 1.0,
+                                    "bbox": [0, 0, 5, 5]}])
+
+
 # ---------------------------------------------------------------- loader
 
 

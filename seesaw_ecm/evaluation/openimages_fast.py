@@ -99,25 +99,29 @@ class OpenImagesGroundTruth:
             raise SeesawEcmError("The ground truth lists an image_id twice; each image must be "
                                  "one record.")
         self.num_classes = C = int(num_classes)
-        keys, boxes, group, label_keys = [], [], [], []
+        keys, cls, boxes, group, label_keys = [], [], [], [], []
         for rank, i in enumerate(order):
             rec = records[i]
             for a in rec["annotations"]:
-                if a.get("bbox_mode", XYXY_ABS) not in (XYXY_ABS, XYWH_ABS):
-                    raise SeesawEcmError(f"Image {ids[i]}: box mode {a['bbox_mode']} is not "
-                                         "XYXY_ABS or XYWH_ABS.")
+                mode = a.get("bbox_mode", XYXY_ABS)
+                if mode not in (XYXY_ABS, XYWH_ABS):
+                    raise SeesawEcmError(f"Image {ids[i]}: box mode {mode} is not XYXY_ABS or "
+                                         "XYWH_ABS.")
                 x0, y0, x1, y1 = a["bbox"]
-                if a.get("bbox_mode", XYXY_ABS) == XYWH_ABS:
+                if mode == XYWH_ABS:
                     x1, y1 = x0 + x1, y0 + y1
                 boxes.append((x0, y0, x1, y1))
                 keys.append(rank * C + a["category_id"])
+                cls.append(a["category_id"])
                 group.append(bool(a.get("is_group_of", False)))
-            label_keys.extend(rank * C + k for k in rec.get("pos_category_ids", ()))
-            label_keys.extend(rank * C + k for k in rec.get("neg_category_ids", ()))
-        keys = np.array(keys, np.int64)
-        cls = keys % C if C else keys
-        if len(keys) and (cls.min() < 0 or cls.max() >= C):
+            labels = [*rec.get("pos_category_ids", ()), *rec.get("neg_category_ids", ())]
+            if any(not 0 <= k < C for k in labels):
+                raise SeesawEcmError(f"Image {ids[i]}: an image label is outside [0, {C}).")
+            label_keys.extend(rank * C + k for k in labels)
+        cls = np.array(cls, np.int64)
+        if len(cls) and (cls.min() < 0 or cls.max() >= C):
             raise SeesawEcmError(f"A ground-truth box has a category_id outside [0, {C}).")
+        keys = np.array(keys, np.int64)
         boxes = np.array(boxes, np.float64).reshape(-1, 4)
         group = np.array(group, bool)
         # (C,) boxes per class, group-of boxes counting once each
