@@ -274,6 +274,18 @@ def test_loader_rejects_malformed_files(tmp_path, boxes, labels, match):
         openimages.load_openimages(files, openimages.read_classes(files["classes"])[0])
 
 
+def test_loader_rejects_malformed_class_and_hierarchy_files(tmp_path):
+    files = write_files(tmp_path, BOXES, LABELS, classes=[("/m/c0", "a,b")])
+    with pytest.raises(SeesawEcmError, match="line 1 is not 'MID,display name'"):
+        openimages.read_classes(files["classes"])
+    (tmp_path / "h.json").write_text("{oops")
+    with pytest.raises(SeesawEcmError, match="h.json: not valid JSON"):
+        openimages.read_hierarchy(files["hierarchy"], MIDS)
+    (tmp_path / "h.json").write_text('{"LabelName": "r", "Subcategory": [{"Name": "x"}]}')
+    with pytest.raises(SeesawEcmError, match="has no 'LabelName'"):
+        openimages.read_hierarchy(files["hierarchy"], MIDS)
+
+
 def test_loader_names_a_missing_column_and_a_bad_spec(tmp_path):
     files = write_files(tmp_path, BOXES, LABELS)
     (tmp_path / "labels.csv").write_text("ImageID,LabelName\nimg1,/m/c2\n")
