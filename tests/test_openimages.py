@@ -329,6 +329,8 @@ def test_synthetic_set_has_hierarchy_group_of_negatives_and_a_long_tail(tiny_oi)
     anns = [a for r in train for a in r["annotations"]]
     assert max(a["category_id"] for a in anns) < leaves  # not expanded in this mode
     assert any(a["is_group_of"] for a in anns) and any(r["neg_category_ids"] for r in train)
+    val = DatasetCatalog.get("tiny_oi_val")
+    assert any(a["is_group_of"] for r in val for a in r["annotations"])
     counts = count_classes(train, num_classes)[:leaves]
     assert counts.max() > 5 * max(counts.min(), 1)
     _register(tiny_oi, "expand_boxes")

@@ -4,11 +4,12 @@ Leaf classes are the (colour, texture, shape) classes of the built-in LVIS-forma
 long tail in training (same plans and renderer); above them a class hierarchy: each shape is a
 parent class of its leaves (circle, ...), and the shapes are grouped under "round shape" and
 "angular shape" (3 levels below the Entity root, as in the challenge hierarchy). Boxes exist
-for leaves only, so parent classes are learnt through the hierarchy. Where a leaf has several
-instances in an image, they are annotated with probability GROUP_OF_PROB as one group-of box
-around all of them. Image labels: every present leaf verified positive; absent leaves verified
-negative with NEG_PROB of the split, absent shapes with SHAPE_NEG_PROB (negative for all their
-leaves once expanded); the other classes are unverified (ignored by the metric).
+for leaves only, so parent classes are learnt through the hierarchy. CROWD_PROB of the images
+get 2-3 extra instances of one of their classes; where a leaf has several instances in an
+image, they are annotated with probability GROUP_OF_PROB as one group-of box around all of
+them. Image labels: every present leaf verified positive; absent leaves verified negative with
+NEG_PROB of the split, absent shapes with SHAPE_NEG_PROB (negative for all their leaves once
+expanded); the other classes are unverified (ignored by the metric).
 
 Layout under `out_dir`: classes-description.csv (MID,name; no header), label-hierarchy.json,
 {train,validation}-detection-bbox.csv, {train,validation}-detection-human-imagelabels.csv,
@@ -23,12 +24,13 @@ import numpy as np
 
 from .synthetic import JPEG_QUALITY, _scene_plans, build_cached, class_attributes, render_scene
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULTS = dict(num_leaves=40, train_images=1500, val_images=250, image_size=160, seed=0)
 ROOT_MID = "/m/0bl9f"  # Entity, the root of the challenge hierarchy (not a class)
 GROUPS = {"round": ("circle", "hexagon", "crescent"),
           "angular": ("square", "triangle", "star", "cross", "arrow")}
 GROUP_OF_PROB = 0.5
+CROWD_PROB = 0.3  # per image: 2-3 more instances of one of its classes (group-of candidates)
 NEG_PROB = {"train": 0.2, "validation": 0.5}
 SHAPE_NEG_PROB = 0.3
 SPLITS = (("train", "train"), ("val", "validation"))  # (key, file prefix)
@@ -100,6 +102,14 @@ def _write_split(root, prefix, plans, first_id, params, rng_key, mids, attrs):
             f.write("\n".join(rows) + "\n")
 
 
+def _with_crowd(plan, rng):
+    """The plan, with probability CROWD_PROB plus 2-3 instances of one of its classes (the
+    balanced validation plans have one instance per class otherwise)."""
+    if rng.random() >= CROWD_PROB:
+        return plan
+    return np.concatenate([plan, np.full(rng.integers(2, 4), rng.choice(plan))])
+
+
 def _build(root, params):
     num_leaves, seed = params["num_leaves"], params["seed"]
     mids, names, tree, attrs = class_list(num_leaves)
@@ -111,7 +121,8 @@ def _build(root, params):
     first_id = 1
     for key, ((split, prefix), n) in enumerate(zip(SPLITS, (params["train_images"],
                                                             params["val_images"]))):
-        plans = _scene_plans(split, num_leaves, n, seed)
+        rng = np.random.default_rng([seed, 21, key])
+        plans = [_with_crowd(plan, rng) for plan in _scene_plans(split, num_leaves, n, seed)]
         _write_split(root, prefix, plans, first_id, params, 13 + key, mids, attrs)
         first_id += n
 
