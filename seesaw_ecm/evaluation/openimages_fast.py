@@ -216,6 +216,8 @@ class OpenImagesMatcher:
         self._parts.append(self._match(key[idx], boxes[idx], scores[idx], images))
 
     def _match(self, key, box, score, images):
+        """Evaluated detections (N,) grouped by pair, the official order inside a pair ->
+        OpenImagesRecords (vectorised over all pairs: no loop over images or detections)."""
         gt, n = self.gt, len(key)
         tp = np.zeros(n, bool)
         # 1. the non-group-of box of highest IoU; the first detection on an unmatched box wins
