@@ -95,3 +95,13 @@ def add_seesaw_ecm_config(cfg):
     # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
     # lvis API through detectron2's LVISEvaluator).
     cfg.TEST.LVIS_EVAL_BACKEND = "fast"
+
+    # Open Images datasets (official challenge files; README "Open Images") to register, each as
+    # "NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]"
+    # (train_net.py --openimages-dataset appends here).
+    cfg.DATASETS.OPENIMAGES = []
+    # How the model covers the parent classes of the Open Images hierarchy (the official metric
+    # expands the ground truth, not the detections): "expand_boxes" = train on boxes and labels
+    # expanded to every ancestor (the model predicts parents itself); "copy_detections" = train
+    # on the files' boxes and copy each detection to every ancestor of its class at evaluation.
+    cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"
