@@ -22,7 +22,7 @@ import os
 import cv2
 import numpy as np
 
-from .synthetic import JPEG_QUALITY, _scene_plans, build_cached, class_attributes, render_scene
+from .synthetic_lt import JPEG_QUALITY, _scene_plans, build_cached, class_attributes, render_scene
 
 GENERATOR_VERSION = 2
 DEFAULTS = dict(num_leaves=40, train_images=1500, val_images=250, image_size=160, seed=0)
