@@ -90,3 +90,8 @@ def add_seesaw_ecm_config(cfg):
     # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
     # lvis API through detectron2's LVISEvaluator).
     cfg.TEST.LVIS_EVAL_BACKEND = "fast"
+
+    # Input validation before training / evaluation (seesaw_ecm/validation.py): check that
+    # every image file of DATASETS.TRAIN / TEST exists and is readable (one stat per file;
+    # False skips it, e.g. for images that appear only later on a slow network filesystem).
+    cfg.DATASETS.CHECK_IMAGE_FILES = True

@@ -60,6 +60,8 @@ def read_lvis_json(json_file):
     for c in data["categories"]:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             _fail(json_file, f"category {c!r:.80} lacks 'id' or 'name'")
+        if c["id"] in cat_ids:
+            _fail(json_file, f"category id {c['id']} is used twice")
         cat_ids.add(c["id"])
     if not cat_ids:
         _fail(json_file, "no categories")
@@ -72,12 +74,18 @@ def read_lvis_json(json_file):
             missing.append("file_name or coco_url")
         if missing:
             _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
+        if im["id"] in img_ids:
+            _fail(json_file, f"image id {im['id']} is used twice")
         img_ids.add(im["id"])
+    ann_ids = set()
     for a in data["annotations"]:
         aid = a.get("id") if isinstance(a, dict) else None
         missing = [k for k in ("id", "image_id", "category_id", "bbox", "segmentation") if k not in a]
         if missing:
             _fail(json_file, f"annotation {aid} lacks {', '.join(missing)}")
+        if aid in ann_ids:
+            _fail(json_file, f"annotation id {aid} is used twice")
+        ann_ids.add(aid)
         if a["image_id"] not in img_ids:
             _fail(json_file, f"annotation {aid} refers to unknown image_id {a['image_id']}")
         if a["category_id"] not in cat_ids:
@@ -173,11 +181,14 @@ def register_from_cfg(cfg):
     for spec in cfg.DATASETS.LVIS_FORMAT:
         name, json_file, image_root = parse_dataset_spec(spec)
         if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("json_file") == json_file:
+            meta = MetadataCatalog.get(name)
+            old = (meta.get("json_file"), meta.get("image_root"))
+            if old == (json_file, image_root):
                 continue
             raise SeesawEcmError(
                 f"Dataset name {name!r} given in DATASETS.LVIS_FORMAT is already registered "
-                "(with another file); choose another name."
+                f"with annotation file {old[0]} and image root {old[1]}, not {json_file} and "
+                f"{image_root}; choose another name."
             )
         register_lvis_format(name, json_file, image_root)
 
