@@ -78,6 +78,8 @@ def _check_long_tail(cfg):
     probe.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
     try:
         build_cls_loss(probe)
+    except SeesawEcmError:
+        raise
     except ValueError as e:  # the losses are framework-free: they raise plain ValueError
         raise SeesawEcmError(f"MODEL.LONG_TAIL: {e}") from None
 
