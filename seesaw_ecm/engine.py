@@ -25,7 +25,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
     TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
-    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE)."""
+    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), and data loaders that report an
+    image they cannot read by its file name (CheckedDatasetMapper)."""
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when

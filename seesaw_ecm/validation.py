@@ -208,7 +208,7 @@ def dataset_problems(cfg, eval_only=False):
     problems = []
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     train = () if eval_only else tuple(cfg.DATASETS.TRAIN)
-    reference = None  # (name, class names) of the first dataset with class names
+    reference = None  # (name, class names) of the first dataset with NUM_CLASSES names
     wrong_count = {}  # class count other than NUM_CLASSES -> names of the datasets with it
     for name in dict.fromkeys(train + tuple(cfg.DATASETS.TEST)):
         records, problem = _load(name, "DATASETS.TRAIN" if name in train else "DATASETS.TEST")
@@ -226,7 +226,8 @@ def dataset_problems(cfg, eval_only=False):
                 f"Dataset {name!r} and {reference[0]!r} have other class names (class {diff}: "
                 f"{classes[diff]!r} vs {reference[1][diff]!r}); every dataset of a run needs the "
                 "same classes in the same order.")
-        reference = reference or (None if classes is None else (name, classes))
+        if classes is not None and not count_wrong:
+            reference = reference or (name, classes)
         problems += record_problems(name, records, num_classes, check_ids=not count_wrong)
         if cfg.DATASETS.CHECK_IMAGE_FILES:
             missing = unreadable_files([r["file_name"] for r in records])
@@ -243,10 +244,10 @@ def dataset_problems(cfg, eval_only=False):
             except SeesawEcmError as e:
                 problems.append(f"Test dataset {name!r}: {e}")
     for count, names in wrong_count.items():
-        problems.insert(0, f"Dataset{'s' * (len(names) > 1)} {', '.join(names)} ha"
-                        f"{'ve' if len(names) > 1 else 's'} {count} classes but "
-                        f"MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}; set "
-                        f"MODEL.ROI_HEADS.NUM_CLASSES {count}.")
+        which = f"Dataset {names[0]} has" if len(names) == 1 else (
+            f"Datasets {', '.join(names)} have")
+        problems.insert(0, f"{which} {count} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                        f"{num_classes}; set MODEL.ROI_HEADS.NUM_CLASSES {count}.")
     return problems
 
 

@@ -434,3 +434,21 @@ def test_class_statistics_error_reaches_every_rank(small, monkeypatch):
     main, other = (as_rank(monkeypatch, r, sent, class_statistics, cfg) for r in (0, 1))
     assert isinstance(main, SeesawEcmError) and str(other) == str(main)
     assert f"has {NUM_CLASSES} classes but MODEL.ROI_HEADS.NUM_CLASSES is" in str(main)
+
+
+def test_train_and_test_sets_with_different_class_counts(small, tmp_path):
+    def drop_last_class(data):
+        last = max(c["id"] for c in data["categories"])
+        data["categories"] = [c for c in data["categories"] if c["id"] != last]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != last]
+
+    test = mutated_test_set(small, tmp_path, drop_last_class)
+    found = problems_of(small, "DATASETS.TEST", (test,))
+    assert found == [f"Dataset {test!r} has {NUM_CLASSES - 1} classes but "
+                     f"MODEL.ROI_HEADS.NUM_CLASSES is {NUM_CLASSES}; set "
+                     f"MODEL.ROI_HEADS.NUM_CLASSES {NUM_CLASSES - 1}."]
+    found = problems_of(small, "DATASETS.TEST", (test,), "MODEL.ROI_HEADS.NUM_CLASSES",
+                        NUM_CLASSES - 1)
+    assert found == [f"Dataset {small[0]!r} has {NUM_CLASSES} classes but "
+                     f"MODEL.ROI_HEADS.NUM_CLASSES is {NUM_CLASSES - 1}; set "
+                     f"MODEL.ROI_HEADS.NUM_CLASSES {NUM_CLASSES}."]
