@@ -117,7 +117,8 @@ def test_other_class_names_in_the_test_set(small, tmp_path):
 def test_fields_the_lvis_evaluation_reads(small, tmp_path, mutate, message):
     test = mutated_test_set(small, tmp_path, mutate)
     found = problems_of(small, "DATASETS.TEST", (test,))
-    assert len(found) == 1 and found[0].startswith(f"Test dataset {test!r}: ") and message in found[0]
+    assert len(found) == 1 and found[0].startswith(f"Test dataset {test!r}: ")
+    assert message in found[0]
     assert problems_of(small, "DATASETS.TRAIN", (test,), "DATASETS.TEST", ()) == []  # train: ok
 
 
