@@ -123,7 +123,7 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     assert sections["throughput"]["settings"]["rounds_timed"] >= 1
 
     training = sections["training"]
-    assert training["iterations"] == 6 and {"bbox/AP", "segm/APr"} <= set(training["evaluation"])
+    assert training["iterations"] == 6 and {"bbox/AP", "segm/APf"} <= set(training["evaluation"])
     assert "model_final.pth" in training["checkpoints"]
     assert set(training["export"]) == {"pth", "safetensors", "ts"}
     assert "summary:" in (out / "gpu_check.log").read_text()

@@ -191,7 +191,8 @@ def summary(doc):
     lines += [f"FAILED check: {c}" for c in failed]
     rows = sections.get("throughput", {}).get("rows", [])
     if rows:
-        lines += ["| model | s/iter | x stock | peak MiB | x stock memory |", "|---|---|---|---|---|"]
+        lines += ["| model | s/iter | x stock | peak MiB | x stock memory |",
+                  "|---|---|---|---|---|"]
         for r in rows:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             mem = "-" if r["x_stock_memory"] is None else f"{r['x_stock_memory']:.3f}"
