@@ -94,7 +94,7 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/gpu_check/run.py", "--tiny", "--out", str(out),
                            "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200)
+                          text=True, timeout=1500)
     doc = json.loads((out / "gpu_check.json").read_text())
     sections = doc["sections"]
     assert proc.returncode == 0, json.dumps(sections, indent=1)[-6000:]
