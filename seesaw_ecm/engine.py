@@ -1,4 +1,5 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import logging
 import os
 import time
 
@@ -58,6 +59,7 @@ class Trainer(DefaultTrainer):
         if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu":
             amp = self._trainer  # detectron2's (CUDA-only) AMPTrainer: same model, loader, opt.
             self._trainer = CPUAMPTrainer(amp.model, amp.data_loader, amp.optimizer)
+            logging.getLogger(__name__).info("SOLVER.AMP.ENABLED on CPU: bfloat16 autocast")
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
