@@ -9,13 +9,6 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _normalized(x, dim, eps):
-    """x / (L2 norm of x over `dim` + eps), in x's dtype. The norm is taken in float32 at least:
-    under float16 autocast (AMP) a sum of squares overflows above 65504 and the result is 0."""
-    y = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (y / (y.norm(dim=dim, keepdim=True) + eps)).to(x.dtype)
-
-
 class NormedLinear(nn.Linear):
     """Linear layer computing ``temperature * cos(x, w_j) + b_j`` for every output ``j``.
 
@@ -37,8 +30,9 @@ class NormedLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        x = _normalized(x, -1, self.eps) * self.temperature
-        return F.linear(x, _normalized(self.weight, 1, self.eps), self.bias)
+        weight = self.weight / (self.weight.norm(dim=1, keepdim=True) + self.eps)
+        x = x / (x.norm(dim=-1, keepdim=True) + self.eps) * self.temperature
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, temperature={self.temperature}"
@@ -68,8 +62,9 @@ class NormedConv2d(nn.Conv2d):
         self.eps = eps
 
     def forward(self, x):
-        x = _normalized(x, 1, self.eps) * self.temperature
-        return self._conv_forward(x, _normalized(self.weight, 1, self.eps), self.bias)
+        weight = self.weight / (self.weight.norm(dim=1, keepdim=True) + self.eps)
+        x = x / (x.norm(dim=1, keepdim=True) + self.eps) * self.temperature
+        return self._conv_forward(x, weight, self.bias)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, temperature={self.temperature}"

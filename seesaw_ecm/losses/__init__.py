@@ -15,7 +15,8 @@ Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q,
 ``ECMLoss(class_counts, fg_bg_ratio)``, ``FederatedLoss(class_image_counts, num_sampled_classes,
 freq_weight_power)`` (the last two also ``(None, num_classes=C)``, to be filled from a
 checkpoint); all take ``loss_weight``. "ce" and "cosine_ce" are the same loss: the names differ in
-the classifier the predictor gives them (linear / cosine).
+the classifier the predictor gives them (linear / cosine). Under autocast (mixed precision) every
+``forward`` runs in float32 (``precision.float32_loss``).
 """
 from .cross_entropy import CrossEntropyLoss
 from .ecm import ECMLoss, effective_class_margins
