@@ -228,8 +228,8 @@ class GradientBalanceHook(HookBase):
     Each iteration's sums are divided by the loss scale of mixed-precision training (the
     GradScaler of detectron2's AMPTrainer) and dropped when that scaler skipped the optimizer
     step (inf / nan gradients: it then lowers its scale). Every `period` iterations, at
-    checkpoint iterations and at the end it all-reduces the ranks' sums; it then logs :func:`summary_scalars` to the EventStorage (metrics.json,
-    TensorBoard). At checkpoint iterations and at the end the main process also writes
+    checkpoint iterations and at the end it all-reduces the ranks' sums; it then logs
+    :func:`summary_scalars` to the EventStorage (metrics.json, TensorBoard). At checkpoint iterations and at the end the main process also writes
     OUTPUT_DIR/gradient_balance.json. Register ``self.balance`` with the checkpointer (the
     Trainer does) so checkpoints hold the accumulators and --resume continues them.
     Place it before the PeriodicCheckpointer hook.
@@ -259,6 +259,7 @@ class GradientBalanceHook(HookBase):
 
     def before_train(self):
         attach(self.predictors, self.balance)
+        self._step_scale = self._loss_scale()  # after resume_or_load restored the scaler
 
     def after_train(self):
         detach(self.predictors)
@@ -268,13 +269,11 @@ class GradientBalanceHook(HookBase):
         scaler = getattr(getattr(self.trainer, "_trainer", None), "grad_scaler", None)
         return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
 
-    def before_step(self):
-        self._step_scale = self._loss_scale()
-
     def after_step(self):
-        # GradScaler.update() lowers the scale exactly when it skipped the optimizer step
-        scale = self._step_scale
-        self.balance.end_step(scale, skipped=self._loss_scale() < scale)
+        # GradScaler.update() lowers the scale exactly when it skipped the optimizer step; the
+        # scale after this step is the one of the next backward pass
+        scale, self._step_scale = self._step_scale, self._loss_scale()
+        self.balance.end_step(scale, skipped=self._step_scale < scale)
         it = self.trainer.iter
         self.balance.iterations = it + 1
         last = it + 1 >= self.trainer.max_iter

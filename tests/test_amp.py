@@ -169,22 +169,21 @@ def test_hook_reads_the_grad_scaler_and_skips_skipped_steps():
     optimizer = torch.optim.SGD(predictor.parameters(), lr=0.0)
     hook.trainer = SimpleNamespace(iter=0, max_iter=100,
                                    _trainer=SimpleNamespace(grad_scaler=scaler))
+    hook.before_train()  # attaches the recorder, reads the scaler's first scale
     for it in range(2):
         hook.trainer.iter = it
-        hook.before_step()
         optimizer.zero_grad()
         torch.manual_seed(0)
         x = torch.randn(len(LABELS), 8) * 3
-        hook.before_train()  # attaches the recorder
         with EventStorage():
             losses = predictor.losses(predictor(x), proposals(LABELS))
-        hook.after_train()
         scaler.scale(sum(losses.values())).backward()
         if it == 1:
             predictor.bbox_pred.weight.grad[0, 0] = float("inf")
         scaler.step(optimizer)
         scaler.update()
         hook.after_step()
+    hook.after_train()
     assert scaler.get_scale() == SCALE / 2  # step 1 was skipped
     hook.balance.sync()
     torch.testing.assert_close(hook.balance.total, reference.total, rtol=1e-12, atol=0)

@@ -12,7 +12,7 @@ def float32_loss(forward):
     Its float16 / bfloat16 tensor arguments (logits computed under autocast) are cast to float32
     (gradients flow back in their own dtype), and autocast is off inside, so no op of the loss
     (e.g. the matmul of ECM's weighted sum) is run in 16 bits. float32 / float64 arguments and
-    integer labels are passed unchanged: without autocast nothing changes.
+    integer labels are passed unchanged: float32 training computes exactly as without it.
 
     Written by hand: ``torch.amp.custom_fwd(cast_inputs=...)`` does the same for one fixed
     device type and stores attributes on its first argument (an autograd ``ctx``).
