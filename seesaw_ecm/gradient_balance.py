@@ -229,10 +229,10 @@ class GradientBalanceHook(HookBase):
     GradScaler of detectron2's AMPTrainer) and dropped when that scaler skipped the optimizer
     step (inf / nan gradients: it then lowers its scale). Every `period` iterations, at
     checkpoint iterations and at the end it all-reduces the ranks' sums; it then logs
-    :func:`summary_scalars` to the EventStorage (metrics.json, TensorBoard). At checkpoint iterations and at the end the main process also writes
-    OUTPUT_DIR/gradient_balance.json. Register ``self.balance`` with the checkpointer (the
-    Trainer does) so checkpoints hold the accumulators and --resume continues them.
-    Place it before the PeriodicCheckpointer hook.
+    :func:`summary_scalars` to the EventStorage (metrics.json, TensorBoard). At checkpoint
+    iterations and at the end the main process also writes OUTPUT_DIR/gradient_balance.json.
+    Register ``self.balance`` with the checkpointer (the Trainer does) so checkpoints hold the
+    accumulators and --resume continues them. Place it before the PeriodicCheckpointer hook.
     """
 
     def __init__(self, model, period, checkpoint_period, output_dir="", class_info=None):
