@@ -203,13 +203,14 @@ def test_non_finite_step_is_dropped():
 @pytest.mark.slow
 def test_train_net_with_amp_on_cpu(small_synthetic, tmp_path):
     """train_net.py with SOLVER.AMP.ENABLED True on CPU (bfloat16 autocast): HTC-Lite with
-    the gradient-balance recorder trains with finite losses and records finite sums."""
+    the gradient-balance recorder trains with finite losses and records finite sums. (3
+    iterations: bfloat16 autocast measured ~5x slower than float32 on the CI's CPU.)"""
     run_train_net(small_synthetic, tmp_path, "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml",
-                  "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "6",
+                  "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3",
                   "MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED", "True", "DATASETS.TEST", "()")
     rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
     train = [r for r in rows if "total_loss" in r]
-    assert train[-1]["iteration"] == 5
+    assert train[-1]["iteration"] == 2
     assert all(torch.isfinite(torch.tensor(v)) for r in train for k, v in r.items()
                if k.startswith("loss_"))
     log = open(tmp_path / "log.txt").read()
