@@ -14,7 +14,8 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL = CN()
     # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
-    # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
+    # "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2" or "droploss" (sigmoid,
+    # linear). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
@@ -54,6 +55,22 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES = 50
     # Negative classes are drawn with probability proportional to image_count ** POWER.
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
+
+    # Other long-tail baselines (issue 18): "eql", "eqlv2", "droploss" (sigmoid losses with a
+    # linear classifier whose bias starts at the prior below, as their official code).
+    # Initial sigmoid probability pi of every classifier column: bias = -log((1 - pi) / pi).
+    cfg.MODEL.LONG_TAIL.PRIOR_PROB = 0.001
+    cfg.MODEL.LONG_TAIL.EQL = CN()
+    # Tail classes: training image frequency (images with the class / images) below LAMBDA_
+    # (LVIS v1 0.0011 as the eqlv2 configs; LVIS v0.5 0.00177).
+    cfg.MODEL.LONG_TAIL.EQL.LAMBDA_ = 0.0011
+    cfg.MODEL.LONG_TAIL.EQLV2 = CN()
+    cfg.MODEL.LONG_TAIL.EQLV2.GAMMA = 12.0  # slope of neg_w = sigmoid(GAMMA (g - MU))
+    cfg.MODEL.LONG_TAIL.EQLV2.MU = 0.8  # centre of the mapping, g = pos_grad / neg_grad
+    cfg.MODEL.LONG_TAIL.EQLV2.ALPHA = 4.0  # pos_w = 1 + ALPHA (1 - neg_w)
+    cfg.MODEL.LONG_TAIL.DROPLOSS = CN()
+    # Tail-class image-frequency threshold, as EQL.LAMBDA_ (the official shipped config: 0.00177).
+    cfg.MODEL.LONG_TAIL.DROPLOSS.LAMBDA_ = 0.00177
 
     # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
     # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others

@@ -10,7 +10,8 @@ from typing import Callable, NamedTuple
 
 from ..data.statistics import class_statistics
 from ..errors import SeesawEcmError
-from ..losses import CrossEntropyLoss, ECMLoss, FederatedLoss, SeesawLoss
+from ..losses import (CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss, EQLv2Loss, FederatedLoss,
+                      SeesawLoss)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,22 @@ def _federated(cfg):
                          loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
 
 
+def _eql_like(loss_class, node):
+    """EQL or DropLoss: image frequencies of DATASETS.TRAIN, lambda_ from its config node."""
+    def build(cfg):
+        lt = cfg.MODEL.LONG_TAIL
+        freq = class_statistics(cfg, "image_frequency") if _from_train(cfg) else None
+        return loss_class(freq, lambda_=lt[node].LAMBDA_, prior_prob=lt.PRIOR_PROB,
+                          loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
+    return build
+
+
+def _eqlv2(cfg):
+    lt = cfg.MODEL.LONG_TAIL
+    return EQLv2Loss(_num_classes(cfg), gamma=lt.EQLV2.GAMMA, mu=lt.EQLV2.MU, alpha=lt.EQLV2.ALPHA,
+                     prior_prob=lt.PRIOR_PROB, loss_weight=lt.LOSS_WEIGHT)
+
+
 # MODEL.LONG_TAIL.LOSS -> how to build it. "ce" and "cosine_ce" are the same loss; the names
 # differ in the classifier the predictor gives them.
 LOSS_SPECS = {
@@ -90,6 +107,9 @@ LOSS_SPECS = {
     "federated": LossSpec(_federated, "forbidden", "linear"),
     "seesaw": LossSpec(_seesaw, "required", "cosine"),
     "ecm": LossSpec(_ecm, "forbidden", "cosine"),
+    "eql": LossSpec(_eql_like(EQLLoss, "EQL"), "forbidden", "linear"),
+    "eqlv2": LossSpec(_eqlv2, "forbidden", "linear"),
+    "droploss": LossSpec(_eql_like(DropLoss, "DROPLOSS"), "forbidden", "linear"),
 }
 
 

@@ -1,0 +1,358 @@
+"""EQL, EQLv2 and DropLoss against loop re-implementations of their official formulas (float64),
+their statistics, sampling rule, checkpoints, classifier hooks and a full model step."""
+import io
+import math
+import os
+
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+from torch import distributed as dist
+from torch import multiprocessing as mp
+
+from seesaw_ecm.data.statistics import class_statistics, count_classes
+from seesaw_ecm.losses import DropLoss, EQLLoss, EQLv2Loss
+from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
+from test_modeling import C as MODEL_C
+from test_modeling import (build_small_model, fake_proposals, one_image_batch, predictor,
+                           small_cfg, tiny_dataset)  # noqa: F401  (tiny_dataset: a fixture)
+
+C = 5
+FREQ = [0.5, 0.01, 0.0005, 0.001, 0.2]  # tail below lambda_ = 0.0011: classes 2 and 3
+LAMBDA = 0.0011
+GAMMA, MU, ALPHA = 12.0, 0.8, 4.0
+C_SMALL = 12  # classes of the small_synthetic fixture (conftest.py)
+
+
+def bce(z, y):
+    """-y log sigmoid(z) - (1 - y) log(1 - sigmoid(z)), with plain math (float64 tensors)."""
+    p = 1 / (1 + torch.exp(-z))
+    return -(y * torch.log(p) + (1 - y) * torch.log(1 - p))
+
+
+def eql_reference(logits, labels, freq, lambda_, keep_background_tail=None):
+    """eql.detectron2 ``eql_loss`` (and, with ``keep_background_tail`` (N, C) bool, DropLoss's
+    ``drop_loss``) entry by entry: w = 1 - E(i) T(f_j) (1 - y_ij)."""
+    n, c = logits.shape
+    total = logits.sum() * 0
+    for i in range(n):
+        label = int(labels[i])
+        for j in range(c):
+            y = 1.0 if label == j else 0.0
+            tail = 1.0 if freq[j] < lambda_ else 0.0
+            if label < c:
+                excluded = 1.0
+            else:
+                excluded = 0.0 if keep_background_tail is None else \
+                    float(not keep_background_tail[i, j])
+            w = 1 - excluded * tail * (1 - y)
+            total = total + w * bce(logits[i, j], torch.tensor(y, dtype=logits.dtype))
+    return total / n
+
+
+def eqlv2_reference(logits, labels, pos_grad, neg_grad, first):
+    """The official EQLv2 forward and collect_grad, RoI by RoI and class by class.
+    Returns (loss, new pos_grad, new neg_grad)."""
+    n, c1 = logits.shape
+    c = c1 - 1
+    pos_w, neg_w = [1.0] * c1, [1.0] * c1
+    if not first:
+        for j in range(c):
+            g = float(pos_grad[j]) / (float(neg_grad[j]) + 1e-10)
+            neg_w[j] = 1 / (1 + math.exp(-GAMMA * (g - MU)))
+            pos_w[j] = 1 + ALPHA * (1 - neg_w[j])
+    total = logits.sum() * 0
+    new_pos, new_neg = list(map(float, pos_grad)), list(map(float, neg_grad))
+    for i in range(n):
+        for j in range(c1):
+            y = 1.0 if int(labels[i]) == j else 0.0
+            w = pos_w[j] if y else neg_w[j]
+            total = total + w * bce(logits[i, j], torch.tensor(y, dtype=logits.dtype))
+            if j < c:
+                p = 1 / (1 + math.exp(-float(logits[i, j].detach())))
+                g = abs(p - y) * w
+                if y:
+                    new_pos[j] += g
+                else:
+                    new_neg[j] += g
+    return total / n, new_pos, new_neg
+
+
+def inputs(num_rois=9, columns=C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(num_rois, columns, generator=g, dtype=torch.float64) * 3 - 2)
+    labels = torch.tensor([0, 2, C, 3, 1, C, 4, C, 2][:num_rois])
+    return logits.requires_grad_(), labels
+
+
+def check_value_and_grad(loss, reference, logits):
+    ref_logits = logits.detach().clone().requires_grad_()
+    value = loss(logits)
+    expected = reference(ref_logits)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+# ---------------------------------------------------------------- EQL
+def test_eql_value_and_gradient_match_the_official_formula():
+    logits, labels = inputs()
+    loss = EQLLoss(FREQ, lambda_=LAMBDA, loss_weight=1.0).double()
+    check_value_and_grad(lambda z: loss(z, labels)["loss_cls"],
+                         lambda z: eql_reference(z, labels, FREQ, LAMBDA), logits)
+    # lambda_ = 0 (no tail class): plain sigmoid BCE, a different value
+    plain = EQLLoss(FREQ, lambda_=0.0).double()(logits, labels)["loss_cls"]
+    assert not torch.isclose(plain, loss(logits, labels)["loss_cls"])
+    torch.testing.assert_close(plain, eql_reference(logits, labels, FREQ, 0.0))
+
+
+def test_eql_probs_classifier_hooks_and_placeholders():
+    loss = EQLLoss(FREQ, prior_prob=0.001)
+    assert loss.background_logit is False
+    assert math.isclose(1 / (1 + math.exp(-loss.bias_init)), 0.001)
+    z = torch.randn(4, C)
+    probs = loss.get_probs(z)
+    assert probs.shape == (4, C + 1)
+    torch.testing.assert_close(probs[:, :C], z.sigmoid())
+    assert (probs[:, C] == 0).all()
+    empty = EQLLoss(None, num_classes=C)
+    with pytest.raises(RuntimeError, match="placeholder"):
+        empty(z, torch.tensor([0, 1, C, 2]))
+    empty.load_state_dict(loss.state_dict())  # a checkpoint fills the frequencies
+    torch.testing.assert_close(empty(z, torch.tensor([0, 1, C, 2])),
+                               loss(z, torch.tensor([0, 1, C, 2])))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        EQLLoss([0.5, 2.0])
+
+
+# ---------------------------------------------------------------- DropLoss
+def official_keep_rule(labels, freq, lambda_, draws):
+    """DropLoss's threshold_func for background rows: kept (not dropped) where u <= ratio,
+    ratio = share of foreground RoIs in tail classes (NaN without any: all kept)."""
+    fg = [int(x) for x in labels if int(x) < C]
+    ratio = sum(freq[x] < lambda_ for x in fg) / len(fg) if fg else float("nan")
+    keep = torch.zeros(draws.shape, dtype=torch.bool)
+    for i in range(draws.shape[0]):
+        for j in range(draws.shape[1]):
+            keep[i, j] = not (float(draws[i, j]) > ratio)  # NaN comparisons are False
+    return keep
+
+
+@pytest.mark.parametrize("labels", [[0, 2, C, 3, 1, C, 4, C, 2], [C] * 9, [0, C, C, 4, C, 1, C,
+                                                                          C, C]])
+def test_droploss_value_and_gradient_match_the_official_formula(labels):
+    labels = torch.tensor(labels)
+    logits, _ = inputs()
+    loss = DropLoss(FREQ, lambda_=LAMBDA).double()
+    torch.manual_seed(3)
+    draws = torch.rand(len(labels), C)  # the draws DropLoss makes, same seed, same shape
+    keep = official_keep_rule(labels, FREQ, LAMBDA, draws)
+    torch.manual_seed(3)
+    check_value_and_grad(lambda z: loss(z, labels)["loss_cls"],
+                         lambda z: eql_reference(z, labels, FREQ, LAMBDA, keep), logits)
+
+
+def test_droploss_keeps_tail_negatives_of_background_at_the_tail_share():
+    loss = DropLoss(FREQ, lambda_=LAMBDA)
+    tail = loss.tail_classes()
+    assert tail.tolist() == [False, False, True, True, False]
+    # 4 foreground RoIs, 1 of a tail class: background keeps tail negatives with p = 1/4
+    labels = torch.tensor([0, 1, 2, 4] + [C] * 4000)
+    torch.manual_seed(0)
+    ignored = loss.ignored_negatives(labels, tail)
+    assert ignored[:4, tail].all() and not ignored[:, ~tail].any()  # fg rows: as EQL
+    kept = 1 - ignored[4:, tail].float().mean()
+    assert abs(kept - 0.25) < 0.02
+    # a batch of tail classes only: background keeps everything; none of them: drops all
+    assert not loss.ignored_negatives(torch.tensor([2, 3, C, C]), tail)[2:].any()
+    assert loss.ignored_negatives(torch.tensor([0, 1, C, C]), tail)[2:, tail].all()
+    assert not loss.ignored_negatives(torch.tensor([C, C]), tail).any()  # no foreground
+
+
+# ---------------------------------------------------------------- EQLv2
+def test_eqlv2_value_gradient_and_accumulators_over_three_steps():
+    loss = EQLv2Loss(C, gamma=GAMMA, mu=MU, alpha=ALPHA).double().train()
+    pos, neg = [0.0] * C, [0.0] * C
+    for step in range(3):
+        logits, labels = inputs(columns=C + 1, seed=step)
+        ref_logits = logits.detach().clone().requires_grad_()
+        value = loss(logits, labels)["loss_cls"]
+        expected, pos, neg = eqlv2_reference(ref_logits, labels, pos, neg, first=step == 0)
+        torch.testing.assert_close(value, expected)
+        value.backward()
+        expected.backward()
+        torch.testing.assert_close(logits.grad, ref_logits.grad)
+        torch.testing.assert_close(loss.pos_grad, torch.tensor(pos, dtype=torch.float64))
+        torch.testing.assert_close(loss.neg_grad, torch.tensor(neg, dtype=torch.float64))
+    assert loss.pos_grad.gt(0).all()  # every class is a label of the batches
+    # after the first step the weights are not 1: the value differs from plain BCE
+    unweighted = eqlv2_reference(logits.detach(), labels, pos, neg, first=True)[0]
+    assert not torch.isclose(loss(logits.detach(), labels)["loss_cls"], unweighted)
+    loss.eval()  # no update outside training
+    before = loss.neg_grad.clone()
+    loss(logits.detach(), labels)
+    assert torch.equal(loss.neg_grad, before)
+
+
+def test_eqlv2_weights_follow_the_gradient_ratio():
+    loss = EQLv2Loss(3)
+    loss.pos_grad.copy_(torch.tensor([8.0, 0.0, 1.0]))
+    loss.neg_grad.copy_(torch.tensor([10.0, 10.0, 1.0]))
+    loss._collected = True
+    pos_w, neg_w = loss.class_weights()
+    ratio = torch.tensor([0.8, 0.0, 1.0])
+    torch.testing.assert_close(neg_w[:3], torch.sigmoid(12 * (ratio - 0.8)))
+    assert neg_w[0] == 0.5 and neg_w[3] == 1 and pos_w[3] == 1  # background column: 1
+    torch.testing.assert_close(pos_w, 1 + 4 * (1 - neg_w))
+    assert neg_w[1] < 1e-4 and pos_w[1] > 4.99  # a class never positive: negatives muted
+
+
+def test_eqlv2_probs_are_class_sigmoid_times_not_background():
+    z = torch.randn(4, C + 1)
+    probs = EQLv2Loss(C).get_probs(z)
+    torch.testing.assert_close(probs[:, :C], z[:, :C].sigmoid() * (1 - z[:, C:].sigmoid()))
+    torch.testing.assert_close(probs[:, C], z[:, C].sigmoid())
+
+
+@pytest.mark.parametrize("make", [lambda: EQLv2Loss(C), lambda: EQLLoss(FREQ),
+                                  lambda: DropLoss(FREQ)])
+def test_checkpoint_round_trip_keeps_statistics(make):
+    loss = make().train()
+    logits, labels = inputs()
+    columns = C + int(loss.background_logit)
+    z = torch.randn(9, columns)
+    loss(z, labels)
+    loss(z, labels)
+    buffer = io.BytesIO()
+    torch.save(loss.state_dict(), buffer)
+    buffer.seek(0)
+    restored = EQLv2Loss(C) if isinstance(loss, EQLv2Loss) else type(loss)(None, num_classes=C)
+    restored.load_state_dict(torch.load(buffer))
+    for name, value in loss.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    torch.manual_seed(1)
+    after = restored(z, labels)["loss_cls"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(after, loss(z, labels)["loss_cls"])
+    if isinstance(loss, EQLv2Loss):  # a fresh EQLv2 would weight 1: the state mattered
+        assert not torch.isclose(after, EQLv2Loss(C)(z, labels)["loss_cls"])
+
+
+def _eqlv2_worker(rank, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=2)
+    try:
+        logits, labels = inputs(columns=C + 1, seed=rank)
+        loss = EQLv2Loss(C).double().train()
+        loss(logits.detach(), labels)
+        torch.save(loss.state_dict(), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_eqlv2_accumulators_all_reduced_across_ranks(tmp_path):
+    mp.spawn(_eqlv2_worker, args=(str(tmp_path),), nprocs=2)
+    expected = {"pos_grad": 0, "neg_grad": 0}
+    for rank in range(2):  # each rank's own sums, from the loop reference
+        logits, labels = inputs(columns=C + 1, seed=rank)
+        _, pos, neg = eqlv2_reference(logits.detach(), labels, [0.0] * C, [0.0] * C, first=True)
+        expected["pos_grad"] += torch.tensor(pos, dtype=torch.float64)
+        expected["neg_grad"] += torch.tensor(neg, dtype=torch.float64)
+    for rank in range(2):  # every rank holds the global sums
+        state = torch.load(tmp_path / f"{rank}.pt")
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value)
+
+
+# ---------------------------------------------------------------- statistics, predictor, model
+def test_image_frequency_statistic():
+    dicts = [{"annotations": [{"category_id": 0}, {"category_id": 0}]},
+             {"annotations": [{"category_id": 0}, {"category_id": 1}]},
+             {"annotations": []}, {"annotations": [{"category_id": 2, "iscrowd": 1}]}]
+    freq = count_classes(dicts, 3, "image_frequency")
+    assert freq.tolist() == [2 / 4, 1 / 4, 0.0]
+
+
+def test_losses_from_config_with_dataset_frequencies(tiny_dataset, tmp_path):
+    cfg = small_cfg("eql", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)", "OUTPUT_DIR": str(tmp_path),
+                              "MODEL.LONG_TAIL.EQL.LAMBDA_": 0.6})
+    loss = build_cls_loss(cfg)
+    # the tiny set: 2 images, classes in [2, 1, 0] of them
+    assert type(loss) is EQLLoss and loss.lambda_ == 0.6
+    torch.testing.assert_close(loss.image_frequency, torch.tensor([1.0, 0.5, 0.0]))
+    assert loss.tail_classes().tolist() == [False, True, True]
+    assert class_statistics(cfg, "image_frequency").tolist() == [1.0, 0.5, 0.0]
+    cfg.MODEL.LONG_TAIL.LOSS = "droploss"
+    cfg.MODEL.LONG_TAIL.DROPLOSS.LAMBDA_ = 0.7
+    assert type(build_cls_loss(cfg)) is DropLoss and build_cls_loss(cfg).lambda_ == 0.7
+    cfg.MODEL.LONG_TAIL.LOSS = "eqlv2"
+    cfg.MODEL.LONG_TAIL.EQLV2.GAMMA = 6.0
+    eqlv2 = build_cls_loss(cfg)
+    assert type(eqlv2) is EQLv2Loss and (eqlv2.gamma, eqlv2.mu, eqlv2.alpha) == (6.0, 0.8, 4.0)
+
+
+@pytest.mark.parametrize("loss, columns", [(EQLLoss([0.5, 0.1, 0.0005]), 3),
+                                           (DropLoss([0.5, 0.1, 0.0005]), 3),
+                                           (EQLv2Loss(3), 4)])
+def test_predictor_layout_and_prior_bias(loss, columns):
+    pred = predictor(loss, cosine=False)
+    assert pred.cls_score.out_features == columns
+    torch.testing.assert_close(pred.cls_score.bias, torch.full((columns,), loss.bias_init))
+    scores, deltas = pred(torch.randn(6, 8))
+    labels = [0, 1, 2, 3, 3, 0]
+    torch.manual_seed(0)  # DropLoss draws
+    with EventStorage() as storage:
+        losses = pred.losses((scores, deltas), fake_proposals(labels))
+    assert "fast_rcnn/cls_accuracy" in storage.latest()
+    torch.manual_seed(0)
+    torch.testing.assert_close(losses["loss_cls"], loss(scores, torch.tensor(labels))["loss_cls"])
+    (probs,) = pred.predict_probs((scores, deltas), fake_proposals(labels))
+    assert probs.shape == (6, 4)
+
+
+@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss"])
+def test_full_model_trains_one_step_and_infers(name):
+    model = build_small_model(name, False)
+    pred = model.roi_heads.box_predictor
+    assert isinstance(pred, LongTailOutputLayers)
+    if name != "eqlv2":  # frequencies a checkpoint would bring
+        pred.cls_loss.load_state_dict({"image_frequency": torch.tensor([0.5, 0.1, 0.0005])})
+    torch.manual_seed(0)
+    batch = one_image_batch()
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls",
+                           "loss_rpn_loc"}
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)[0]["instances"]
+    assert ((out.scores >= 0) & (out.scores <= 1)).all() and (out.pred_classes < MODEL_C).all()
+
+
+# ---------------------------------------------------------------- train_net.py, end to end
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss"])
+def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, tmp_path):
+    from test_train_net import run_train_net, summary
+    config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"
+    proc = run_train_net(small_synthetic, tmp_path, config, "SOLVER.MAX_ITER", "10")
+    table = summary(proc.stdout)
+    assert set(table) == {"bbox", "segm"}, proc.stdout[-2000:]
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]
+    prefix = "roi_heads.box_predictor."
+    columns = C_SMALL + (name == "eqlv2")
+    assert state[prefix + "cls_score.weight"].shape[0] == columns
+    if name == "eqlv2":  # the gradient accumulators were collected and saved
+        assert (state[prefix + "cls_loss.neg_grad"] > 0).all()
+    else:  # the image frequencies of the training set were saved
+        assert torch.isfinite(state[prefix + "cls_loss.image_frequency"]).all()
+    # eval-only needs no training data (statistics come with the weights): same numbers
+    again = run_train_net(small_synthetic, tmp_path / "eval", config, "--eval-only",
+                          "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                          "DATASETS.TRAIN", "('no_such_dataset',)")
+    assert summary(again.stdout) == table
