@@ -14,8 +14,8 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL = CN()
     # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
-    # "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2" or "droploss" (sigmoid,
-    # linear). One key switches between methods.
+    # "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2", "droploss" (sigmoid,
+    # linear) or "bags" (group softmax, linear). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
@@ -57,7 +57,7 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
 
     # Other long-tail baselines (issue 18): "eql", "eqlv2", "droploss" (sigmoid losses with a
-    # linear classifier whose bias starts at the prior below, as their official code).
+    # linear classifier whose bias starts at the prior below, as their official code), "bags".
     # Initial sigmoid probability pi of every classifier column: bias = -log((1 - pi) / pi).
     cfg.MODEL.LONG_TAIL.PRIOR_PROB = 0.001
     cfg.MODEL.LONG_TAIL.EQL = CN()
@@ -71,6 +71,16 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.DROPLOSS = CN()
     # Tail-class image-frequency threshold, as EQL.LAMBDA_ (the official shipped config: 0.00177).
     cfg.MODEL.LONG_TAIL.DROPLOSS.LAMBDA_ = 0.00177
+    # "bags": Balanced Group Softmax (linear classifier, C + 1 + G logits).
+    cfg.MODEL.LONG_TAIL.BAGS = CN()
+    # Foreground groups by training instance count: [0, 10), [10, 100), [100, 1000), [1000, inf).
+    cfg.MODEL.LONG_TAIL.BAGS.BIN_SPLIT = (10, 100, 1000)
+    # "Others" RoIs kept per positive RoI in each foreground group (sampled each batch).
+    cfg.MODEL.LONG_TAIL.BAGS.BETA = 8.0
+    # Decoupled training (BaGS recipe): MODEL.WEIGHTS is a trained model; only the box
+    # predictor's classifier (cls_score, objectness) trains, everything else is frozen
+    # (requires_grad False, BatchNorm converted to FrozenBatchNorm2d).
+    cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER = False
 
     # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
     # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others

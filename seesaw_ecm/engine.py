@@ -1,4 +1,5 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import logging
 import os
 
 import torch
@@ -10,6 +11,7 @@ from detectron2.utils import comm
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
+from .modeling.decoupled import train_only_classifier
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
@@ -29,6 +31,20 @@ class Trainer(DefaultTrainer):
         TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`)."""
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model; with MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER all of it frozen but
+        the box classifiers (decoupled training from MODEL.WEIGHTS)."""
+        if cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER and not cfg.MODEL.WEIGHTS:
+            raise SeesawEcmError(
+                "MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER trains the classifier of a trained model: "
+                "set MODEL.WEIGHTS to its checkpoint (e.g. the softmax CE run's model_final.pth).")
+        model = super().build_model(cfg)
+        if cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER:
+            trainable = train_only_classifier(model)
+            logging.getLogger(__name__).info(f"Training only the classifier: {trainable}")
+        return model
 
     def build_hooks(self):
         """detectron2's hooks; with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the

@@ -11,8 +11,9 @@ from torch import distributed as dist
 from torch import multiprocessing as mp
 
 from seesaw_ecm.data.statistics import class_statistics, count_classes
-from seesaw_ecm.losses import DropLoss, EQLLoss, EQLv2Loss
+from seesaw_ecm.losses import BalancedGroupSoftmax, DropLoss, EQLLoss, EQLv2Loss
 from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
+from seesaw_ecm.modeling.decoupled import train_only_classifier
 from test_modeling import C as MODEL_C
 from test_modeling import (build_small_model, fake_proposals, one_image_batch, predictor,
                            small_cfg, tiny_dataset)  # noqa: F401  (tiny_dataset: a fixture)
@@ -109,7 +110,7 @@ def test_eql_value_and_gradient_match_the_official_formula():
 
 def test_eql_probs_classifier_hooks_and_placeholders():
     loss = EQLLoss(FREQ, prior_prob=0.001)
-    assert loss.background_logit is False
+    assert loss.num_logits == C
     assert math.isclose(1 / (1 + math.exp(-loss.bias_init)), 0.001)
     z = torch.randn(4, C)
     probs = loss.get_probs(z)
@@ -220,7 +221,7 @@ def test_eqlv2_probs_are_class_sigmoid_times_not_background():
 def test_checkpoint_round_trip_keeps_statistics(make):
     loss = make().train()
     logits, labels = inputs()
-    columns = C + int(loss.background_logit)
+    columns = loss.num_logits
     z = torch.randn(9, columns)
     loss(z, labels)
     loss(z, labels)
@@ -267,6 +268,123 @@ def test_eqlv2_accumulators_all_reduced_across_ranks(tmp_path):
             torch.testing.assert_close(state[name], value)
 
 
+# ---------------------------------------------------------------- BaGS
+BAGS_COUNTS = [5, 1200, 40, 0, 300, 10]  # groups (bins 10, 100, 1000): 0, 3, 1, 0, 2, 1
+
+
+def bags_reference_groups(counts, bins=(10, 100, 1000)):
+    """The official group assignment with explicit comparisons: {group: [classes]}, the
+    background (label C) alone in the last group."""
+    groups = {g: [] for g in range(len(bins) + 2)}
+    for c, n in enumerate(counts):
+        g = 0
+        while g < len(bins) and n >= bins[g]:
+            g += 1
+        groups[g].append(c)
+    groups[len(bins) + 1].append(len(counts))
+    return groups
+
+
+def bags_reference(logits, labels, counts, kept):
+    """The official GroupSoftmax forward RoI by RoI: in every group, CE of the label's position
+    (0 = others) over [others, classes of the group], summed over the kept RoIs
+    (``kept[g]``, (N,) bool) / max(number kept, 1); summed over groups."""
+    groups = bags_reference_groups(counts)
+    total, start = logits.sum() * 0, 0
+    for g, classes in groups.items():
+        width = len(classes) + 1
+        num_kept = sum(bool(k) for k in kept[g])
+        group_loss = logits.sum() * 0
+        for i in range(logits.shape[0]):
+            if not kept[g][i]:
+                continue
+            label = int(labels[i])
+            target = classes.index(label) + 1 if label in classes else 0
+            row = logits[i, start:start + width]
+            group_loss = group_loss - (row[target] - torch.logsumexp(row, 0))
+        total = total + group_loss / max(num_kept, 1)
+        start += width
+    return total
+
+
+def test_bags_groups_and_layout_match_the_official_assignment():
+    loss = BalancedGroupSoftmax(BAGS_COUNTS)
+    groups = bags_reference_groups(BAGS_COUNTS)
+    assert loss.group_sizes == [len(v) for v in groups.values()] == [2, 2, 1, 1, 1]
+    assert loss.num_logits == len(BAGS_COUNTS) + 1 + 5
+    for g, classes in groups.items():
+        for position, c in enumerate(classes, start=1):
+            assert int(loss.label_group[c]) == g and int(loss.label_position[c]) == position
+
+
+def test_bags_value_and_gradient_match_the_official_formula():
+    c = len(BAGS_COUNTS)
+    labels = torch.tensor([0, 1, c, 2, c, 3, c, 4, 5, c, c, c])
+    logits = torch.randn(len(labels), c + 6, dtype=torch.float64, requires_grad=True)
+    loss = BalancedGroupSoftmax(BAGS_COUNTS, beta=1.0)
+    kept = {}
+    sample = loss.sample_others
+
+    def recording(targets):  # the module's own draws, handed to the reference
+        keep = sample(targets)
+        kept[len(kept)] = keep.tolist()
+        return keep
+    loss.sample_others = recording
+    torch.manual_seed(0)
+    value = loss(logits, labels)["loss_cls"]
+    kept[len(kept)] = [True] * len(labels)  # the background group keeps every RoI
+    ref_logits = logits.detach().clone().requires_grad_()
+    expected = bags_reference(ref_logits, labels, BAGS_COUNTS, kept)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+def test_bags_samples_beta_others_per_positive():
+    loss = BalancedGroupSoftmax(BAGS_COUNTS, beta=8.0)
+    targets = torch.tensor([1, 0, 2] + [0] * 100)  # 2 positives, 101 others
+    torch.manual_seed(0)
+    keep = loss.sample_others(targets)
+    assert keep[[0, 2]].all() and int(keep.sum()) == 2 + 16
+    assert not loss.sample_others(torch.zeros(50, dtype=torch.long)).any()  # no positive
+    assert loss.sample_others(torch.tensor([1, 0, 0, 0])).all()  # fewer others than 8 x 1
+    draws = torch.stack([loss.sample_others(targets)[3:] for _ in range(300)]).float().mean(0)
+    assert (draws - 15 / 100).abs().max() < 0.1  # 15 of the 100 others past index 2, uniform
+
+
+def test_bags_probs_are_in_group_softmax_times_foreground():
+    loss = BalancedGroupSoftmax(BAGS_COUNTS)
+    c = len(BAGS_COUNTS)
+    z = torch.randn(4, c + 6, dtype=torch.float64)
+    probs = loss.get_probs(z)
+    groups = bags_reference_groups(BAGS_COUNTS)
+    start, expected = 0, torch.zeros(4, c + 1, dtype=torch.float64)
+    for g, classes in groups.items():
+        soft = torch.softmax(z[:, start:start + len(classes) + 1], 1)
+        for position, k in enumerate(classes, start=1):
+            expected[:, k] = soft[:, position]
+        start += len(classes) + 1
+    # the background group is [others = foreground, background]: column C holds P(background)
+    expected[:, :c] *= 1 - expected[:, c:]
+    torch.testing.assert_close(probs, expected)
+
+
+def test_bags_checkpoint_round_trip_restores_the_groups():
+    loss = BalancedGroupSoftmax(BAGS_COUNTS)
+    placeholder = BalancedGroupSoftmax(None, num_classes=len(BAGS_COUNTS))
+    with pytest.raises(RuntimeError, match="placeholder"):
+        placeholder(torch.zeros(2, loss.num_logits), torch.tensor([0, 6]))
+    buffer = io.BytesIO()
+    torch.save(loss.state_dict(), buffer)
+    buffer.seek(0)
+    placeholder.load_state_dict(torch.load(buffer))
+    assert placeholder.group_sizes == loss.group_sizes
+    z = torch.randn(3, loss.num_logits)
+    torch.testing.assert_close(placeholder.get_probs(z), loss.get_probs(z))
+    assert set(loss.state_dict()) == {"class_counts"}  # index maps are derived, not saved
+
+
 # ---------------------------------------------------------------- statistics, predictor, model
 def test_image_frequency_statistic():
     dicts = [{"annotations": [{"category_id": 0}, {"category_id": 0}]},
@@ -296,11 +414,13 @@ def test_losses_from_config_with_dataset_frequencies(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("loss, columns", [(EQLLoss([0.5, 0.1, 0.0005]), 3),
                                            (DropLoss([0.5, 0.1, 0.0005]), 3),
-                                           (EQLv2Loss(3), 4)])
+                                           (EQLv2Loss(3), 4),
+                                           (BalancedGroupSoftmax([5, 50, 500]), 3 + 1 + 5)])
 def test_predictor_layout_and_prior_bias(loss, columns):
     pred = predictor(loss, cosine=False)
     assert pred.cls_score.out_features == columns
-    torch.testing.assert_close(pred.cls_score.bias, torch.full((columns,), loss.bias_init))
+    bias = getattr(loss, "bias_init", 0.0)  # BaGS: the linear classifier's own init
+    torch.testing.assert_close(pred.cls_score.bias, torch.full((columns,), bias))
     scores, deltas = pred(torch.randn(6, 8))
     labels = [0, 1, 2, 3, 3, 0]
     torch.manual_seed(0)  # DropLoss draws
@@ -313,13 +433,20 @@ def test_predictor_layout_and_prior_bias(loss, columns):
     assert probs.shape == (6, 4)
 
 
-@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss"])
+CHECKPOINT_STATISTICS = {"eql": {"image_frequency": torch.tensor([0.5, 0.1, 0.0005])},
+                         "droploss": {"image_frequency": torch.tensor([0.5, 0.1, 0.0005])},
+                         "bags": {"class_counts": torch.tensor([5.0, 50.0, 500.0],
+                                                               dtype=torch.float64)},
+                         "eqlv2": {}}
+
+
+@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss", "bags"])
 def test_full_model_trains_one_step_and_infers(name):
     model = build_small_model(name, False)
     pred = model.roi_heads.box_predictor
     assert isinstance(pred, LongTailOutputLayers)
-    if name != "eqlv2":  # frequencies a checkpoint would bring
-        pred.cls_loss.load_state_dict({"image_frequency": torch.tensor([0.5, 0.1, 0.0005])})
+    if CHECKPOINT_STATISTICS[name]:  # the statistics a checkpoint would bring
+        pred.cls_loss.load_state_dict(CHECKPOINT_STATISTICS[name])
     torch.manual_seed(0)
     batch = one_image_batch()
     model.train()
@@ -332,6 +459,25 @@ def test_full_model_trains_one_step_and_infers(name):
     with torch.no_grad():
         out = model(batch)[0]["instances"]
     assert ((out.scores >= 0) & (out.scores <= 1)).all() and (out.pred_classes < MODEL_C).all()
+
+
+def test_train_only_classifier_freezes_everything_else():
+    model = build_small_model("bags", False)
+    model.roi_heads.box_predictor.cls_loss.load_state_dict(CHECKPOINT_STATISTICS["bags"])
+    trainable = train_only_classifier(model)
+    assert trainable == ["roi_heads.box_predictor.cls_score.weight",
+                         "roi_heads.box_predictor.cls_score.bias"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    torch.manual_seed(0)
+    with EventStorage():
+        sum(model(one_image_batch()).values()).backward()
+    optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"roi_heads.box_predictor.cls_score.weight",
+                       "roi_heads.box_predictor.cls_score.bias"}
 
 
 # ---------------------------------------------------------------- train_net.py, end to end

@@ -8,19 +8,22 @@ background, labels (N,) int64 in [0, C]):
 - ``uses_objectness = True`` (Seesaw): ``forward(class_logits (N, C), objectness_logits (N, 2)
   [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
   objectness_logits)``.
-- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM, EQL, EQLv2, DropLoss):
+- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM, EQL, EQLv2, DropLoss,
+  BaGS):
   ``forward(logits, labels)`` -> {loss_cls}; ``get_probs(logits)``. The logits are (N, C + 1),
-  background last, or (N, C) for a loss with ``background_logit = False`` (EQL, DropLoss).
+  background last, unless the loss says otherwise with ``num_logits``: (N, C) for EQL and
+  DropLoss, (N, C + 1 + G) for BaGS.
 
-Optional classifier hooks, read by the predictor: ``background_logit`` (default True) and
-``bias_init`` (a constant for the classifier bias, e.g. the prior -log((1 - pi) / pi) of the
+Optional classifier hooks, read by the predictor: ``num_logits`` (default C + 1, C with
+objectness) and ``bias_init`` (a constant for the classifier bias, e.g. the prior -log((1 - pi) / pi) of the
 sigmoid losses; default None = keep the classifier's own init).
 
 Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,
 ``ECMLoss(class_counts, fg_bg_ratio)``, ``FederatedLoss(class_image_counts, num_sampled_classes,
 freq_weight_power)``, ``EQLLoss(image_frequency, lambda_, prior_prob)``,
 ``DropLoss(image_frequency, lambda_, prior_prob)`` (these four also ``(None, num_classes=C)``, to
-be filled from a checkpoint), ``EQLv2Loss(num_classes, gamma, mu, alpha, prior_prob)``; all take
+be filled from a checkpoint), ``BalancedGroupSoftmax(class_counts, beta, bin_split)`` (also),
+``EQLv2Loss(num_classes, gamma, mu, alpha, prior_prob)``; all take
 ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
 """
@@ -30,7 +33,8 @@ from .ecm import ECMLoss, effective_class_margins
 from .eql import EQLLoss
 from .eqlv2 import EQLv2Loss
 from .federated import FederatedLoss
+from .group_softmax import BalancedGroupSoftmax
 from .seesaw import SeesawLoss
 
-__all__ = ["CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss", "EQLv2Loss", "FederatedLoss",
+__all__ = ["BalancedGroupSoftmax", "CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss", "EQLv2Loss", "FederatedLoss",
            "SeesawLoss", "effective_class_margins"]

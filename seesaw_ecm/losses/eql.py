@@ -29,7 +29,7 @@ class EQLLoss(nn.Module):
     pass ``image_frequency=None, num_classes=C``: the buffer is a NaN placeholder and
     ``forward`` refuses to run until it is loaded (inference needs none).
 
-    Classifier hooks read by the predictor: ``background_logit = False`` (C logits) and
+    Classifier hooks read by the predictor: ``num_logits`` = C (no background logit) and
     ``bias_init`` = -log((1 - pi) / pi) (pi = ``prior_prob``, 0.001 in the official code).
 
     Args:
@@ -42,7 +42,6 @@ class EQLLoss(nn.Module):
     """
 
     uses_objectness = False
-    background_logit = False
 
     def __init__(self, image_frequency=None, lambda_=0.0011, prior_prob=0.001, loss_weight=1.0,
                  num_classes=None):
@@ -60,7 +59,7 @@ class EQLLoss(nn.Module):
                 raise ValueError(f"num_classes={num_classes} but {freq.numel()} class "
                                  "frequencies were given")
             freq = freq.float()
-        self.num_classes = freq.numel()
+        self.num_classes = self.num_logits = freq.numel()
         self.lambda_ = lambda_
         self.loss_weight = loss_weight
         self.bias_init = prior_bias(prior_prob)

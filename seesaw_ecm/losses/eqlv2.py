@@ -26,7 +26,7 @@ class EQLv2Loss(nn.Module):
     accumulated. Both (C,) float32 accumulators are persistent buffers: checkpoints carry them
     and a resumed run continues with the same weights.
 
-    Classifier hooks read by the predictor: ``background_logit = True`` (C + 1 logits) and
+    Classifier hooks read by the predictor: ``num_logits`` = C + 1 and
     ``bias_init`` = -log((1 - pi) / pi) on every column (the official sigmoid bbox head's
     ``bias_init_with_prob(0.001)``).
 
@@ -39,12 +39,12 @@ class EQLv2Loss(nn.Module):
     """
 
     uses_objectness = False
-    background_logit = True
 
     def __init__(self, num_classes, gamma=12.0, mu=0.8, alpha=4.0, prior_prob=0.001,
                  loss_weight=1.0):
         super().__init__()
         self.num_classes = num_classes
+        self.num_logits = num_classes + 1
         self.gamma = gamma
         self.mu = mu
         self.alpha = alpha

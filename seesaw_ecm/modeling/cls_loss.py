@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple
 
 from ..data.statistics import class_statistics
 from ..errors import SeesawEcmError
-from ..losses import (CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss, EQLv2Loss, FederatedLoss,
-                      SeesawLoss)
+from ..losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss,
+                      EQLv2Loss, FederatedLoss, SeesawLoss)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,13 @@ def _eqlv2(cfg):
                      prior_prob=lt.PRIOR_PROB, loss_weight=lt.LOSS_WEIGHT)
 
 
+def _bags(cfg):
+    lt = cfg.MODEL.LONG_TAIL
+    counts = class_statistics(cfg, "instance_count") if _from_train(cfg) else None
+    return BalancedGroupSoftmax(counts, beta=lt.BAGS.BETA, bin_split=lt.BAGS.BIN_SPLIT,
+                                loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
+
+
 # MODEL.LONG_TAIL.LOSS -> how to build it. "ce" and "cosine_ce" are the same loss; the names
 # differ in the classifier the predictor gives them.
 LOSS_SPECS = {
@@ -110,6 +117,7 @@ LOSS_SPECS = {
     "eql": LossSpec(_eql_like(EQLLoss, "EQL"), "forbidden", "linear"),
     "eqlv2": LossSpec(_eqlv2, "forbidden", "linear"),
     "droploss": LossSpec(_eql_like(DropLoss, "DROPLOSS"), "forbidden", "linear"),
+    "bags": LossSpec(_bags, "forbidden", "linear"),
 }
 
 

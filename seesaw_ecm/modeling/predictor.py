@@ -25,8 +25,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
 
     Layout of the classification output of :meth:`forward`, for R RoIs and C classes:
     with objectness (Seesaw), (R, C + 2) = [C class logits, fg logit, bg logit] (the official
-    mmdetection layout); for a loss with ``background_logit = False`` (EQL, DropLoss), (R, C);
-    otherwise (R, C + 1) with background last. A loss's ``bias_init`` sets the classifier bias.
+    mmdetection layout); otherwise (R, C + 1) with background last, unless the loss sets
+    ``num_logits`` (EQL, DropLoss: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init`` sets the classifier bias.
     :meth:`predict_probs` always returns (R, C + 1) probabilities with background last, so
     detectron2's inference and cascade score averaging work unchanged.
     """
@@ -36,7 +36,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         """
         Args:
             cls_loss: a loss of seesaw_ecm.losses (its ``uses_objectness`` and
-                ``background_logit`` decide the layout, its ``bias_init`` the classifier bias).
+                ``num_logits`` decide the layout, its ``bias_init`` the classifier bias).
             cosine: NormedLinear classifier(s) instead of nn.Linear.
             temperature: scale of the cosine classifier.
             kwargs: as FastRCNNOutputLayers (box2box_transform, num_classes, ...).
@@ -45,10 +45,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         input_size = self.cls_score.in_features
         self.cls_loss = cls_loss
         self.uses_objectness = cls_loss.uses_objectness
-        # C class logits, + 1 background logit unless the loss has none (EQL, DropLoss) or
-        # uses the objectness branch instead (Seesaw)
-        background = getattr(cls_loss, "background_logit", True) and not self.uses_objectness
-        num_logits = self.num_classes + int(background)
+        # C class logits + 1 background logit (C with the objectness branch), unless the loss
+        # says otherwise (EQL, DropLoss: C; BaGS: its group layout)
+        num_logits = getattr(cls_loss, "num_logits", None) or (
+            self.num_classes + int(not self.uses_objectness))
         self.cls_score = _classifier(input_size, num_logits, cosine, temperature)
         bias_init = getattr(cls_loss, "bias_init", None)
         if bias_init is not None:  # e.g. the sigmoid prior of EQL / EQLv2 / DropLoss
@@ -68,8 +68,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def forward(self, x):
-        """x: (R, D) or (R, D, ...) box features -> (scores (R, C + 2, C + 1 or C), deltas
-        (R, 4C or 4))."""
+        """x: (R, D) or (R, D, ...) box features -> (scores (R, C + 2, C + 1 or the loss's
+        num_logits), deltas (R, 4C or 4))."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         scores = self.cls_score(x)
@@ -106,6 +106,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         if self.objectness is None:
             if scores.shape[1] == self.num_classes:  # no background logit: it counts as 0
                 scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+            elif scores.shape[1] != self.num_classes + 1:  # a group layout: its probabilities
+                scores = self.cls_loss.get_probs(scores.detach())
             # (R, C + 1) logits with background last: detectron2's own metrics apply
             _log_classification_stats(scores, gt_classes)
             return
