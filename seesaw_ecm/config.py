@@ -77,10 +77,12 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.BAGS.BIN_SPLIT = (10, 100, 1000)
     # "Others" RoIs kept per positive RoI in each foreground group (sampled each batch).
     cfg.MODEL.LONG_TAIL.BAGS.BETA = 8.0
-    # Decoupled training (BaGS recipe): MODEL.WEIGHTS is a trained model; only the box
-    # predictor's classifier (cls_score, objectness) trains, everything else is frozen
-    # (requires_grad False, BatchNorm converted to FrozenBatchNorm2d).
-    cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER = False
+    # Decoupled training (second stages of BaGS, LOCE): regular expressions (re.match) of the
+    # parameter names that train; all others are frozen (BatchNorm left without a trainable
+    # parameter becomes FrozenBatchNorm2d) and MODEL.WEIGHTS must be the first stage's model.
+    # Empty = everything trains. The box classifier (any cascade stage):
+    # r"roi_heads\.box_predictor\.(\d+\.)?cls_score\."
+    cfg.MODEL.LONG_TAIL.TRAINABLE = []
 
     # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
     # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others

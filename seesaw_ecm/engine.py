@@ -11,7 +11,7 @@ from detectron2.utils import comm
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
-from .modeling.decoupled import train_only_classifier
+from .modeling.decoupled import freeze_all_but
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
@@ -34,16 +34,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """detectron2's model; with MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER all of it frozen but
-        the box classifiers (decoupled training from MODEL.WEIGHTS)."""
-        if cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER and not cfg.MODEL.WEIGHTS:
+        """detectron2's model; with MODEL.LONG_TAIL.TRAINABLE all of it frozen but the
+        parameters it names (decoupled training from MODEL.WEIGHTS)."""
+        patterns = cfg.MODEL.LONG_TAIL.TRAINABLE
+        if patterns and not cfg.MODEL.WEIGHTS:
             raise SeesawEcmError(
-                "MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER trains the classifier of a trained model: "
-                "set MODEL.WEIGHTS to its checkpoint (e.g. the softmax CE run's model_final.pth).")
+                "MODEL.LONG_TAIL.TRAINABLE trains parts of a trained model: set MODEL.WEIGHTS to "
+                "its checkpoint (e.g. the first stage's model_final.pth).")
         model = super().build_model(cfg)
-        if cfg.MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER:
-            trainable = train_only_classifier(model)
-            logging.getLogger(__name__).info(f"Training only the classifier: {trainable}")
+        if patterns:
+            trainable = freeze_all_but(model, patterns)
+            logging.getLogger(__name__).info(f"Trainable parameters only: {trainable}")
         return model
 
     def build_hooks(self):

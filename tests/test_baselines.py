@@ -13,7 +13,8 @@ from torch import multiprocessing as mp
 from seesaw_ecm.data.statistics import class_statistics, count_classes
 from seesaw_ecm.losses import BalancedGroupSoftmax, DropLoss, EQLLoss, EQLv2Loss
 from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
-from seesaw_ecm.modeling.decoupled import train_only_classifier
+from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.modeling.decoupled import freeze_all_but
 from test_modeling import C as MODEL_C
 from test_modeling import (build_small_model, fake_proposals, one_image_batch, predictor,
                            small_cfg, tiny_dataset)  # noqa: F401  (tiny_dataset: a fixture)
@@ -461,10 +462,12 @@ def test_full_model_trains_one_step_and_infers(name):
     assert ((out.scores >= 0) & (out.scores <= 1)).all() and (out.pred_classes < MODEL_C).all()
 
 
-def test_train_only_classifier_freezes_everything_else():
+def test_freeze_all_but_the_classifier():
     model = build_small_model("bags", False)
     model.roi_heads.box_predictor.cls_loss.load_state_dict(CHECKPOINT_STATISTICS["bags"])
-    trainable = train_only_classifier(model)
+    with pytest.raises(SeesawEcmError, match="matches no parameter"):
+        freeze_all_but(model, [r"roi_heads\.classifier"])
+    trainable = freeze_all_but(model, [r"roi_heads\.box_predictor\.(\d+\.)?cls_score\."])
     assert trainable == ["roi_heads.box_predictor.cls_score.weight",
                          "roi_heads.box_predictor.cls_score.bias"]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
@@ -486,7 +489,9 @@ def test_train_only_classifier_freezes_everything_else():
 def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, tmp_path):
     from test_train_net import run_train_net, summary
     config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"
-    proc = run_train_net(small_synthetic, tmp_path, config, "SOLVER.MAX_ITER", "10")
+    # scores of all levels kept: 10 iterations leave sigmoid scores near the prior 0.001
+    proc = run_train_net(small_synthetic, tmp_path, config, "SOLVER.MAX_ITER", "10",
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
     table = summary(proc.stdout)
     assert set(table) == {"bbox", "segm"}, proc.stdout[-2000:]
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]
@@ -500,5 +505,30 @@ def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, t
     # eval-only needs no training data (statistics come with the weights): same numbers
     again = run_train_net(small_synthetic, tmp_path / "eval", config, "--eval-only",
                           "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                          "DATASETS.TRAIN", "('no_such_dataset',)")
+                          "DATASETS.TRAIN", "('no_such_dataset',)",
+                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
     assert summary(again.stdout) == table
+
+
+@pytest.mark.slow
+def test_decoupled_bags_run_trains_only_the_classifier(small_synthetic, tmp_path):
+    from test_train_net import run_train_net, summary
+    run_train_net(small_synthetic, tmp_path / "ce", "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
+                  "SOLVER.MAX_ITER", "10")
+    config = "configs/Synthetic/mask_rcnn_R18_FPN_bags.yaml"
+    weights = str(tmp_path / "ce" / "model_final.pth")
+    proc = run_train_net(small_synthetic, tmp_path / "bags", config, "SOLVER.MAX_ITER", "10",
+                         "MODEL.WEIGHTS", weights)
+    ce = torch.load(weights, map_location="cpu")["model"]
+    bags = torch.load(tmp_path / "bags" / "model_final.pth", map_location="cpu")["model"]
+    classifier = {"roi_heads.box_predictor.cls_score.weight",
+                  "roi_heads.box_predictor.cls_score.bias"}
+    assert bags["roi_heads.box_predictor.cls_score.weight"].shape[0] == C_SMALL + 1 + 5
+    frozen = [k for k in bags if k in ce and k not in classifier]
+    assert len(frozen) > 100  # backbone, FPN, RPN, box head, regression, mask head, BN stats
+    assert all(torch.equal(bags[k], ce[k]) for k in frozen)
+    assert torch.isfinite(bags["roi_heads.box_predictor.cls_loss.class_counts"]).all()
+    again = run_train_net(small_synthetic, tmp_path / "eval", config, "--eval-only",
+                          "MODEL.WEIGHTS", str(tmp_path / "bags" / "model_final.pth"),
+                          "DATASETS.TRAIN", "('no_such_dataset',)")
+    assert summary(again.stdout) == summary(proc.stdout) and summary(proc.stdout)

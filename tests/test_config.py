@@ -22,8 +22,7 @@ def test_keys_and_defaults():
     assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.ECM.STATISTIC == "instance_count"
     assert (lt.PRIOR_PROB, lt.EQL.LAMBDA_, lt.DROPLOSS.LAMBDA_) == (0.001, 0.0011, 0.00177)
     assert (lt.EQLV2.GAMMA, lt.EQLV2.MU, lt.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
-    assert (lt.BAGS.BIN_SPLIT, lt.BAGS.BETA, lt.TRAIN_ONLY_CLASSIFIER) == ((10, 100, 1000), 8.0,
-                                                                           False)
+    assert (lt.BAGS.BIN_SPLIT, lt.BAGS.BETA, lt.TRAINABLE) == ((10, 100, 1000), 8.0, [])
     assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
     # detectron2 rejects unknown keys, so the keys must exist before merging a config
     bare = get_cfg()

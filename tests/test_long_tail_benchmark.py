@@ -223,7 +223,7 @@ def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
     cmd = benchmark.train_command("bags", "mask_rcnn", 2, out)
     assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == os.path.join(
         "bench", "mask_rcnn_ce", "seed2", "model_final.pth")
-    assert load(cmd[cmd.index("--config-file") + 1]).MODEL.LONG_TAIL.TRAIN_ONLY_CLASSIFIER
+    assert load(cmd[cmd.index("--config-file") + 1]).MODEL.LONG_TAIL.TRAINABLE
     # refused before any training when its base run is neither listed first nor finished
     with pytest.raises(SeesawEcmError, match="list 'ce' before it"):
         benchmark.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))

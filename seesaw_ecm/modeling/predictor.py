@@ -26,7 +26,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     Layout of the classification output of :meth:`forward`, for R RoIs and C classes:
     with objectness (Seesaw), (R, C + 2) = [C class logits, fg logit, bg logit] (the official
     mmdetection layout); otherwise (R, C + 1) with background last, unless the loss sets
-    ``num_logits`` (EQL, DropLoss: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init`` sets the classifier bias.
+    ``num_logits`` (EQL, DropLoss: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init`` sets
+    the classifier bias.
     :meth:`predict_probs` always returns (R, C + 1) probabilities with background last, so
     detectron2's inference and cascade score averaging work unchanged.
     """
