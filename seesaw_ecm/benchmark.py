@@ -27,10 +27,12 @@ from .fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "bags")
+LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "bags",
+          "loce")
 # Decoupled methods: trained from the finished run of another loss (same arch and seed), whose
-# model_final.pth becomes MODEL.WEIGHTS (BaGS: the classifier of the softmax CE model).
-DECOUPLED_FROM = {"bags": "ce"}
+# model_final.pth becomes MODEL.WEIGHTS (BaGS: the classifier of the softmax CE model; LOCE: its
+# fine-tune of the CE model).
+DECOUPLED_FROM = {"bags": "ce", "loce": "ce"}
 ARCHS = ("mask_rcnn", "cascade", "htc_lite")
 TASKS = ("bbox", "segm")
 METRICS = ("AP", "AP50", "APr", "APc", "APf")

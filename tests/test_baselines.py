@@ -11,10 +11,12 @@ from torch import distributed as dist
 from torch import multiprocessing as mp
 
 from seesaw_ecm.data.statistics import class_statistics, count_classes
-from seesaw_ecm.losses import BalancedGroupSoftmax, DropLoss, EQLLoss, EQLv2Loss
+from seesaw_ecm.losses import (BalancedGroupSoftmax, DropLoss, EQLLoss, EQLv2Loss,
+                               EquilibriumLoss)
 from seesaw_ecm.modeling import LongTailOutputLayers, build_cls_loss
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.modeling.decoupled import freeze_all_but
+from seesaw_ecm.modeling.feature_memory import FeatureMemory, jittered_boxes
 from test_modeling import C as MODEL_C
 from test_modeling import (build_small_model, fake_proposals, one_image_batch, predictor,
                            small_cfg, tiny_dataset)  # noqa: F401  (tiny_dataset: a fixture)
@@ -384,6 +386,138 @@ def test_bags_checkpoint_round_trip_restores_the_groups():
     z = torch.randn(3, loss.num_logits)
     torch.testing.assert_close(placeholder.get_probs(z), loss.get_probs(z))
     assert set(loss.state_dict()) == {"class_counts"}  # index maps are derived, not saved
+
+
+# ---------------------------------------------------------------- LOCE
+def test_equilibrium_loss_value_and_gradient_match_the_official_formula():
+    loss = EquilibriumLoss(C).double()
+    loss.mean_score.copy_(torch.tensor([0.3, 0.01, 0.05, 0.6, 0.2, 0.01]))
+    logits, labels = inputs(columns=C + 1)
+
+    def official(z):  # equilibrium_loss: P = m e^(z - max) / sum(m e^(z - max)), -log P_y
+        total = z.sum() * 0
+        for i in range(z.shape[0]):
+            row = z[i] - z[i].max()
+            numerator = [float(loss.mean_score[j]) * torch.exp(row[j]) for j in range(C + 1)]
+            total = total - torch.log(numerator[int(labels[i])] / sum(numerator))
+        return total / z.shape[0]
+    check_value_and_grad(lambda z: loss(z, labels)["loss_cls"], official, logits)
+    z = torch.randn(3, C + 1)
+    torch.testing.assert_close(loss.float().get_probs(z), z.softmax(1))
+
+
+def test_equilibrium_mean_score_update_rule():
+    loss = EquilibriumLoss(C)
+    logits = torch.randn(8, C + 1)
+    labels = torch.tensor([1, 1, 3, C, 1, 3, 4, C])
+    entries = torch.tensor([0, 0, 1, 0, 2, -4, -5, 7])  # instances 0, 1, 2; replays of 3, 4
+    loss.update_mean_score(logits, labels, entries)
+    probs = logits.softmax(1)
+    # official: per instance the mean score of its RoIs, per class alpha^n blending
+    per_class = {1: [(probs[0, 1] + probs[1, 1]) / 2, probs[4, 1]], 3: [probs[2, 3], probs[5, 3]],
+                 4: [probs[6, 4]]}
+    expected = torch.full((C + 1,), 0.01)
+    for c, scores in per_class.items():
+        a = 0.9 ** len(scores)
+        expected[c] = a * 0.01 + (1 - a) * sum(scores) / len(scores)
+    torch.testing.assert_close(loss.mean_score, expected)
+    loss.mean_score[C] = 0.5
+    loss.update_mean_score(logits[:0], labels[:0], entries[:0])  # nothing: only bg reset
+    torch.testing.assert_close(loss.mean_score, expected)
+
+
+def official_enqueue(queue, pointers, labels, values, size):
+    """mfs.py enqueue_dequeue, label by label, on python lists."""
+    for label in sorted(set(labels)):
+        items = [v for lab, v in zip(labels, values) if lab == label][:size]
+        ptr = pointers[label]
+        for v in items:
+            queue[label][ptr] = v
+            ptr = (ptr + 1) % size
+        pointers[label] = ptr
+
+
+def test_feature_memory_enqueue_is_the_official_circular_queue():
+    memory = FeatureMemory(3, (1,), queue_size=4)
+    queue, pointers = [[None] * 4 for _ in range(3)], [0, 0, 0]
+    value = 0
+    for labels in ([0, 2, 0, 0], [0, 0, 2], [1] * 6, [0, 2, 0, 2, 2, 2, 2]):
+        values = list(range(value, value + len(labels)))
+        value += len(labels)
+        feats = torch.tensor(values, dtype=torch.float32)[:, None]
+        boxes = feats.repeat(1, 4)
+        memory.enqueue(feats, torch.tensor(labels), boxes, boxes + 1)
+        official_enqueue(queue, pointers, labels, values, 4)
+        stored = memory.features[..., 0].tolist()
+        for c in range(3):
+            filled = int(memory.filled[c])
+            assert filled == sum(v is not None for v in queue[c])
+            assert stored[c][:filled] == [float(v) for v in queue[c][:filled]]
+        assert memory.pointer.tolist() == pointers
+    torch.testing.assert_close(memory.boxes[..., 4:], memory.boxes[..., :4] + 1)
+
+
+def test_feature_memory_samples_filled_classes_by_inverse_mean_score():
+    memory = FeatureMemory(4, (2,), queue_size=5, sampled_classes=8, sampled_features=4)
+    assert memory.sample(torch.full((5,), 0.01), "cpu")[0].shape == (0, 2)  # empty
+    memory.enqueue(torch.randn(7, 2), torch.tensor([0, 0, 0, 1, 1, 3, 3]), torch.zeros(7, 4),
+                   torch.zeros(7, 4))
+    mean_score = torch.tensor([0.5, 0.05, 0.01, 0.5, 0.01])  # class 2 likeliest but empty
+    torch.manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(300):
+        feats, labels, boxes, gt = memory.sample(mean_score, "cpu")
+        assert feats.shape == (labels.numel(), 2) and labels.numel() % 4 == 0
+        counts += torch.bincount(labels, minlength=4)
+        # each sample is one of its class's stored features
+        for f, c in zip(feats, labels):
+            stored = memory.features[c, : int(memory.filled[c])]
+            assert (stored == f).all(1).any()
+    assert counts[2] == 0
+    # P(class) ~ 1 / m over [0.5, 0.05, 0.01, 0.5]: class 1 drawn 10x as often as 0 or 3
+    assert 5 < counts[1] / counts[0] < 20 and 5 < counts[1] / counts[3] < 20
+
+
+def test_feature_memory_size_for_lvis():
+    memory = FeatureMemory(1203, (256, 7, 7), queue_size=80)
+    assert abs(memory.nbytes() / 1e9 - 4.83) < 0.01 and memory.features is None  # lazy
+    half = FeatureMemory(1203, (256, 7, 7), queue_size=80, dtype=torch.float16)
+    assert half.nbytes() == 1203 * 80 * (256 * 49 * 2 + 8 * 4) + 2 * 1203 * 8  # 2.42 GB
+
+
+def test_jittered_boxes_are_the_official_sixteen_per_box():
+    gt = torch.tensor([[10.0, 20.0, 40.0, 50.0], [0.0, 0.0, 60.0, 12.0]])
+    torch.manual_seed(5)
+    boxes = jittered_boxes(gt, (64, 64))
+    torch.manual_seed(5)
+    u = torch.rand(4, 16)
+    assert boxes.shape == (32, 4)
+    for g in range(2):
+        w, h = float(gt[g, 2] - gt[g, 0]), float(gt[g, 3] - gt[g, 1])
+        for j in range(16):
+            for r, side in enumerate((w, h, w, h)):
+                sign = -1.0 if (j // (8 >> r)) % 2 == 0 else 1.0  # rows k = 8, 4, 2, 1
+                value = min(max(float(gt[g, r]) + sign * float(u[r, j]) * side / 6, 0), 63)
+                assert abs(float(boxes[g * 16 + j, r]) - value) < 1e-4
+
+
+def test_loce_heads_train_step_fills_memory_and_mean_scores():
+    model = build_small_model("loce", False, heads="LOCEROIHeads")
+    heads = model.roi_heads
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(2):
+        with EventStorage():
+            losses = model(one_image_batch())
+        sum(losses.values()).backward()
+    assert int(heads.memory.filled[1]) == 32 and heads.memory.filled.sum() == 32  # 2 x 16
+    score = heads.box_predictor.cls_loss.mean_score
+    assert score[1] != 0.01 and (score[[0, 2, 3]] == 0.01).all()
+    state = model.state_dict()
+    assert "roi_heads.box_predictor.cls_loss.mean_score" in state
+    assert not any("memory" in k for k in state)  # the queue is not checkpointed
+    with pytest.raises(SeesawEcmError, match="LOCEROIHeads"):
+        build_cls_loss(small_cfg("loce"))
 
 
 # ---------------------------------------------------------------- statistics, predictor, model

@@ -187,11 +187,13 @@ def test_deprecated_ecm_statistic_key_still_works(tiny_dataset, tmp_path, caplog
 
 def test_loss_table_lists_every_name_with_its_layout():
     assert set(LOSS_SPECS) == {"ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2",
-                               "droploss"}
+                               "droploss", "bags", "loce"}
     for name, spec in LOSS_SPECS.items():  # the objectness rule agrees with the loss it builds
         objectness = spec.objectness == "required"
+        heads = "LOCEROIHeads" if name == "loce" else "LongTailROIHeads"
         loss = spec.build(small_cfg(name, objectness, **{"MODEL.LONG_TAIL.STATISTICS_FROM":
-                                                          "checkpoint"}))
+                                                          "checkpoint",
+                                                          "MODEL.ROI_HEADS.NAME": heads}))
         assert loss.uses_objectness is objectness
 
 

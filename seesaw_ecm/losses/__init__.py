@@ -9,7 +9,7 @@ background, labels (N,) int64 in [0, C]):
   [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
   objectness_logits)``.
 - ``uses_objectness = False`` (ce, cosine_ce, federated, ECM, EQL, EQLv2, DropLoss,
-  BaGS):
+  BaGS, LOCE):
   ``forward(logits, labels)`` -> {loss_cls}; ``get_probs(logits)``. The logits are (N, C + 1),
   background last, unless the loss says otherwise with ``num_logits``: (N, C) for EQL and
   DropLoss, (N, C + 1 + G) for BaGS.
@@ -23,7 +23,9 @@ Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q,
 freq_weight_power)``, ``EQLLoss(image_frequency, lambda_, prior_prob)``,
 ``DropLoss(image_frequency, lambda_, prior_prob)`` (these four also ``(None, num_classes=C)``, to
 be filled from a checkpoint), ``BalancedGroupSoftmax(class_counts, beta, bin_split)`` (also),
-``EQLv2Loss(num_classes, gamma, mu, alpha, prior_prob)``; all take
+``EQLv2Loss(num_classes, gamma, mu, alpha, prior_prob)``, ``EquilibriumLoss(num_classes,
+momentum, initial_score, background_score)`` (LOCE; its mean scores are updated by the LOCE ROI
+heads through ``update_mean_score``); all take
 ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
 """
@@ -31,10 +33,12 @@ from .cross_entropy import CrossEntropyLoss
 from .droploss import DropLoss
 from .ecm import ECMLoss, effective_class_margins
 from .eql import EQLLoss
+from .equilibrium import EquilibriumLoss
 from .eqlv2 import EQLv2Loss
 from .federated import FederatedLoss
 from .group_softmax import BalancedGroupSoftmax
 from .seesaw import SeesawLoss
 
-__all__ = ["BalancedGroupSoftmax", "CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss", "EQLv2Loss", "FederatedLoss",
+__all__ = ["BalancedGroupSoftmax", "CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss", "EQLv2Loss", "EquilibriumLoss",
+           "FederatedLoss",
            "SeesawLoss", "effective_class_margins"]

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 from ..data.statistics import class_statistics
 from ..errors import SeesawEcmError
 from ..losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss,
-                      EQLv2Loss, FederatedLoss, SeesawLoss)
+                      EQLv2Loss, EquilibriumLoss, FederatedLoss, SeesawLoss)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,16 @@ def _bags(cfg):
                                 loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
 
 
+def _loce(cfg):
+    if cfg.MODEL.ROI_HEADS.NAME != "LOCEROIHeads":
+        raise SeesawEcmError('MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME '
+                             '"LOCEROIHeads" (it updates the mean scores and replays features).')
+    lt = cfg.MODEL.LONG_TAIL
+    return EquilibriumLoss(_num_classes(cfg), momentum=lt.LOCE.MOMENTUM,
+                           initial_score=lt.LOCE.INITIAL_SCORE,
+                           background_score=lt.LOCE.BACKGROUND_SCORE, loss_weight=lt.LOSS_WEIGHT)
+
+
 # MODEL.LONG_TAIL.LOSS -> how to build it. "ce" and "cosine_ce" are the same loss; the names
 # differ in the classifier the predictor gives them.
 LOSS_SPECS = {
@@ -118,6 +128,7 @@ LOSS_SPECS = {
     "eqlv2": LossSpec(_eqlv2, "forbidden", "linear"),
     "droploss": LossSpec(_eql_like(DropLoss, "DROPLOSS"), "forbidden", "linear"),
     "bags": LossSpec(_bags, "forbidden", "linear"),
+    "loce": LossSpec(_loce, "forbidden", "linear"),
 }
 
 
