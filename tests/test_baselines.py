@@ -644,25 +644,42 @@ def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, t
     assert summary(again.stdout) == table
 
 
-@pytest.mark.slow
-def test_decoupled_bags_run_trains_only_the_classifier(small_synthetic, tmp_path):
-    from test_train_net import run_train_net, summary
-    run_train_net(small_synthetic, tmp_path / "ce", "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
+@pytest.fixture(scope="module")
+def ce_weights(small_synthetic, tmp_path_factory):
+    """model_final.pth of a 10-iteration softmax-CE run: the first stage of BaGS and LOCE."""
+    from test_train_net import run_train_net
+    out = tmp_path_factory.mktemp("ce")
+    run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
                   "SOLVER.MAX_ITER", "10")
-    config = "configs/Synthetic/mask_rcnn_R18_FPN_bags.yaml"
-    weights = str(tmp_path / "ce" / "model_final.pth")
-    proc = run_train_net(small_synthetic, tmp_path / "bags", config, "SOLVER.MAX_ITER", "10",
-                         "MODEL.WEIGHTS", weights)
-    ce = torch.load(weights, map_location="cpu")["model"]
-    bags = torch.load(tmp_path / "bags" / "model_final.pth", map_location="cpu")["model"]
-    classifier = {"roi_heads.box_predictor.cls_score.weight",
-                  "roi_heads.box_predictor.cls_score.bias"}
-    assert bags["roi_heads.box_predictor.cls_score.weight"].shape[0] == C_SMALL + 1 + 5
-    frozen = [k for k in bags if k in ce and k not in classifier]
-    assert len(frozen) > 100  # backbone, FPN, RPN, box head, regression, mask head, BN stats
-    assert all(torch.equal(bags[k], ce[k]) for k in frozen)
-    assert torch.isfinite(bags["roi_heads.box_predictor.cls_loss.class_counts"]).all()
+    return out / "model_final.pth"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, trainable", [
+    ("bags", ["roi_heads.box_predictor.cls_score."]),
+    ("loce", ["proposal_generator.", "roi_heads.box_predictor.", "roi_heads.mask_head."])])
+def test_decoupled_run_trains_only_its_parts(name, trainable, small_synthetic, ce_weights,
+                                             tmp_path):
+    from test_train_net import run_train_net, summary
+    config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"
+    proc = run_train_net(small_synthetic, tmp_path / name, config, "SOLVER.MAX_ITER", "10",
+                         "SOLVER.STEPS", "(5,)", "MODEL.WEIGHTS", str(ce_weights))
+    ce = torch.load(ce_weights, map_location="cpu")["model"]
+    state = torch.load(tmp_path / name / "model_final.pth", map_location="cpu")["model"]
+    frozen = [k for k in state if k in ce and not any(k.startswith(t) for t in trainable)]
+    assert len(frozen) > 100  # backbone, FPN, box head (and more), BN statistics included
+    assert all(torch.equal(state[k], ce[k]) for k in frozen)
+    trained = [k for k in state if k in ce and any(k.startswith(t) for t in trainable)
+               and state[k].shape == ce[k].shape]
+    assert any(not torch.equal(state[k], ce[k]) for k in trained) or name == "bags"
+    if name == "bags":  # a new classifier: C + 1 + 5 logits, groups from the counts
+        assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == C_SMALL + 1 + 5
+        assert torch.isfinite(state["roi_heads.box_predictor.cls_loss.class_counts"]).all()
+    else:  # the running mean scores moved and were saved
+        assert (state["roi_heads.box_predictor.cls_loss.mean_score"][:-1] != 0.01).any()
+        assert "LOCE feature memory: 12 classes x 80 x (64, 7, 7) float32" in proc.stdout + \
+            proc.stderr
     again = run_train_net(small_synthetic, tmp_path / "eval", config, "--eval-only",
-                          "MODEL.WEIGHTS", str(tmp_path / "bags" / "model_final.pth"),
+                          "MODEL.WEIGHTS", str(tmp_path / name / "model_final.pth"),
                           "DATASETS.TRAIN", "('no_such_dataset',)")
     assert summary(again.stdout) == summary(proc.stdout) and summary(proc.stdout)
