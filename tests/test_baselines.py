@@ -683,3 +683,11 @@ def test_decoupled_run_trains_only_its_parts(name, trainable, small_synthetic, c
                           "MODEL.WEIGHTS", str(tmp_path / name / "model_final.pth"),
                           "DATASETS.TRAIN", "('no_such_dataset',)")
     assert summary(again.stdout) == summary(proc.stdout) and summary(proc.stdout)
+
+
+def test_background_scaled_scores_survive_a_confident_background():
+    z = torch.tensor([[-2.0, 0.0, 30.0]])  # sigmoid(30) == 1 in float32: 1 - it would be 0
+    probs = EQLv2Loss(2).get_probs(z)
+    expected = torch.sigmoid(z[:, :2].double()) * torch.sigmoid(-z[:, 2:].double())
+    assert (probs[:, :2] > 0).all()
+    torch.testing.assert_close(probs[:, :2].double(), expected, rtol=1e-6, atol=0)

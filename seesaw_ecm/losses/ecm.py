@@ -57,10 +57,12 @@ def effective_class_margins(class_counts, fg_bg_ratio=6.3313):
 
 def background_scaled_sigmoid(logits):
     """(N, C + 1) logits, background last -> scores sigmoid(z_c) (1 - sigmoid(z_bg)) for c < C
-    and sigmoid(z_bg) in the last column (ECM's and EQLv2's inference)."""
-    probs = logits.sigmoid()
-    background = probs[:, -1:]
-    return torch.cat([probs[:, :-1] * (1 - background), background], dim=1)
+    and sigmoid(z_bg) in the last column (ECM's and EQLv2's inference).
+
+    1 - sigmoid(z_bg) is computed as sigmoid(-z_bg): the same value, but it does not round to 0
+    in float32 for z_bg > ~17 (a confident background), which would erase every class score."""
+    foreground = torch.sigmoid(-logits[:, -1:])
+    return torch.cat([logits[:, :-1].sigmoid() * foreground, logits[:, -1:].sigmoid()], dim=1)
 
 
 class _MarginBCE(torch.autograd.Function):
