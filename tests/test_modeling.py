@@ -155,8 +155,9 @@ def test_invalid_combination_lists_valid_ones(loss, objectness):
 
 
 def test_unknown_loss_name_lists_choices():
-    with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['ce', 'cosine_ce', 'ecm', "
-                                         r"'federated', 'seesaw'\]"):
+    with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['bags', 'ce', 'cosine_ce', "
+                                         r"'droploss', 'ecm', 'eql', 'eqlv2', 'federated', "
+                                         r"'loce', 'seesaw'\]"):
         build_cls_loss(small_cfg("focal"))
 
 
