@@ -1,5 +1,6 @@
-"""EQL, EQLv2 and DropLoss against loop re-implementations of their official formulas (float64),
-their statistics, sampling rule, checkpoints, classifier hooks and a full model step."""
+"""EQL, EQLv2, DropLoss, BaGS and LOCE against loop re-implementations of their official code
+(float64): values, gradients, statistics, sampling and queue rules, checkpoints, classifier
+hooks, decoupled training, a full model step and short train_net.py runs (slow)."""
 import io
 import math
 import os
@@ -217,6 +218,14 @@ def test_eqlv2_probs_are_class_sigmoid_times_not_background():
     probs = EQLv2Loss(C).get_probs(z)
     torch.testing.assert_close(probs[:, :C], z[:, :C].sigmoid() * (1 - z[:, C:].sigmoid()))
     torch.testing.assert_close(probs[:, C], z[:, C].sigmoid())
+
+
+def test_background_scaled_scores_survive_a_confident_background():
+    z = torch.tensor([[-2.0, 0.0, 30.0]])  # sigmoid(30) == 1 in float32: 1 - it would be 0
+    probs = EQLv2Loss(2).get_probs(z)
+    expected = torch.sigmoid(z[:, :2].double()) * torch.sigmoid(-z[:, 2:].double())
+    assert (probs[:, :2] > 0).all()
+    torch.testing.assert_close(probs[:, :2].double(), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("make", [lambda: EQLv2Loss(C), lambda: EQLLoss(FREQ),
@@ -684,10 +693,3 @@ def test_decoupled_run_trains_only_its_parts(name, trainable, small_synthetic, c
                           "DATASETS.TRAIN", "('no_such_dataset',)")
     assert summary(again.stdout) == summary(proc.stdout) and summary(proc.stdout)
 
-
-def test_background_scaled_scores_survive_a_confident_background():
-    z = torch.tensor([[-2.0, 0.0, 30.0]])  # sigmoid(30) == 1 in float32: 1 - it would be 0
-    probs = EQLv2Loss(2).get_probs(z)
-    expected = torch.sigmoid(z[:, :2].double()) * torch.sigmoid(-z[:, 2:].double())
-    assert (probs[:, :2] > 0).all()
-    torch.testing.assert_close(probs[:, :2].double(), expected, rtol=1e-6, atol=0)
