@@ -27,7 +27,12 @@ from .fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm")
+LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "bags",
+          "loce")
+# Decoupled methods: trained from the finished run of another loss (same arch and seed), whose
+# model_final.pth becomes MODEL.WEIGHTS (BaGS: the classifier of the softmax CE model; LOCE: its
+# fine-tune of the CE model).
+DECOUPLED_FROM = {"bags": "ce", "loce": "ce"}
 ARCHS = ("mask_rcnn", "cascade", "htc_lite")
 TASKS = ("bbox", "segm")
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
@@ -70,8 +75,13 @@ def run_dir(output_dir, loss, arch, seed):
 
 
 def train_command(loss, arch, seed, out, datasets=(), train=(), test=(), opts=(), num_gpus=1):
-    """The train_net.py command line of one run (list of str)."""
+    """The train_net.py command line of one run (list of str). A decoupled loss starts from
+    the DECOUPLED_FROM run of the same arch and seed, beside `out`."""
     config, extra = config_for(loss, arch)
+    if loss in DECOUPLED_FROM:
+        base = os.path.join(os.path.dirname(os.path.dirname(out)),
+                            f"{arch}_{DECOUPLED_FROM[loss]}", f"seed{seed}", "model_final.pth")
+        extra = extra + ["MODEL.WEIGHTS", base]
     cmd = [sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus)]
     for spec in datasets:
         cmd += ["--dataset", spec]
@@ -104,6 +114,12 @@ def is_finished(folder, cmd=None):
 def train_all(losses, archs, seeds, output_dir, force=False, **kwargs):
     """Run train_net.py for every (arch, loss, seed) in turn; skip finished runs unless
     `force`. kwargs: as :func:`train_command`. Returns the run folders."""
+    for loss in losses:  # before any training: a decoupled loss needs its base run first
+        base = DECOUPLED_FROM.get(loss)
+        if base and base not in losses[: list(losses).index(loss)] and not all(
+                is_finished(run_dir(output_dir, base, a, s)) for a in archs for s in seeds):
+            raise SeesawEcmError(f"{loss!r} is trained from the {base!r} run of the same "
+                                 f"architecture and seed: list {base!r} before it in --losses.")
     folders = []
     for arch in archs:
         for loss in losses:

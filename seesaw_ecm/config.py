@@ -15,7 +15,9 @@ def add_seesaw_ecm_config(cfg):
     # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear
     # classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
-    # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
+    # "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2", "droploss" (sigmoid,
+    # linear), "bags" (group softmax, linear) or "loce" (equilibrium loss, linear; needs
+    # ROI_HEADS.NAME "LOCEROIHeads"). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
@@ -55,6 +57,49 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES = 50
     # Negative classes are drawn with probability proportional to image_count ** POWER.
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
+
+    # Other long-tail baselines (issue 18): "eql", "eqlv2", "droploss" (sigmoid losses with a
+    # linear classifier whose bias starts at the prior below, as their official code), "bags".
+    # Initial sigmoid probability pi of every classifier column: bias = -log((1 - pi) / pi).
+    cfg.MODEL.LONG_TAIL.PRIOR_PROB = 0.001
+    cfg.MODEL.LONG_TAIL.EQL = CN()
+    # Tail classes: training image frequency (images with the class / images) below LAMBDA_
+    # (LVIS v1 0.0011 as the eqlv2 configs; LVIS v0.5 0.00177).
+    cfg.MODEL.LONG_TAIL.EQL.LAMBDA_ = 0.0011
+    cfg.MODEL.LONG_TAIL.EQLV2 = CN()
+    cfg.MODEL.LONG_TAIL.EQLV2.GAMMA = 12.0  # slope of neg_w = sigmoid(GAMMA (g - MU))
+    cfg.MODEL.LONG_TAIL.EQLV2.MU = 0.8  # centre of the mapping, g = pos_grad / neg_grad
+    cfg.MODEL.LONG_TAIL.EQLV2.ALPHA = 4.0  # pos_w = 1 + ALPHA (1 - neg_w)
+    cfg.MODEL.LONG_TAIL.DROPLOSS = CN()
+    # Tail-class image-frequency threshold, as EQL.LAMBDA_ (the official shipped config: 0.00177).
+    cfg.MODEL.LONG_TAIL.DROPLOSS.LAMBDA_ = 0.00177
+    # "bags": Balanced Group Softmax (linear classifier, C + 1 + G logits).
+    cfg.MODEL.LONG_TAIL.BAGS = CN()
+    # Foreground groups by training instance count: [0, 10), [10, 100), [100, 1000), [1000, inf).
+    cfg.MODEL.LONG_TAIL.BAGS.BIN_SPLIT = (10, 100, 1000)
+    # "Others" RoIs kept per positive RoI in each foreground group (sampled each batch).
+    cfg.MODEL.LONG_TAIL.BAGS.BETA = 8.0
+    # Decoupled training (second stages of BaGS, LOCE): regular expressions (re.match) of the
+    # parameter names that train; all others are frozen (BatchNorm left without a trainable
+    # parameter becomes FrozenBatchNorm2d) and MODEL.WEIGHTS must be the first stage's model.
+    # Empty = everything trains. The box classifier (any cascade stage):
+    # r"roi_heads\.box_predictor\.(\d+\.)?cls_score\."
+    cfg.MODEL.LONG_TAIL.TRAINABLE = []
+    # "loce": equilibrium loss, with ROI_HEADS.NAME "LOCEROIHeads" (memory-augmented sampling).
+    cfg.MODEL.LONG_TAIL.LOCE = CN()
+    cfg.MODEL.LONG_TAIL.LOCE.MOMENTUM = 0.9  # mean score m <- a m + (1 - a) batch, a = MOMENTUM^n
+    cfg.MODEL.LONG_TAIL.LOCE.INITIAL_SCORE = 0.01  # initial mean score of every class
+    cfg.MODEL.LONG_TAIL.LOCE.BACKGROUND_SCORE = 0.01  # fixed mean score of the background
+    # Feature memory: QUEUE_SIZE RoI features per class; size C x QUEUE_SIZE x 256 x 7 x 7 x
+    # 4 B = 4.83 GB at 1,203 classes in float32 (logged when the heads are built).
+    cfg.MODEL.LONG_TAIL.LOCE.QUEUE_SIZE = 80
+    # Storage of the memory's features: "float32" (official) or "float16" (half the size).
+    cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DTYPE = "float32"
+    # Where the memory lives: "cpu" (the official default; replayed features are copied to the
+    # model's device) or "model" (the model's device: no copies, but GPU memory).
+    cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DEVICE = "cpu"
+    cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_CLASSES = 8  # classes replayed per iteration (by 1 / m_c)
+    cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_FEATURES = 4  # features replayed per drawn class
 
     # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
     # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others

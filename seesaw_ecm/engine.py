@@ -17,6 +17,7 @@ from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
+from .modeling.decoupled import freeze_all_but
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
@@ -73,6 +74,21 @@ class Trainer(DefaultTrainer):
         TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`)."""
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model; with MODEL.LONG_TAIL.TRAINABLE all of it frozen but the
+        parameters it names (decoupled training from MODEL.WEIGHTS)."""
+        patterns = cfg.MODEL.LONG_TAIL.TRAINABLE
+        if patterns and not cfg.MODEL.WEIGHTS:
+            raise SeesawEcmError(
+                "MODEL.LONG_TAIL.TRAINABLE trains parts of a trained model: set MODEL.WEIGHTS to "
+                "its checkpoint (e.g. the first stage's model_final.pth).")
+        model = super().build_model(cfg)
+        if patterns:
+            trainable = freeze_all_but(model, patterns)
+            logging.getLogger(__name__).info(f"Trainable parameters only: {trainable}")
+        return model
 
     def build_hooks(self):
         """detectron2's hooks, with a checkpointer that writes atomically (a job killed while

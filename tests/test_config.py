@@ -20,6 +20,9 @@ def test_keys_and_defaults():
     assert (lt.FEDERATED.NUM_CLASSES, lt.FEDERATED.FREQ_WEIGHT_POWER) == (50, 0.5)
     assert (lt.SEESAW.P, lt.SEESAW.Q, lt.SEESAW.EPS) == (0.8, 2.0, 1e-2)
     assert lt.ECM.FG_BG_RATIO == 6.3313 and lt.ECM.STATISTIC == "instance_count"
+    assert (lt.PRIOR_PROB, lt.EQL.LAMBDA_, lt.DROPLOSS.LAMBDA_) == (0.001, 0.0011, 0.00177)
+    assert (lt.EQLV2.GAMMA, lt.EQLV2.MU, lt.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
+    assert (lt.BAGS.BIN_SPLIT, lt.BAGS.BETA, lt.TRAINABLE) == ((10, 100, 1000), 8.0, [])
     assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
     # detectron2 rejects unknown keys, so the keys must exist before merging a config
     bare = get_cfg()
@@ -48,7 +51,7 @@ def test_shipped_config_loads_and_builds(path):
             assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
             assert cfg.DATALOADER.REPEAT_THRESHOLD == 0.001
         epochs = cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH / 100170  # LVIS v1 train images
-        assert round(epochs) in (12, 24) and abs(epochs - round(epochs)) < 1e-3
+        assert round(epochs) in (6, 12, 24) and abs(epochs - round(epochs)) < 1e-3
         # the file itself states its schedule, in epochs and in iterations at batch 16
         text = " ".join(open(path).read().replace("#", " ").split())
         assert f"{round(epochs)} epochs" in text, path

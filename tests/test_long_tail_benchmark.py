@@ -217,3 +217,14 @@ def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_
     assert len(run["train_counts"]) == 12 and sum(run["train_counts"].values()) > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("[skip]") == 2
+
+
+def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
+    out = os.path.join("bench", "mask_rcnn_bags", "seed2")
+    cmd = benchmark.train_command("bags", "mask_rcnn", 2, out)
+    assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == os.path.join(
+        "bench", "mask_rcnn_ce", "seed2", "model_final.pth")
+    assert load(cmd[cmd.index("--config-file") + 1]).MODEL.LONG_TAIL.TRAINABLE
+    # refused before any training when its base run is neither listed first nor finished
+    with pytest.raises(SeesawEcmError, match="list 'ce' before it"):
+        benchmark.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))

@@ -435,7 +435,8 @@ def test_success_is_shared(monkeypatch):
 def test_class_statistics_error_reaches_every_rank(small, monkeypatch):
     cfg = make_cfg(small, "MODEL.ROI_HEADS.NUM_CLASSES", NUM_CLASSES - 1, "OUTPUT_DIR", "")
     sent = []
-    main, other = (as_rank(monkeypatch, r, sent, class_statistics, cfg) for r in (0, 1))
+    main, other = (as_rank(monkeypatch, r, sent, class_statistics, cfg, "instance_count")
+                   for r in (0, 1))
     assert isinstance(main, SeesawEcmError) and str(other) == str(main)
     assert f"has {NUM_CLASSES} classes but MODEL.ROI_HEADS.NUM_CLASSES is" in str(main)
 

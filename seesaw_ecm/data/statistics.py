@@ -1,8 +1,9 @@
-"""Per-class training statistics (instance or image counts) of the datasets in DATASETS.TRAIN.
+"""Per-class training statistics (instance or image counts, image frequencies) of the datasets in
+DATASETS.TRAIN.
 
 Computed once per job on the main process, shared with every rank, logged as a short summary
-and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM, Federated) keep them
-as buffers, so checkpoints carry them and evaluation needs no dataset.
+and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM, Federated, EQL,
+DropLoss) keep them as buffers, so checkpoints carry them and evaluation needs no dataset.
 """
 import json
 import logging
@@ -18,7 +19,9 @@ from ..fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
-STATISTICS = ("instance_count", "image_count")
+# image_frequency = image_count / number of training images (EQL's f_j; LVIS's image_count over
+# its 100,170 train images)
+STATISTICS = ("instance_count", "image_count", "image_frequency")
 
 
 def count_classes(dataset_dicts, num_classes, statistic="instance_count"):
@@ -27,13 +30,16 @@ def count_classes(dataset_dicts, num_classes, statistic="instance_count"):
     Args:
         dataset_dicts: list of records with "annotations" (each a dict with "category_id" in
             [0, num_classes) and optional "iscrowd").
-        statistic: "instance_count" (non-crowd instances) or "image_count" (images that contain
-            the class).
+        statistic: "instance_count" (non-crowd instances), "image_count" (images that contain
+            the class) or "image_frequency" (image_count / number of records).
     Returns:
-        (num_classes,) int64 array.
+        (num_classes,) int64 array (float64 for "image_frequency").
     """
     if statistic not in STATISTICS:
         raise SeesawEcmError(f"Unknown class statistic {statistic!r}; valid choices: {STATISTICS}")
+    if statistic == "image_frequency":
+        counts = count_classes(dataset_dicts, num_classes, "image_count")
+        return counts / max(len(dataset_dicts), 1)
     counts = np.zeros(num_classes, dtype=np.int64)
     for record in dataset_dicts:
         ids = np.asarray(
@@ -56,8 +62,11 @@ def dataset_class_counts(dataset_names, num_classes, statistic="instance_count")
     """(num_classes,) int64 counts of `statistic` summed over registered datasets, after
     checking that each has `num_classes` classes. The one place, with :func:`count_classes`,
     that counts training classes: losses, the gradient-balance diagnostic and the benchmark
-    harness all use it."""
+    harness all use it. "image_frequency" divides the summed image counts by the summed number
+    of images (float64)."""
+    counted = "image_count" if statistic == "image_frequency" else statistic
     total = np.zeros(num_classes, dtype=np.int64)
+    num_images = 0
     for name in dataset_names:
         dicts = DatasetCatalog.get(name)  # also sets thing_classes for LVIS-format datasets
         classes = MetadataCatalog.get(name).get("thing_classes")
@@ -66,7 +75,10 @@ def dataset_class_counts(dataset_names, num_classes, statistic="instance_count")
                 f"Dataset {name!r} has {len(classes)} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
                 f"{num_classes}. Set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
             )
-        total += count_classes(dicts, num_classes, statistic)
+        total += count_classes(dicts, num_classes, counted)
+        num_images += len(dicts)
+    if statistic == "image_frequency":
+        return total / max(num_images, 1)
     return total
 
 
@@ -86,8 +98,8 @@ def json_class_counts(json_file, statistic="instance_count"):
 
 
 def class_statistics(cfg, statistic):
-    """(NUM_CLASSES,) int64 counts of `statistic` ("instance_count" or "image_count") over
-    cfg.DATASETS.TRAIN.
+    """(NUM_CLASSES,) counts of `statistic` (int64 "instance_count" or "image_count", float64
+    "image_frequency") over cfg.DATASETS.TRAIN.
 
     Computed on the main process and broadcast, so all ranks hold the same numbers; written to
     OUTPUT_DIR/class_statistics.json (atomically) and summarized in the log.
@@ -105,8 +117,8 @@ def class_statistics(cfg, statistic):
     num_zero = int((counts == 0).sum())
     logger.info(
         f"Class statistics ({statistic} over {', '.join(names)}): {num_classes} classes, "
-        f"total {int(counts.sum())}, min {int(counts.min())}, median {int(np.median(counts))}, "
-        f"max {int(counts.max())}, classes with 0: {num_zero}"
+        f"total {counts.sum():g}, min {counts.min():g}, median {np.median(counts):g}, "
+        f"max {counts.max():g}, classes with 0: {num_zero}"
     )
     if comm.is_main_process() and cfg.OUTPUT_DIR:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

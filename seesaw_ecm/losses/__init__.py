@@ -8,20 +8,38 @@ background, labels (N,) int64 in [0, C]):
 - ``uses_objectness = True`` (Seesaw): ``forward(class_logits (N, C), objectness_logits (N, 2)
   [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
   objectness_logits)``.
-- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM): ``forward(logits (N, C + 1),
-  labels)`` -> {loss_cls};
-  ``get_probs(logits)``.
+- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM, EQL, EQLv2, DropLoss,
+  BaGS, LOCE):
+  ``forward(logits, labels)`` -> {loss_cls}; ``get_probs(logits)``. The logits are (N, C + 1),
+  background last, unless the loss says otherwise with ``num_logits``: (N, C) for EQL and
+  DropLoss, (N, C + 1 + G) for BaGS.
+
+Optional classifier hooks, read by the predictor: ``num_logits`` (default C + 1, C with
+objectness) and ``bias_init`` (a constant for the classifier bias, e.g. the prior
+-log((1 - pi) / pi) of the sigmoid losses; default None = keep the classifier's own init).
 
 Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,
 ``ECMLoss(class_counts, fg_bg_ratio)``, ``FederatedLoss(class_image_counts, num_sampled_classes,
-freq_weight_power)`` (the last two also ``(None, num_classes=C)``, to be filled from a
-checkpoint); all take ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
+freq_weight_power)``, ``EQLLoss(image_frequency, lambda_, prior_prob)``,
+``DropLoss(image_frequency, lambda_, prior_prob)`` (these four also ``(None, num_classes=C)``, to
+be filled from a checkpoint), ``BalancedGroupSoftmax(class_counts, beta, bin_split)`` (also),
+``EQLv2Loss(num_classes, gamma, mu, alpha, prior_prob)``, ``EquilibriumLoss(num_classes,
+momentum, initial_score, background_score)`` (LOCE; its mean scores are updated by the LOCE ROI
+heads through ``update_mean_score``); all take
+``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
 Under autocast (mixed precision) every ``forward`` runs in float32 (``precision.float32_loss``).
 """
 from .cross_entropy import CrossEntropyLoss
+from .droploss import DropLoss
 from .ecm import ECMLoss, effective_class_margins
+from .eql import EQLLoss
+from .equilibrium import EquilibriumLoss
+from .eqlv2 import EQLv2Loss
 from .federated import FederatedLoss
+from .group_softmax import BalancedGroupSoftmax
 from .seesaw import SeesawLoss
 
-__all__ = ["CrossEntropyLoss", "ECMLoss", "FederatedLoss", "SeesawLoss", "effective_class_margins"]
+__all__ = ["BalancedGroupSoftmax", "CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss",
+           "EQLv2Loss", "EquilibriumLoss", "FederatedLoss", "SeesawLoss",
+           "effective_class_margins"]

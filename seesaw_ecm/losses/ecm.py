@@ -57,6 +57,16 @@ def effective_class_margins(class_counts, fg_bg_ratio=6.3313):
     }
 
 
+def background_scaled_sigmoid(logits):
+    """(N, C + 1) logits, background last -> scores sigmoid(z_c) (1 - sigmoid(z_bg)) for c < C
+    and sigmoid(z_bg) in the last column (ECM's and EQLv2's inference).
+
+    1 - sigmoid(z_bg) is computed as sigmoid(-z_bg): the same value, but it does not round to 0
+    in float32 for z_bg > ~17 (a confident background), which would erase every class score."""
+    foreground = torch.sigmoid(-logits[:, -1:])
+    return torch.cat([logits[:, :-1].sigmoid() * foreground, logits[:, -1:].sigmoid()], dim=1)
+
+
 class _MarginBCE(torch.autograd.Function):
     """sum_{i,c} w_c * BCE_with_logits(x_ic, t_ic), x = 2 z + margin, t = one_hot(labels).
 
@@ -148,9 +158,7 @@ class ECMLoss(nn.Module):
     def get_probs(self, logits):
         """Scores (N, C + 1): sigmoid(z_c) * (1 - sigmoid(z_bg)) for c < C, and sigmoid(z_bg) in
         the last column; no margins at inference."""
-        probs = logits.sigmoid()
-        background = probs[:, self.num_classes:]
-        return torch.cat([probs[:, : self.num_classes] * (1 - background), background], dim=1)
+        return background_scaled_sigmoid(logits)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

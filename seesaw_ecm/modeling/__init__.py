@@ -4,8 +4,9 @@ from .cls_loss import LOSS_SPECS, build_cls_loss
 from .predictor import LongTailOutputLayers
 from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
 from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+from .loce import LOCEROIHeads
 
 __all__ = ["LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads",
-           "LongTailCascadeROIHeads",
-           "LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
+           "LongTailCascadeROIHeads", "LOCEROIHeads", "LongTailOutputLayers", "LongTailROIHeads",
+           "NormedMaskRCNNConvUpsampleHead",
            "build_cls_loss"]

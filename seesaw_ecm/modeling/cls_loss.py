@@ -10,7 +10,8 @@ from typing import Callable, NamedTuple
 
 from ..data.statistics import class_statistics
 from ..errors import SeesawEcmError
-from ..losses import CrossEntropyLoss, ECMLoss, FederatedLoss, SeesawLoss
+from ..losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss,
+                      EQLv2Loss, EquilibriumLoss, FederatedLoss, SeesawLoss)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,39 @@ def _federated(cfg):
                          loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
 
 
+def _eql_like(loss_class, node):
+    """EQL or DropLoss: image frequencies of DATASETS.TRAIN, lambda_ from its config node."""
+    def build(cfg):
+        lt = cfg.MODEL.LONG_TAIL
+        freq = class_statistics(cfg, "image_frequency") if statistics_from_train(cfg) else None
+        return loss_class(freq, lambda_=lt[node].LAMBDA_, prior_prob=lt.PRIOR_PROB,
+                          loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
+    return build
+
+
+def _eqlv2(cfg):
+    lt = cfg.MODEL.LONG_TAIL
+    return EQLv2Loss(_num_classes(cfg), gamma=lt.EQLV2.GAMMA, mu=lt.EQLV2.MU, alpha=lt.EQLV2.ALPHA,
+                     prior_prob=lt.PRIOR_PROB, loss_weight=lt.LOSS_WEIGHT)
+
+
+def _bags(cfg):
+    lt = cfg.MODEL.LONG_TAIL
+    counts = class_statistics(cfg, "instance_count") if statistics_from_train(cfg) else None
+    return BalancedGroupSoftmax(counts, beta=lt.BAGS.BETA, bin_split=lt.BAGS.BIN_SPLIT,
+                                loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
+
+
+def _loce(cfg):
+    if cfg.MODEL.ROI_HEADS.NAME != "LOCEROIHeads":
+        raise SeesawEcmError('MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME '
+                             '"LOCEROIHeads" (it updates the mean scores and replays features).')
+    lt = cfg.MODEL.LONG_TAIL
+    return EquilibriumLoss(_num_classes(cfg), momentum=lt.LOCE.MOMENTUM,
+                           initial_score=lt.LOCE.INITIAL_SCORE,
+                           background_score=lt.LOCE.BACKGROUND_SCORE, loss_weight=lt.LOSS_WEIGHT)
+
+
 # MODEL.LONG_TAIL.LOSS -> how to build it. "ce" and "cosine_ce" are the same loss; the names
 # differ in the classifier the predictor gives them.
 LOSS_SPECS = {
@@ -91,6 +125,11 @@ LOSS_SPECS = {
     "federated": LossSpec(_federated, "forbidden", "linear"),
     "seesaw": LossSpec(_seesaw, "required", "cosine"),
     "ecm": LossSpec(_ecm, "forbidden", "cosine"),
+    "eql": LossSpec(_eql_like(EQLLoss, "EQL"), "forbidden", "linear"),
+    "eqlv2": LossSpec(_eqlv2, "forbidden", "linear"),
+    "droploss": LossSpec(_eql_like(DropLoss, "DROPLOSS"), "forbidden", "linear"),
+    "bags": LossSpec(_bags, "forbidden", "linear"),
+    "loce": LossSpec(_loce, "forbidden", "linear"),
 }
 
 

@@ -25,16 +25,19 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
 
     Layout of the classification output of :meth:`forward`, for R RoIs and C classes:
     with objectness (Seesaw), (R, C + 2) = [C class logits, fg logit, bg logit] (the official
-    mmdetection layout); otherwise (R, C + 1) with background last. :meth:`predict_probs`
-    always returns (R, C + 1) probabilities with background last, so detectron2's inference
-    and cascade score averaging work unchanged.
+    mmdetection layout); otherwise (R, C + 1) with background last, unless the loss sets
+    ``num_logits`` (EQL, DropLoss: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init`` sets
+    the classifier bias.
+    :meth:`predict_probs` always returns (R, C + 1) probabilities with background last, so
+    detectron2's inference and cascade score averaging work unchanged.
     """
 
     @configurable
     def __init__(self, input_shape, *, cls_loss, cosine=True, temperature=20.0, **kwargs):
         """
         Args:
-            cls_loss: a loss of seesaw_ecm.losses (its ``uses_objectness`` decides the layout).
+            cls_loss: a loss of seesaw_ecm.losses (its ``uses_objectness`` and
+                ``num_logits`` decide the layout, its ``bias_init`` the classifier bias).
             cosine: NormedLinear classifier(s) instead of nn.Linear.
             temperature: scale of the cosine classifier.
             kwargs: as FastRCNNOutputLayers (box2box_transform, num_classes, ...).
@@ -43,8 +46,14 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         input_size = self.cls_score.in_features
         self.cls_loss = cls_loss
         self.uses_objectness = cls_loss.uses_objectness
-        n_cls = self.num_classes if self.uses_objectness else self.num_classes + 1
-        self.cls_score = _classifier(input_size, n_cls, cosine, temperature)
+        # C class logits + 1 background logit (C with the objectness branch), unless the loss
+        # says otherwise (EQL, DropLoss: C; BaGS: its group layout)
+        num_logits = getattr(cls_loss, "num_logits", None) or (
+            self.num_classes + int(not self.uses_objectness))
+        self.cls_score = _classifier(input_size, num_logits, cosine, temperature)
+        bias_init = getattr(cls_loss, "bias_init", None)
+        if bias_init is not None:  # e.g. the sigmoid prior of EQL / EQLv2 / DropLoss
+            nn.init.constant_(self.cls_score.bias, bias_init)
         self.objectness = (
             _classifier(input_size, 2, cosine, temperature) if self.uses_objectness else None
         )
@@ -60,8 +69,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def forward(self, x):
-        """x: (R, D) or (R, D, ...) box features -> (scores (R, C+2 or C+1), deltas (R, 4C or
-        4))."""
+        """x: (R, D) or (R, D, ...) box features -> (scores (R, C + 2, C + 1 or the loss's
+        num_logits), deltas (R, 4C or 4))."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         scores = self.cls_score(x)
@@ -96,6 +105,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
 
     def _log_stats(self, scores, gt_classes):
         if self.objectness is None:
+            if scores.shape[1] == self.num_classes:  # no background logit: it counts as 0
+                scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+            elif scores.shape[1] != self.num_classes + 1:  # a group layout: its probabilities
+                scores = self.cls_loss.get_probs(scores.detach())
             # (R, C + 1) logits with background last: detectron2's own metrics apply
             _log_classification_stats(scores, gt_classes)
             return
