@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from detectron2.config import get_cfg
@@ -26,9 +27,10 @@ from torch.nn import functional as F
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.benchmark import LOSSES
-from seesaw_ecm.losses import ECMLoss, FederatedLoss, loss_class
 from seesaw_ecm.modeling.mask_head import NormedMaskRCNNConvUpsampleHead
-from seesaw_ecm.modeling.predictor import LongTailOutputLayers, build_cls_loss
+from seesaw_ecm.modeling import cls_loss
+from seesaw_ecm.modeling.cls_loss import build_cls_loss
+from seesaw_ecm.modeling.predictor import LongTailOutputLayers
 from seesaw_rank import labels_for, rank_labels, run_rank
 
 # Largest allowed |device - CPU float32| / max |CPU float32|. float32 with TF32 off: the device
@@ -72,11 +74,14 @@ def class_counts(num_classes):
 
 
 def make_loss(name, num_classes):
-    """The classification loss `name` as build_cls_loss builds it (statistics: class_counts)."""
-    cls = loss_class(name)
-    if cls in (ECMLoss, FederatedLoss):
-        return cls(class_counts(num_classes))
-    return build_cls_loss(base_cfg(name, num_classes))
+    """The classification loss `name` as build_cls_loss builds it, with the class statistics
+    of a long-tailed set (class_counts) in place of those of a training set."""
+    def statistics(cfg, statistic):
+        counts = class_counts(num_classes).double().numpy()
+        return counts / counts.max() if statistic == "image_frequency" else counts.astype("int64")
+
+    with mock.patch.object(cls_loss, "class_statistics", statistics):
+        return build_cls_loss(base_cfg(name, num_classes))
 
 
 def autocast(device, amp_dtype):
@@ -91,6 +96,8 @@ def base_cfg(loss, num_classes):
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.LONG_TAIL.LOSS = loss
     cfg.MODEL.LONG_TAIL.OBJECTNESS = loss == "seesaw"
+    if loss == "loce":
+        cfg.MODEL.ROI_HEADS.NAME = "LOCEROIHeads"
     return cfg
 
 
