@@ -1,12 +1,17 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import logging
 import os
 
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data.common import ToIterableDataset
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
+from .data.samplers import CeilRepeatSampler, repeat_counts
+from .epochs import (EpochProgressHook, apply_epoch_schedule, sampling_of, schedule_from_cfg,
+                     train_dataset_dicts)
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
@@ -22,7 +27,40 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
     TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
-    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE)."""
+    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), schedules in epochs
+    (SOLVER.EPOCHS: MAX_ITER and STEPS derived before anything is built) and mmdetection's
+    repeat-factor sampling (DATALOADER.REPEAT_ROUNDING "ceil", resumed where it stopped)."""
+
+    def __init__(self, cfg):
+        cfg, self.epoch_schedule = apply_epoch_schedule(cfg)
+        super().__init__(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader; with "ceil" repeat-factor rounding its sampler is a
+        CeilRepeatSampler whose epochs are padded to the schedule's epoch size."""
+        if sampling_of(cfg) != "ceil":
+            return super().build_train_loader(cfg)
+        dicts = train_dataset_dicts(cfg)
+        sampler = CeilRepeatSampler(repeat_counts(dicts, cfg.DATALOADER.REPEAT_THRESHOLD),
+                                    schedule_from_cfg(cfg, dicts).epoch_size)
+        return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler)
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer's; on resume at iteration k a CeilRepeatSampler restarts at global
+        position k x IMS_PER_BATCH of its stream (detectron2's samplers restart from their
+        seed, i.e. replay the first images)."""
+        super().resume_or_load(resume=resume)
+        if self.start_iter == 0:
+            return
+        sampler = _sampler_of(self._trainer.data_loader)
+        if not isinstance(sampler, CeilRepeatSampler):
+            logging.getLogger(__name__).warning(
+                f"{type(sampler).__name__} restarts its index stream on resume; "
+                "DATALOADER.REPEAT_ROUNDING \"ceil\" continues it.")
+            return
+        sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+        self._trainer._data_loader_iter = iter(self._trainer.data_loader)
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
@@ -34,6 +72,9 @@ class Trainer(DefaultTrainer):
         """detectron2's hooks; with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the
         gradient-balance hook (before the checkpointer, whose checkpoints then hold its sums)."""
         ret = super().build_hooks()
+        schedule = self.epoch_schedule
+        ret.insert(0, EpochProgressHook(self.cfg.SOLVER.IMS_PER_BATCH,
+                                        schedule.epoch_size if schedule else None))
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
             return ret
@@ -83,6 +124,16 @@ class Trainer(DefaultTrainer):
             )
         # detectron2's C++ COCO evaluator is not built by tools/install (no compiled ops).
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def _sampler_of(data_loader):
+    """The index sampler inside a detectron2 train loader (AspectRatioGroupedDataset / DataLoader
+    over a ToIterableDataset), or None."""
+    while data_loader is not None:
+        if isinstance(data_loader, ToIterableDataset):
+            return data_loader.sampler
+        data_loader = getattr(data_loader, "dataset", None)
+    return None
 
 
 def _fmt(value):
