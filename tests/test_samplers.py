@@ -152,3 +152,89 @@ def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts):
 def test_bad_sampler_or_epoch_keys_are_clear_errors(registered, opts, message):
     with pytest.raises(SeesawEcmError, match=message):
         apply_epoch_schedule(_cfg(registered, *opts))
+
+
+@pytest.fixture(scope="module")
+def tiny_train(small_synthetic, tmp_path_factory):
+    """The first 8 annotated images of the small set, registered as "sampler_tiny_train"."""
+    data = json.load(open(small_synthetic["train_json"]))
+    keep = sorted({a["image_id"] for a in data["annotations"]})[:8]
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    path = tmp_path_factory.mktemp("tiny") / "train.json"
+    path.write_text(json.dumps(data))
+    name = "sampler_tiny_train"
+    if name not in DatasetCatalog.list():
+        register_lvis_format(name, str(path), small_synthetic["image_root"])
+    return name
+
+
+def _trainer_cfg(name, out_dir, *opts):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_file("configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml")
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES",
+        "12", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS",
+        "0", "DATALOADER.ASPECT_RATIO_GROUPING", "False", "MODEL.DEVICE", "cpu",
+        "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
+        "DATALOADER.REPEAT_THRESHOLD", "0.3", "OUTPUT_DIR", str(out_dir), *opts])
+    return cfg
+
+
+def _batches(loader_iter, n):
+    return [[d["image_id"] for d in next(loader_iter)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("rounding", ["ceil", "stochastic"])
+def test_trainer_resumes_the_ceil_stream_where_it_stopped(tiny_train, tmp_path, rounding):
+    from detectron2.utils.env import seed_all_rng
+
+    from seesaw_ecm.engine import Trainer
+
+    cfg = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", rounding)
+    seed_all_rng(1)  # what train_net.py's default_setup does with SEED 1
+    uninterrupted = _batches(iter(Trainer.build_train_loader(cfg)), 12)
+    seed_all_rng(1)
+    stopped = Trainer(cfg)
+    stopped.iter = 6  # the checkpoint of iteration 6 (the trainer's state carries it)
+    stopped.checkpointer.save("model_0000006")
+    seed_all_rng(1)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 7
+    resumed = _batches(trainer._trainer._data_loader_iter, 5)
+    if rounding == "ceil":
+        assert resumed == uninterrupted[7:]
+    else:  # detectron2's sampler replays its stream from the start (documented)
+        assert resumed == uninterrupted[:5]
+
+
+@pytest.mark.slow
+def test_epoch_training_logs_epochs_and_images_seen(tiny_train, tmp_path, caplog):
+    from seesaw_ecm.engine import Trainer
+
+    cfg = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", "ceil",
+                       "SOLVER.EPOCHS", "2", "SOLVER.EPOCH_STEPS", "(1,)")
+    with caplog.at_level("INFO", logger="seesaw_ecm.epochs"):
+        trainer = Trainer(cfg)
+    assert "Epoch schedule (ceil sampling of ('sampler_tiny_train',))" in caplog.text
+    schedule = trainer.epoch_schedule
+    ipe = schedule.iters_per_epoch
+    assert schedule.images > 8 and trainer.max_iter == 2 * ipe
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.SOLVER.BASE_LR)
+    sched, lrs = Trainer.build_lr_scheduler(trainer.cfg, opt), []
+    for _ in range(trainer.max_iter):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    # warm-up in iterations, then the drop at the first iteration of epoch 2
+    assert lrs[2:ipe] == [pytest.approx(0.02)] * (ipe - 2)
+    assert lrs[ipe:] == [pytest.approx(0.002)] * ipe
+    trainer.resume_or_load(resume=False)
+    with caplog.at_level("INFO", logger="seesaw_ecm.epochs"):
+        trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    rows = [r for r in rows if "images_seen" in r]
+    assert rows[-1]["iteration"] == 2 * ipe - 1 and rows[-1]["images_seen"] == 4 * ipe
+    assert rows[-1]["epoch"] == pytest.approx(2.0)
+    assert f"Epoch 1 finished at iteration {ipe}: {2 * ipe:,} images seen" in caplog.text
