@@ -149,7 +149,7 @@ def apply_epoch_schedule(cfg):
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = schedule.max_iter, schedule.steps
     cfg.freeze()
     logger.info(f"Epoch schedule ({sampling_of(cfg)} sampling of {cfg.DATASETS.TRAIN}): "
-                + schedule.describe())
+                + schedule.describe() + " (SOLVER.EPOCHS 0 to set MAX_ITER and STEPS instead)")
     return cfg, schedule
 
 
