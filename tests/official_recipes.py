@@ -20,6 +20,20 @@ SCHEDULE_2X = MM + "configs/_base_/schedules/schedule_2x.py"
 LVIS_DATA = MM + "configs/_base_/datasets/lvis_v1_instance.py"
 FED = "facebookresearch/detectron2 detectron2/config/defaults.py (main)"
 
+
+
+def schedule_rows(epochs, steps, schedule_source, warmup_iters, warmup_ratio, clip, source):
+    """The rows of an official schedule: epochs and lr steps, iteration warm-up, clipping."""
+    clipping = f"grad_clip max_norm={clip:g}, norm_type=2" if clip else "grad_clip=None"
+    return [
+        ("SOLVER.EPOCHS", epochs, schedule_source + f": max_epochs={epochs}"),
+        ("SOLVER.EPOCH_STEPS", steps, schedule_source + f": lr_config step={list(steps)}"),
+        ("SOLVER.WARMUP_ITERS", warmup_iters, source + f": warmup_iters={warmup_iters}"),
+        ("SOLVER.WARMUP_FACTOR", warmup_ratio, source + f": warmup_ratio={warmup_ratio:g}"),
+        ("SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", clip, source + ": " + clipping),
+    ]
+
+
 ROWS = {
     "common": [
         ("SOLVER.IMS_PER_BATCH", 16, LVIS_DATA + ": samples_per_gpu=2 on 8 GPUs"),
@@ -119,27 +133,10 @@ ROWS = {
         ("DATALOADER.SAMPLER_TRAIN", "TrainingSampler",
          SEESAW + ": train type=LVISV1Dataset (no ClassBalancedDataset)"),
     ],
-    "schedule_seesaw_2x": [
-        ("SOLVER.EPOCHS", 24, SCHEDULE_2X + ": max_epochs 24"),
-        ("SOLVER.EPOCH_STEPS", (16, 22), SCHEDULE_2X + ": lr_config step=[16, 22]"),
-        ("SOLVER.WARMUP_ITERS", 500, SCHEDULE_1X + ": warmup_iters=500"),
-        ("SOLVER.WARMUP_FACTOR", 0.001, SCHEDULE_1X + ": warmup_ratio=0.001"),
-        ("SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", 0.0, SCHEDULE_1X + ": grad_clip=None"),
-    ],
-    "schedule_ecm_1x": [
-        ("SOLVER.EPOCHS", 12, ECM_1X + ": runner max_epochs=12"),
-        ("SOLVER.EPOCH_STEPS", (8, 11), ECM_1X + ": lr_config step=[8, 11]"),
-        ("SOLVER.WARMUP_ITERS", 10000, ECM_1X + ": warmup_iters=10000"),
-        ("SOLVER.WARMUP_FACTOR", 0.0001, ECM_1X + ": warmup_ratio=0.0001"),
-        ("SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", 5.0, ECM_1X + ": grad_clip max_norm=5, norm_type=2"),
-    ],
-    "schedule_ecm_2x": [
-        ("SOLVER.EPOCHS", 24, ECM_2X + ", " + ECM_CASCADE + ": runner max_epochs=24"),
-        ("SOLVER.EPOCH_STEPS", (20, 22), ECM_2X + ", " + ECM_CASCADE + ": step=[20, 22]"),
-        ("SOLVER.WARMUP_ITERS", 10000, ECM_2X + ": warmup_iters=10000"),
-        ("SOLVER.WARMUP_FACTOR", 0.0001, ECM_2X + ": warmup_ratio=0.0001"),
-        ("SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", 5.0, ECM_2X + ": grad_clip max_norm=5, norm_type=2"),
-    ],
+    "schedule_seesaw_2x": schedule_rows(24, (16, 22), SCHEDULE_2X, 500, 0.001, 0.0, SCHEDULE_1X),
+    "schedule_ecm_1x": schedule_rows(12, (8, 11), ECM_1X, 10000, 0.0001, 5.0, ECM_1X),
+    "schedule_ecm_2x": schedule_rows(24, (20, 22), ECM_2X + ", " + ECM_CASCADE, 10000, 0.0001,
+                                     5.0, ECM_2X),
     "seesaw": [
         ("MODEL.LONG_TAIL.LOSS", "seesaw", SEESAW + ": loss_cls type='SeesawLoss'"),
         ("MODEL.LONG_TAIL.OBJECTNESS", True, MM + "mmdet/models/losses/seesaw_loss.py: C+2 logits"),
