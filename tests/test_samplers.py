@@ -238,3 +238,23 @@ def test_epoch_training_logs_epochs_and_images_seen(tiny_train, tmp_path, caplog
     assert rows[-1]["iteration"] == 2 * ipe - 1 and rows[-1]["images_seen"] == 4 * ipe
     assert rows[-1]["epoch"] == pytest.approx(2.0)
     assert f"Epoch 1 finished at iteration {ipe}: {2 * ipe:,} images seen" in caplog.text
+
+
+def test_schedule_command_prints_the_trainer_derivation(small_synthetic, dicts, capsys):
+    import runpy
+
+    schedule_tool = runpy.run_path("tools/schedule.py")  # defines main() without running it
+    schedule_tool["main"](["--json", small_synthetic["train_json"], "--threshold", "0.2",
+                           "--batch", "16", "--epochs", "24", "--steps", "16", "22",
+                           "--draw-epochs", "3"])
+    out = capsys.readouterr().out
+    for sampling in ("none", "stochastic", "ceil"):
+        s = derive_schedule(dicts, sampling=sampling, threshold=0.2, ims_per_batch=16, epochs=24,
+                            epoch_steps=(16, 22))
+        row = next(line for line in out.splitlines() if line.startswith(sampling + " "))
+        assert row.split()[1:4] == [f"{s.images:,.1f}", f"{s.iters_per_epoch:,}",
+                                    f"{s.max_iter:,}"]
+        assert row.endswith(str(s.steps))
+    drawn = [int(n.replace(",", "")) for n in out.split("seed 0): ")[1].split(", ")]
+    ceil = derive_schedule(dicts, sampling="ceil", threshold=0.2, ims_per_batch=16, epochs=1)
+    assert len(drawn) == 3 and all(len(dicts) <= n <= ceil.images for n in drawn)
