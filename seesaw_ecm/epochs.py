@@ -103,6 +103,11 @@ def check_epoch_keys(cfg):
         raise SeesawEcmError(
             f"SOLVER.EPOCH_STEPS {steps} needs SOLVER.EPOCHS > 0 (got {epochs}); set "
             "SOLVER.EPOCHS, or use SOLVER.STEPS with SOLVER.MAX_ITER.")
+    if epochs and cfg.SOLVER.REFERENCE_WORLD_SIZE:
+        raise SeesawEcmError(
+            "SOLVER.REFERENCE_WORLD_SIZE would rescale IMS_PER_BATCH and MAX_ITER after the "
+            "epoch schedule is derived; set it to 0 (SOLVER.EPOCHS already derives MAX_ITER from "
+            "IMS_PER_BATCH) or set SOLVER.EPOCHS 0.")
     if any(not 0 < s < epochs for s in steps) or list(steps) != sorted(set(steps)):
         raise SeesawEcmError(
             f"SOLVER.EPOCH_STEPS {steps} must increase and lie strictly between 0 and "

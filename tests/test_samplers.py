@@ -148,6 +148,7 @@ def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts):
     (["SOLVER.EPOCH_STEPS", "(8,)"], "needs SOLVER.EPOCHS > 0"),
     (["SOLVER.EPOCHS", "12", "SOLVER.EPOCH_STEPS", "(11, 8)"], "must increase"),
     (["SOLVER.EPOCHS", "12", "SOLVER.EPOCH_STEPS", "(12,)"], "strictly between 0"),
+    (["SOLVER.EPOCHS", "12", "SOLVER.REFERENCE_WORLD_SIZE", "8"], "REFERENCE_WORLD_SIZE"),
 ])
 def test_bad_sampler_or_epoch_keys_are_clear_errors(registered, opts, message):
     with pytest.raises(SeesawEcmError, match=message):
