@@ -141,6 +141,16 @@ def add_seesaw_ecm_config(cfg):
     # detectron2 0.6's SOLVER.CLIP_GRADIENTS clips each parameter separately. 0 = off.
     cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 0.0
 
+    # Repeat-factor sampling (DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler") rounding of
+    # r_i: "stochastic" = detectron2's sampler (floor(r_i) + 1 with probability frac(r_i)), "ceil"
+    # = mmdetection's ClassBalancedDataset (exactly ceil(r_i) copies per epoch, resumable).
+    cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
+    # Schedule in epochs, as the official configs state it: > 0 derives SOLVER.MAX_ITER and
+    # SOLVER.STEPS from the training set, the sampler and IMS_PER_BATCH. 0 = MAX_ITER, STEPS.
+    cfg.SOLVER.EPOCHS = 0
+    # Epochs after which the learning rate is multiplied by SOLVER.GAMMA (with SOLVER.EPOCHS).
+    cfg.SOLVER.EPOCH_STEPS = ()
+
     # LVIS evaluation backend for LVIS-format test sets: "fast" (seesaw_ecm.evaluation: equal
     # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
     # lvis API through detectron2's LVISEvaluator).

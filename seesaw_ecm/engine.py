@@ -7,12 +7,16 @@ import torch
 from detectron2.data import (
     MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
 )
+from detectron2.data.common import ToIterableDataset
 from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
+from .data.samplers import CeilRepeatSampler, repeat_counts
+from .epochs import (EpochProgressHook, apply_epoch_schedule, sampling_of, schedule_from_cfg,
+                     train_dataset_dicts)
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
@@ -57,17 +61,49 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
     TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
-    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), and data loaders that report an
-    image they cannot read by its file name (CheckedDatasetMapper). With SOLVER.AMP.ENABLED on a
-    CPU model (MODEL.DEVICE cpu) it trains in bfloat16 autocast (CPUAMPTrainer); on CUDA with
-    detectron2's AMPTrainer (float16 autocast + GradScaler)."""
+    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), data loaders that report an
+    image they cannot read by its file name (CheckedDatasetMapper), schedules in epochs
+    (SOLVER.EPOCHS: MAX_ITER and STEPS derived before anything is built) and mmdetection's
+    repeat-factor sampling (DATALOADER.REPEAT_ROUNDING "ceil", resumed where it stopped). With
+    SOLVER.AMP.ENABLED on a CPU model (MODEL.DEVICE cpu) it trains in bfloat16 autocast
+    (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler)."""
 
     def __init__(self, cfg):
+        cfg, self.epoch_schedule = apply_epoch_schedule(cfg)
         super().__init__(cfg)
         if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu":
             amp = self._trainer  # detectron2's (CUDA-only) AMPTrainer: same model, loader, opt.
             self._trainer = CPUAMPTrainer(amp.model, amp.data_loader, amp.optimizer)
             logging.getLogger(__name__).info("SOLVER.AMP.ENABLED on CPU: bfloat16 autocast")
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with an image that cannot be read reported by name; with
+        "ceil" repeat-factor rounding its sampler is a CeilRepeatSampler whose epochs are
+        padded to the schedule's epoch size."""
+        mapper = CheckedDatasetMapper(cfg, True)
+        if sampling_of(cfg) != "ceil":
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dicts = train_dataset_dicts(cfg)
+        sampler = CeilRepeatSampler(repeat_counts(dicts, cfg.DATALOADER.REPEAT_THRESHOLD),
+                                    schedule_from_cfg(cfg, dicts).epoch_size)
+        return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler, mapper=mapper)
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer's; on resume at iteration k a CeilRepeatSampler restarts at global
+        position k x IMS_PER_BATCH of its stream (detectron2's samplers restart from their
+        seed, i.e. replay the first images)."""
+        super().resume_or_load(resume=resume)
+        if self.start_iter == 0:
+            return
+        sampler = _sampler_of(self._trainer.data_loader)
+        if not isinstance(sampler, CeilRepeatSampler):
+            logging.getLogger(__name__).warning(
+                f"{type(sampler).__name__} restarts its index stream on resume; "
+                "DATALOADER.REPEAT_ROUNDING \"ceil\" continues it.")
+            return
+        sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+        self._trainer._data_loader_iter = iter(self._trainer.data_loader)
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
@@ -100,6 +136,9 @@ class Trainer(DefaultTrainer):
                                                save_to_disk=old.save_to_disk,
                                                **old.checkpointables)
         ret = super().build_hooks()
+        schedule = self.epoch_schedule
+        ret.insert(0, EpochProgressHook(self.cfg.SOLVER.IMS_PER_BATCH,
+                                        schedule.epoch_size if schedule else None))
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
             return ret
@@ -134,11 +173,6 @@ class Trainer(DefaultTrainer):
         return optimizer
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        """detectron2's train loader, with an image that cannot be read reported by name."""
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
-
-    @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """detectron2's test loader, with an image that cannot be read reported by name."""
         return build_detection_test_loader(
@@ -168,6 +202,16 @@ def lvis_evaluator_class(backend):
             f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
             f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
     return LVIS_EVALUATORS[backend]
+
+
+def _sampler_of(data_loader):
+    """The index sampler inside a detectron2 train loader (AspectRatioGroupedDataset / DataLoader
+    over a ToIterableDataset), or None."""
+    while data_loader is not None:
+        if isinstance(data_loader, ToIterableDataset):
+            return data_loader.sampler
+        data_loader = getattr(data_loader, "dataset", None)
+    return None
 
 
 def _fmt(value):

@@ -1,0 +1,177 @@
+"""Schedules stated in epochs (SOLVER.EPOCHS, SOLVER.EPOCH_STEPS), as the official configs do.
+
+One epoch is what mmdetection's EpochBasedRunner calls one: a pass over the training list as
+the sampler defines it (each image once; ceil(r_i) times under "ceil" repeat-factor sampling;
+sum r_i images in expectation under detectron2's stochastic rounding), and its iterations are
+len(data_loader) of mmdetection's `DistributedGroupSampler` / `GroupSampler`: the images are split
+into the two aspect-ratio groups (width / height > 1 or not) and each group is padded up to whole
+global batches, so
+
+    iterations per epoch = sum over groups g of ceil(images in g / IMS_PER_BATCH)
+
+(samples_per_gpu x num_gpus = IMS_PER_BATCH). MAX_ITER = EPOCHS x that, STEPS = EPOCH_STEPS x
+that: the learning rate drops at the first iteration of the epoch, as mmdetection's step policy
+by epoch. Warm-up stays in iterations (SOLVER.WARMUP_ITERS), as in the official configs.
+"""
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.engine import HookBase
+
+from .data.samplers import check_rounding, repeat_counts, repeat_factors
+from .errors import SeesawEcmError
+
+logger = logging.getLogger(__name__)
+
+# What the tools/schedule.py --sampler choices mean: DATALOADER.SAMPLER_TRAIN (+ REPEAT_ROUNDING)
+SAMPLINGS = ("none", "stochastic", "ceil")
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    images: float          # images in one epoch before padding (expected for "stochastic")
+    iters_per_epoch: int   # mmdetection's len(data_loader)
+    ims_per_batch: int
+    epochs: int
+    epoch_steps: tuple
+
+    @property
+    def epoch_size(self):
+        """Images per epoch after the padding to whole batches."""
+        return self.iters_per_epoch * self.ims_per_batch
+
+    @property
+    def max_iter(self):
+        return self.epochs * self.iters_per_epoch
+
+    @property
+    def steps(self):
+        return tuple(s * self.iters_per_epoch for s in self.epoch_steps)
+
+    def describe(self):
+        return (f"{self.images:,.1f} images per epoch -> {self.iters_per_epoch:,} iterations of "
+                f"{self.ims_per_batch} images ({self.epoch_size:,} images with the padding); "
+                f"{self.epochs} epochs = MAX_ITER {self.max_iter:,} "
+                f"({self.max_iter * self.ims_per_batch:,} images seen), epoch steps "
+                f"{tuple(self.epoch_steps)} = STEPS {self.steps}")
+
+
+def sampling_of(cfg):
+    """"none" | "stochastic" | "ceil" for DATALOADER.SAMPLER_TRAIN and REPEAT_ROUNDING."""
+    rounding = cfg.DATALOADER.REPEAT_ROUNDING
+    check_rounding(rounding)
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "RepeatFactorTrainingSampler":
+        return rounding
+    if rounding != "stochastic":
+        raise SeesawEcmError(
+            f"DATALOADER.REPEAT_ROUNDING {rounding!r} applies to repeat-factor sampling but "
+            f"DATALOADER.SAMPLER_TRAIN is {name!r}; set SAMPLER_TRAIN "
+            "\"RepeatFactorTrainingSampler\" or leave REPEAT_ROUNDING \"stochastic\".")
+    if name == "TrainingSampler":
+        return "none"
+    return None  # another detectron2 sampler: no epoch definition here
+
+
+def copies_per_image(dataset_dicts, sampling, threshold):
+    """(N,) float64 copies of each image per epoch (expected ones for "stochastic")."""
+    if sampling == "none":
+        return torch.ones(len(dataset_dicts), dtype=torch.float64)
+    if sampling == "stochastic":
+        return repeat_factors(dataset_dicts, threshold).double()
+    if sampling == "ceil":
+        return repeat_counts(dataset_dicts, threshold).double()
+    raise SeesawEcmError(f"Unknown sampling {sampling!r}; choose one of {SAMPLINGS}.")
+
+
+def derive_schedule(dataset_dicts, *, sampling, threshold, ims_per_batch, epochs,
+                    epoch_steps=()):
+    """The EpochSchedule of `dataset_dicts` (detectron2 dataset dicts with height / width)."""
+    copies = copies_per_image(dataset_dicts, sampling, threshold)
+    wide = torch.tensor([d["width"] / d["height"] > 1 for d in dataset_dicts])
+    iters = sum(math.ceil(copies[wide == g].sum().item() / ims_per_batch)
+                for g in (False, True))
+    return EpochSchedule(copies.sum().item(), iters, ims_per_batch, epochs, tuple(epoch_steps))
+
+
+def check_epoch_keys(cfg):
+    epochs, steps = cfg.SOLVER.EPOCHS, tuple(cfg.SOLVER.EPOCH_STEPS)
+    if epochs < 0 or (epochs == 0 and steps):
+        raise SeesawEcmError(
+            f"SOLVER.EPOCH_STEPS {steps} needs SOLVER.EPOCHS > 0 (got {epochs}); set "
+            "SOLVER.EPOCHS, or use SOLVER.STEPS with SOLVER.MAX_ITER.")
+    if epochs and cfg.SOLVER.REFERENCE_WORLD_SIZE:
+        raise SeesawEcmError(
+            "SOLVER.REFERENCE_WORLD_SIZE would rescale IMS_PER_BATCH and MAX_ITER after the "
+            "epoch schedule is derived; set it to 0 (SOLVER.EPOCHS already derives MAX_ITER from "
+            "IMS_PER_BATCH) or set SOLVER.EPOCHS 0.")
+    if any(not 0 < s < epochs for s in steps) or list(steps) != sorted(set(steps)):
+        raise SeesawEcmError(
+            f"SOLVER.EPOCH_STEPS {steps} must increase and lie strictly between 0 and "
+            f"SOLVER.EPOCHS {epochs}.")
+
+
+def train_dataset_dicts(cfg):
+    """DATASETS.TRAIN as detectron2's train loader reads it (same filtering, same order)."""
+    return get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+
+
+def schedule_from_cfg(cfg, dataset_dicts):
+    """EpochSchedule of a config (SOLVER.EPOCHS may be 0: then only the epoch length matters),
+    or None for a sampler without an epoch definition here."""
+    sampling = sampling_of(cfg)
+    if sampling is None:
+        return None
+    return derive_schedule(
+        dataset_dicts, sampling=sampling, threshold=cfg.DATALOADER.REPEAT_THRESHOLD,
+        ims_per_batch=cfg.SOLVER.IMS_PER_BATCH, epochs=cfg.SOLVER.EPOCHS,
+        epoch_steps=cfg.SOLVER.EPOCH_STEPS)
+
+
+def apply_epoch_schedule(cfg):
+    """(cfg, schedule): with SOLVER.EPOCHS > 0 a copy of cfg whose SOLVER.MAX_ITER and STEPS are
+    derived from DATASETS.TRAIN (a deterministic function of the annotation files and cfg, hence
+    the same on every rank), logged; otherwise (cfg, None). Checks the keys first."""
+    sampling_of(cfg)
+    check_epoch_keys(cfg)
+    if cfg.SOLVER.EPOCHS == 0:
+        return cfg, None
+    schedule = schedule_from_cfg(cfg, train_dataset_dicts(cfg))
+    if schedule is None:
+        raise SeesawEcmError(
+            f"SOLVER.EPOCHS needs DATALOADER.SAMPLER_TRAIN \"TrainingSampler\" or "
+            f"\"RepeatFactorTrainingSampler\" (got {cfg.DATALOADER.SAMPLER_TRAIN!r}); set "
+            "SOLVER.EPOCHS 0 and SOLVER.MAX_ITER instead.")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = schedule.max_iter, schedule.steps
+    cfg.freeze()
+    logger.info(f"Epoch schedule ({sampling_of(cfg)} sampling of {cfg.DATASETS.TRAIN}): "
+                + schedule.describe() + " (SOLVER.EPOCHS 0 to set MAX_ITER and STEPS instead)")
+    return cfg, schedule
+
+
+class EpochProgressHook(HookBase):
+    """Puts `images_seen` (and, with a known epoch size, `epoch`, fractional) into the
+    EventStorage every iteration (metrics.json, TensorBoard) and logs each finished epoch."""
+
+    def __init__(self, ims_per_batch, epoch_size=None):
+        self._batch = ims_per_batch
+        self._epoch_size = epoch_size
+
+    def after_step(self):
+        seen = (self.trainer.iter + 1) * self._batch
+        scalars = {"images_seen": seen}
+        if self._epoch_size:
+            scalars["epoch"] = seen / self._epoch_size
+            if seen % self._epoch_size < self._batch:
+                logger.info(f"Epoch {seen // self._epoch_size} finished at iteration "
+                            f"{self.trainer.iter + 1}: {seen:,} images seen")
+        self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
