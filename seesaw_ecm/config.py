@@ -105,3 +105,13 @@ def add_seesaw_ecm_config(cfg):
     # expanded to every ancestor (the model predicts parents itself); "copy_detections" = train
     # on the files' boxes and copy each detection to every ancestor of its class at evaluation.
     cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"
+
+    # Mask scoring (seesaw_ecm/modeling/mask_scoring.py, as mmdetection's MaskIoUHead): a head
+    # predicting each mask's IoU with its ground truth; at inference score = class score x IoU.
+    # Read by LongTailROIHeads, LongTailCascadeROIHeads and HTCLiteROIHeads.
+    cfg.MODEL.MASK_SCORING = CN()
+    cfg.MODEL.MASK_SCORING.ON = False  # add the MaskIoU head (needs MODEL.MASK_ON)
+    cfg.MODEL.MASK_SCORING.LOSS_WEIGHT = 0.5  # weight of the MSE loss_mask_iou (mmdet's 0.5)
+    cfg.MODEL.MASK_SCORING.NUM_CONVS = 4  # 3x3 convs of the head (the last one has stride 2)
+    cfg.MODEL.MASK_SCORING.CONV_DIM = 256  # output channels of those convs
+    cfg.MODEL.MASK_SCORING.FC_DIM = 1024  # width of the head's two FC layers
