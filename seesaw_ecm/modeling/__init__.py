@@ -1,4 +1,5 @@
 """Model parts that seesaw_ecm registers with detectron2."""
+from .carafe import CARAFEFPN, CARAFEPack
 from .deform_conv import use_torchvision_deform_conv_if_uncompiled
 from .mask_head import NormedMaskRCNNConvUpsampleHead
 from .cls_loss import LOSS_SPECS, build_cls_loss
@@ -6,7 +7,7 @@ from .predictor import LongTailOutputLayers
 from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
 from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
-__all__ = ["LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads",
+__all__ = ["CARAFEFPN", "CARAFEPack", "LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads",
            "LongTailCascadeROIHeads",
            "LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
            "build_cls_loss"]
