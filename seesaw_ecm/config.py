@@ -119,6 +119,9 @@ def add_seesaw_ecm_config(cfg):
     # CARAFE upsampling (seesaw_ecm/modeling/carafe.py, as mmcv's CARAFEPack), used by
     # MODEL.BACKBONE.NAME "build_resnet_fpn_carafe_backbone" (FPN top-down path, scale 2).
     cfg.MODEL.CARAFE = CN()
+    # Also upsample in the mask head with CARAFE instead of its 2x deconvolution (LongTail*,
+    # HTC-Lite ROI heads).
+    cfg.MODEL.CARAFE.MASK_HEAD = False
     cfg.MODEL.CARAFE.UP_KERNEL = 5  # k: each output pixel reassembles a k x k input window
     cfg.MODEL.CARAFE.ENCODER_KERNEL = 3  # kernel of the conv that predicts the k x k kernels
     cfg.MODEL.CARAFE.COMPRESSED_CHANNELS = 64  # channels of the 1x1 compressor before it

@@ -102,3 +102,29 @@ def test_fpn_carafe_replaces_nearest_upsampling():
     torch.testing.assert_close(fpn(x)["p2"], ref["p2"])
     sum(v.sum() for v in fpn(x).values()).backward()
     assert fpn.bottom_up.stem.conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config", ["mask_rcnn_R18_FPN_seesaw", "htc_lite_R18_FPN_seesaw"])
+def test_mask_head_upsamples_with_carafe(config):
+    from detectron2.modeling.roi_heads import build_roi_heads
+    from detectron2.structures import Boxes, Instances
+
+    shapes = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(2, 7)}
+    features = {k: torch.randn(1, 8, 64 // s.stride, 64 // s.stride) for k, s in shapes.items()}
+    for on in (False, True):
+        cfg = get_cfg()
+        add_seesaw_ecm_config(cfg)
+        cfg.merge_from_file(f"configs/Synthetic/{config}.yaml")
+        cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_MASK_HEAD.CONV_DIM", 8,
+                             "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint",
+                             "MODEL.CARAFE.MASK_HEAD", on, "MODEL.MASK_SCORING.ON", on])
+        heads = build_roi_heads(cfg, shapes).eval()
+        head = heads.mask_head.mask_head if on else heads.mask_head
+        assert isinstance(head.deconv, CARAFEPack) == on
+        names = [name for name, _ in head.named_children()]
+        assert names.index("deconv") == names.index("predictor") - 2  # then ReLU, predictor
+        inst = Instances((64, 64), pred_boxes=Boxes(torch.tensor([[4.0, 4, 40, 30]])),
+                         scores=torch.tensor([0.9]), pred_classes=torch.tensor([1]))
+        with torch.no_grad():
+            out = heads.forward_with_given_boxes(features, [inst])[0]
+        assert out.pred_masks.shape == (1, 1, 28, 28)

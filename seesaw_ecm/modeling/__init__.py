@@ -7,7 +7,8 @@ from .predictor import LongTailOutputLayers
 from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
 from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
-__all__ = ["CARAFEFPN", "CARAFEPack", "LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads",
+__all__ = ["CARAFEFPN", "CARAFEPack", "LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN",
+           "HTCLiteROIHeads",
            "LongTailCascadeROIHeads",
            "LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
            "build_cls_loss"]

@@ -1,5 +1,6 @@
-"""CARAFE (Content-Aware ReAssembly of FEatures, Wang et al. ICCV 2019) in plain PyTorch, and an
-FPN whose top-down path upsamples with it (BACKBONE.NAME "build_resnet_fpn_carafe_backbone").
+"""CARAFE (Content-Aware ReAssembly of FEatures, Wang et al. ICCV 2019) in plain PyTorch, an FPN
+whose top-down path upsamples with it (BACKBONE.NAME "build_resnet_fpn_carafe_backbone") and, with
+MODEL.CARAFE.MASK_HEAD, the mask head's upsampler in place of its deconvolution.
 
 mmcv has CARAFE only as a compiled op; this is the same computation with unfold and einsum, so
 it runs wherever torch does. Memory: the unfolded input holds C x k^2 values per input pixel
@@ -15,6 +16,8 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ..errors import SeesawEcmError
 
 
 def carafe(x, kernels, kernel_size, scale, chunk_bytes=None):
@@ -137,3 +140,24 @@ def build_resnet_fpn_carafe_backbone(cfg, input_shape):
         in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         carafe_kwargs=carafe_kwargs(cfg))
+
+
+class CARAFEMaskHeadMixin:
+    """Mixin for ROI heads (before the detectron2 ROI heads class in the bases): with
+    MODEL.CARAFE.MASK_HEAD, the 2x deconvolution of the mask head (`deconv` of
+    MaskRCNNConvUpsampleHead and its subclasses) becomes a CARAFEPack, as mmdetection's
+    FCNMaskHead with upsample_cfg carafe; the ReLU after it stays."""
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        if ret and cfg.MODEL.CARAFE.MASK_HEAD:
+            head = ret["mask_head"]
+            if not isinstance(getattr(head, "deconv", None), nn.ConvTranspose2d):
+                raise SeesawEcmError(
+                    f"MODEL.CARAFE.MASK_HEAD replaces the ConvTranspose2d `deconv` of the mask "
+                    f"head; {type(head).__name__} has none. Switch it off or use "
+                    "MaskRCNNConvUpsampleHead / NormedMaskRCNNConvUpsampleHead.")
+            # same name, so the nn.Sequential head keeps its layer order
+            head.deconv = CARAFEPack(head.deconv.in_channels, **carafe_kwargs(cfg))
+        return ret
