@@ -170,3 +170,27 @@ def add_seesaw_ecm_config(cfg):
     # image file of DATASETS.TRAIN / TEST exists and is readable (one stat per file, ~1.5 s per
     # 100k files on a local disk). False skips it; a file missing later is still named.
     cfg.DATASETS.CHECK_IMAGE_FILES = True
+
+    # Mask scoring (seesaw_ecm/modeling/mask_scoring.py, as mmdetection's MaskIoUHead): a head
+    # predicting each mask's IoU with its ground truth; at inference score = class score x IoU.
+    # Read by LongTailROIHeads, LongTailCascadeROIHeads and HTCLiteROIHeads.
+    cfg.MODEL.MASK_SCORING = CN()
+    cfg.MODEL.MASK_SCORING.ON = False  # add the MaskIoU head (needs MODEL.MASK_ON)
+    cfg.MODEL.MASK_SCORING.LOSS_WEIGHT = 0.5  # weight of the MSE loss_mask_iou (mmdet's 0.5)
+    cfg.MODEL.MASK_SCORING.NUM_CONVS = 4  # 3x3 convs of the head (the last one has stride 2)
+    cfg.MODEL.MASK_SCORING.CONV_DIM = 256  # output channels of those convs
+    cfg.MODEL.MASK_SCORING.FC_DIM = 1024  # width of the head's two FC layers
+
+    # CARAFE upsampling (seesaw_ecm/modeling/carafe.py, as mmcv's CARAFEPack), used by
+    # MODEL.BACKBONE.NAME "build_resnet_fpn_carafe_backbone" (FPN top-down path, scale 2).
+    cfg.MODEL.CARAFE = CN()
+    # Also upsample in the mask head with CARAFE instead of its 2x deconvolution (LongTail*,
+    # HTC-Lite ROI heads).
+    cfg.MODEL.CARAFE.MASK_HEAD = False
+    cfg.MODEL.CARAFE.UP_KERNEL = 5  # k: each output pixel reassembles a k x k input window
+    cfg.MODEL.CARAFE.ENCODER_KERNEL = 3  # kernel of the conv that predicts the k x k kernels
+    cfg.MODEL.CARAFE.COMPRESSED_CHANNELS = 64  # channels of the 1x1 compressor before it
+    # Memory bound: rows are processed in chunks whose unfolded input (C x k^2 per pixel) stays
+    # under this many MiB, recomputed in the backward pass; 0 = one piece (about 0.4 GB fp32 per
+    # image at P2 of 1333 x 800, 256 channels, plus as much again for einsum).
+    cfg.MODEL.CARAFE.CHUNK_MB = 64

@@ -5,12 +5,14 @@ import copy
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 
+from .carafe import CARAFEMaskHeadMixin
 from .cls_loss import build_cls_loss
+from .mask_scoring import MaskScoringMixin
 from .predictor import LongTailOutputLayers
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailROIHeads(StandardROIHeads):
+class LongTailROIHeads(MaskScoringMixin, CARAFEMaskHeadMixin, StandardROIHeads):
     """StandardROIHeads whose box predictor is configured by MODEL.LONG_TAIL (loss, cosine
     classifier, decoupled objectness)."""
 
@@ -22,7 +24,7 @@ class LongTailROIHeads(StandardROIHeads):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailCascadeROIHeads(CascadeROIHeads):
+class LongTailCascadeROIHeads(MaskScoringMixin, CARAFEMaskHeadMixin, CascadeROIHeads):
     """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers.
 
     Each stage keeps detectron2's cascade recipe (ROI_BOX_CASCADE_HEAD.IOUS 0.5 / 0.6 / 0.7 and
