@@ -138,11 +138,16 @@ def test_switch_rescores_at_inference(config):
     features = {k: torch.randn(1, 8, 64 // s.stride, 64 // s.stride) for k, s in SHAPES.items()}
     boxes = Boxes(torch.tensor([[4.0, 4, 40, 30], [20.0, 10, 60, 60]]))
     scores = torch.tensor([0.9, 0.4])
-    results = {}
+    results, off_context = {}, None
     for on in (False, True):
         torch.manual_seed(3)
         heads = build_roi_heads(_cfg(path, "MODEL.MASK_SCORING.ON", on), SHAPES).eval()
         assert isinstance(heads.mask_head, MaskScoringHead) == on
+        if on and getattr(heads, "context_encoder", None) is not None:
+            # HTC-Lite's context encoder is built after the mask heads: same weights as "off"
+            heads.context_encoder.load_state_dict(off_context)
+        elif not on and getattr(heads, "context_encoder", None) is not None:
+            off_context = heads.context_encoder.state_dict()
         inst = Instances((64, 64), pred_boxes=boxes, scores=scores.clone(),
                          pred_classes=torch.tensor([1, 2]))
         with torch.no_grad():
@@ -150,6 +155,10 @@ def test_switch_rescores_at_inference(config):
         if on:
             mask_features = heads.mask_pooler([features[f] for f in heads.mask_in_features],
                                               [boxes])
+            if getattr(heads, "context_encoder", None) is not None:  # HTC-Lite adds its context
+                with torch.no_grad():
+                    context, _ = heads.context_encoder(features[heads.context_in_feature])
+                mask_features = mask_features + context[0]
             with torch.no_grad():
                 logits = heads.mask_head.mask_head.layers(mask_features)
                 iou = heads.mask_head.mask_iou_head(
