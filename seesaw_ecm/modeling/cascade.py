@@ -189,8 +189,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         if self.mask_on and self._needs_mask_targets(stage):
             for p, t in zip(proposals, targets):
                 if len(t):  # same matcher, same IoUs: the same assignment as above
-                    idx, _ = self.proposal_matchers[stage](pairwise_iou(t.gt_boxes, p.proposal_boxes))
-                    p.gt_masks = t.gt_masks[idx]
+                    iou = pairwise_iou(t.gt_boxes, p.proposal_boxes)
+                    p.gt_masks = t.gt_masks[self.proposal_matchers[stage](iou)[0]]
         return proposals
 
     def _stage_losses(self, head_outputs):
