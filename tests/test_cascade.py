@@ -1,6 +1,6 @@
 """The cascade's MODEL.CASCADE switches (detectron2's vs mmdetection's cascade), each checked to
 change what it claims to change, in LongTailCascadeROIHeads and in HTC-Lite's box stages; the
-cascade RPN settings; a short training run of the mmdetection-cascade config."""
+cascade RPN settings. The mmdetection-cascade configs' training runs are in test_train_net.py."""
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -265,12 +265,3 @@ def test_invalid_switches_are_clear():
     with pytest.raises(SeesawEcmError, match="MASK_PER_STAGE False"):
         build(HTC, "MODEL.CASCADE.MASK_PER_STAGE", True)
 
-
-@pytest.mark.slow
-def test_train_net_runs_the_mmdetection_cascade(small_synthetic, tmp_path):
-    from test_train_net import run_train_net, summary
-
-    proc = run_train_net(small_synthetic, tmp_path, MMDET, "SOLVER.MAX_ITER", "8")
-    assert set(summary(proc.stdout)) == {"bbox", "segm"}, proc.stdout[-2000:]
-    log = (tmp_path / "metrics.json").read_text()
-    assert all(f"loss_mask_stage{k}" in log for k in range(3))
