@@ -73,9 +73,10 @@ def test_defaults_are_detectron2s_cascade():
     assert heads.test_score == "probs" and not isinstance(heads.mask_head, torch.nn.ModuleList)
 
 
-@pytest.mark.parametrize("per_stage", [True, False])
-def test_mask_heads_trained_on_their_stages_rois(per_stage):
-    model = build(MMDET, "MODEL.CASCADE.MASK_PER_STAGE", per_stage)
+@pytest.mark.parametrize("per_stage, resample", [(True, True), (True, False), (False, True)])
+def test_mask_heads_trained_on_their_stages_rois(per_stage, resample):
+    model = build(MMDET, "MODEL.CASCADE.MASK_PER_STAGE", per_stage,
+                  "MODEL.CASCADE.RESAMPLE_PER_STAGE", resample)
     heads = model.roi_heads
     mask_heads = list(heads.mask_head) if per_stage else [heads.mask_head]
     assert len(mask_heads) == (3 if per_stage else 1)
