@@ -32,6 +32,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
+    cfg.DATASETS.OPENIMAGES = list(cfg.DATASETS.OPENIMAGES) + list(args.openimages_dataset)
     if args.eval_only:  # class statistics (ECM margins) come with the weights
         cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -81,6 +82,11 @@ def build_parser():
         "--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_ROOT",
         help="register an LVIS-format dataset under NAME (repeatable); then use NAME in "
         "DATASETS.TRAIN / DATASETS.TEST",
+    )
+    parser.add_argument(
+        "--openimages-dataset", action="append", default=[],
+        metavar="NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]",
+        help="register an Open Images dataset from the official challenge files (repeatable)",
     )
     return parser
 

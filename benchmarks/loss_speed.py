@@ -74,7 +74,8 @@ def main():
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(args.device)
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {name}, C = {args.num_classes}, median of {args.repeats}")
     print(f"{'N':>6} | {'CE ms':>8} | {'Seesaw ms':>9} {'x CE':>5} | {'ECM ms':>8} {'x CE':>5}")
     for n in args.sizes:

@@ -1,12 +1,13 @@
 """Time and peak memory of LVIS evaluation: official `lvis` against seesaw_ecm's `lvis_fast`.
 
-Synthetic LVIS-scale data (seesaw_ecm.evaluation.lvis_scale_synthetic: 1,203 classes in r/c/f groups,
-negative and not-exhaustive lists, polygon ground truth, 300 detections per image with RLE
-masks) is generated once per size and cached under --data-dir. Each (size, task, backend) runs
-in its own child process, which loads the ground truth and results json (as detectron2 holds
-them: a list of dicts), evaluates, and reports the evaluation's wall time and the process' peak
-resident memory (VmHWM, loading included; torch / detectron2 are not imported by either). For segm the results' "bbox" is removed first, as
-detectron2's LVISEvaluator does. lvis' time counts LVISResults + LVISEval.run (its LVIS(gt)
+Synthetic LVIS-scale data (seesaw_ecm.evaluation.lvis_scale_synthetic: 1,203 classes in r/c/f
+groups, negative and not-exhaustive lists, polygon ground truth, 300 detections per image with
+RLE masks) is generated once per size and cached under --data-dir. Each (size, task, backend)
+runs in its own child process, which loads the ground truth and results json (as detectron2
+holds them: a list of dicts), evaluates, and reports the evaluation's wall time and the process'
+peak resident memory (VmHWM, loading included; torch / detectron2 are not imported by either).
+For segm the results' "bbox" is removed first, as detectron2's LVISEvaluator does. lvis' time
+counts LVISResults + LVISEval.run (its LVIS(gt)
 index is built before the clock starts); lvis_fast's counts building its ground-truth arrays
 and the whole evaluation. The parent prints a table with the ratios, checks that both backends
 give the same metrics and per-category AP, and writes a JSON report.

@@ -201,7 +201,8 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=["mask_rcnn", "cascade"])
+    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"],
+                        choices=["mask_rcnn", "cascade"])
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
@@ -222,7 +223,8 @@ def main():
     cfg0 = make_cfg(args.archs[0], None, args.device, args.data)
     batch = make_batch(cfg0, cfg0.SOLVER.IMS_PER_BATCH)
     if args.device == "cuda":
-        batch = [{k: (v.to("cuda") if hasattr(v, "to") else v) for k, v in d.items()} for d in batch]
+        batch = [{k: (v.to("cuda") if hasattr(v, "to") else v) for k, v in d.items()}
+                 for d in batch]
     stock_of = {name: f"{arch} stock" for name, arch, _, _ in specs}
     with EventStorage():
         cases = [Case(name, make_cfg(arch, loss, args.device, args.data), batch, gb)

@@ -43,7 +43,8 @@ CASCADE_OPTS = (
 )
 # HTC-Lite = the loss's cascade with these keys, as htc_lite_R18_FPN_seesaw.yaml derives from
 # cascade_mask_rcnn_R18_FPN_seesaw.yaml.
-HTC_LITE_OPTS = ("MODEL.META_ARCHITECTURE", "HTCLiteRCNN", "MODEL.ROI_HEADS.NAME", "HTCLiteROIHeads")
+HTC_LITE_OPTS = ("MODEL.META_ARCHITECTURE", "HTCLiteRCNN",
+                 "MODEL.ROI_HEADS.NAME", "HTCLiteROIHeads")
 
 
 def config_for(loss, arch, config_dir=CONFIG_DIR):
@@ -274,7 +275,7 @@ def aggregate(runs):
     """Group runs by (arch, loss): mean and sample standard deviation (ddof 1) over seeds of
     every metric and of seconds per iteration; mean per-class AP. Two runs of one group with
     the same seed are an error (they would count as two seeds)."""
-    order = {k: i for i, k in enumerate((a, l) for a in ARCHS for l in LOSSES)}
+    order = {k: i for i, k in enumerate((a, loss) for a in ARCHS for loss in LOSSES)}
     groups = {}
     for run in runs:
         groups.setdefault((run["arch"], run["loss"]), []).append(run)
@@ -317,7 +318,8 @@ def format_table(groups):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["arch"], g["loss"], str(len(g["seeds"]))]
-        cells += [_cell(g["mean"][f"{t}/{m}"], g["std"][f"{t}/{m}"]) for t in TASKS for m in METRICS]
+        cells += [_cell(g["mean"][f"{t}/{m}"], g["std"][f"{t}/{m}"])
+                  for t in TASKS for m in METRICS]
         cells.append(_cell(g["mean"]["sec_per_iter"], g["std"]["sec_per_iter"], 3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ def add_seesaw_ecm_config(cfg):
     # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads" and, in every
     # stage, by "LongTailCascadeROIHeads".
     cfg.MODEL.LONG_TAIL = CN()
-    # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear classifier),
+    # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear
+    # classifier),
     # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
     # "seesaw" (cosine, needs OBJECTNESS) or "ecm" (cosine). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
@@ -101,7 +102,8 @@ def add_seesaw_ecm_config(cfg):
     # the loss's activation of the mean of the stages' raw outputs (mmdetection).
     cfg.MODEL.CASCADE.TEST_SCORE = "probs"
 
-    # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME "NormedMaskRCNNConvUpsampleHead").
+    # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
+    # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
 
     # Gradient clipping of the global norm over all parameters (the ECM recipe clips at 5);
@@ -112,3 +114,13 @@ def add_seesaw_ecm_config(cfg):
     # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
     # lvis API through detectron2's LVISEvaluator).
     cfg.TEST.LVIS_EVAL_BACKEND = "fast"
+
+    # Open Images datasets (official challenge files; README "Open Images") to register, each as
+    # "NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]"
+    # (train_net.py --openimages-dataset appends here).
+    cfg.DATASETS.OPENIMAGES = []
+    # How the model covers the parent classes of the Open Images hierarchy (the official metric
+    # expands the ground truth, not the detections): "expand_boxes" = train on boxes and labels
+    # expanded to every ancestor (the model predicts parents itself); "copy_detections" = train
+    # on the files' boxes and copy each detection to every ancestor of its class at evaluation.
+    cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"

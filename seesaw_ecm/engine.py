@@ -7,8 +7,10 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
+from .checkpoint import AtomicCheckpointer
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
+from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
@@ -16,6 +18,7 @@ LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
 
 # The metrics printed at the end of a run, for each task, in this order.
 SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+OPENIMAGES_SUMMARY_METRICS = ("AP", "AP1", "AP2", "AP3", "AP4", "AP5")
 
 
 class Trainer(DefaultTrainer):
@@ -31,8 +34,14 @@ class Trainer(DefaultTrainer):
         return getattr(self, "_last_eval_results", None)
 
     def build_hooks(self):
-        """detectron2's hooks; with MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the
-        gradient-balance hook (before the checkpointer, whose checkpoints then hold its sums)."""
+        """detectron2's hooks, with a checkpointer that writes atomically (a job killed while
+        saving leaves the previous checkpoint as the last one); with
+        MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
+        checkpointer, whose checkpoints then hold its sums)."""
+        old = self.checkpointer  # DefaultTrainer.__init__ builds it just before build_hooks()
+        self.checkpointer = AtomicCheckpointer(old.model, old.save_dir,
+                                               save_to_disk=old.save_to_disk,
+                                               **old.checkpointables)
         ret = super().build_hooks()
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
@@ -81,6 +90,10 @@ class Trainer(DefaultTrainer):
                 dataset_name, output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             )
+        if evaluator_type == "openimages":
+            return OpenImagesEvaluator(
+                dataset_name, output_dir=output_folder,
+                train_counts=(lambda: training_class_info(cfg)[1]) if cfg.DATASETS.TRAIN else None)
         # detectron2's C++ COCO evaluator is not built by tools/install (no compiled ops).
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
@@ -94,10 +107,12 @@ def format_summary(results):
     """Results of `Trainer.test` ({dataset: {task: {metric: value}}}) as a small text table."""
     lines = []
     for dataset, per_task in results.items():
-        header = f"{dataset:<24}{'task':<6}" + "".join(f"{m:>8}" for m in SUMMARY_METRICS)
+        names = OPENIMAGES_SUMMARY_METRICS if "AP1" in per_task.get("bbox", {}) else \
+            SUMMARY_METRICS
+        header = f"{dataset:<24}{'task':<6}" + "".join(f"{m:>8}" for m in names)
         lines.append(header)
         for task in ("bbox", "segm"):
             if task in per_task:
-                vals = "".join(_fmt(per_task[task].get(m, -1)) for m in SUMMARY_METRICS)
+                vals = "".join(_fmt(per_task[task].get(m, -1)) for m in names)
                 lines.append(f"{'':<24}{task:<6}" + vals)
     return "\n".join(lines)

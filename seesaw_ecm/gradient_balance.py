@@ -167,7 +167,8 @@ def training_class_info(cfg):
     if len(classes) != num_classes:
         classes = [str(i) for i in range(num_classes)]
     freq = list(meta.get("class_frequency", [])) if meta else []
-    freq = freq if len(names) == 1 and len(freq) == num_classes and set(freq) <= set(GROUPS) else None
+    if not (len(names) == 1 and len(freq) == num_classes and set(freq) <= set(GROUPS)):
+        freq = None
     return classes, counts, freq
 
 

@@ -4,7 +4,6 @@ Both layers follow mmdetection's ``NormedLinear`` / ``NormedConv2d``: the weight
 are L2-normalized (dividing by ``norm + eps``), the input is scaled by ``temperature`` and the
 bias is added unnormalized. Plain torch: importing this module does not import detectron2.
 """
-import torch
 from torch import nn
 from torch.nn import functional as F
 

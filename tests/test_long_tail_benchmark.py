@@ -42,7 +42,8 @@ def test_config_mapping_reproduces_the_shipped_cascades():
     # and "cascade + HTC_LITE_OPTS" the shipped HTC-Lite config
     assert benchmark.config_for("seesaw", "htc_lite") == (
         "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml", [])
-    derived = load("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", benchmark.HTC_LITE_OPTS)
+    derived = load("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml",
+                   benchmark.HTC_LITE_OPTS)
     shipped = load("configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml")
     derived.OUTPUT_DIR = shipped.OUTPUT_DIR
     assert derived.dump() == shipped.dump()

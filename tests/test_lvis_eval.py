@@ -22,8 +22,8 @@ def assert_equal_to_lvis(ev, ours, where=""):
     """Every summary metric, every precision / recall entry and per-category AP within TOL."""
     assert list(ev.results) == list(ours.metrics) == METRIC_KEYS
     for k in METRIC_KEYS:
-        assert abs(ev.results[k] - ours.metrics[k]) <= TOL, (where, k, ev.results[k],
-                                                              ours.metrics[k])
+        assert abs(ev.results[k] - ours.metrics[k]) <= TOL, (
+            where, k, ev.results[k], ours.metrics[k])
     np.testing.assert_allclose(ours.precision, ev.eval["precision"], rtol=0, atol=TOL,
                                err_msg=where)
     np.testing.assert_allclose(ours.recall, ev.eval["recall"], rtol=0, atol=TOL, err_msg=where)
@@ -256,8 +256,8 @@ def test_trainer_picks_the_backend_from_the_config(tiny_lvis, tmp_path):
         Trainer.build_evaluator(cfg, name, str(tmp_path))
 
 
-def test_evaluator_two_processes_gather_records_not_predictions(tiny_lvis, tmp_path,
-                                                                  monkeypatch):
+def test_evaluator_two_processes_gather_records_not_predictions(
+        tiny_lvis, tmp_path, monkeypatch):
     """Two ranks (comm faked in one process): each matches its own images; rank 0 gathers
     MatchRecords only and gives the numbers and the results dump of one process."""
     from detectron2.evaluation import LVISEvaluator

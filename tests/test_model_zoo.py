@@ -302,7 +302,7 @@ def test_train_net_eval_only_runs_the_exported_config(trained, exported, small_s
 
 @pytest.mark.slow
 def test_predictor_from_the_zoo_matches_the_training_checkpoint(trained, exported,
-                                                                 small_synthetic):
+                                                                small_synthetic):
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
 

@@ -1,7 +1,6 @@
 """The long-tail predictor, ROI heads, mask head, class statistics and optimizer clipping."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -148,7 +147,8 @@ def test_build_cls_loss_from_cfg(loss, objectness, cls, p):
         assert built.p == p
 
 
-@pytest.mark.parametrize("loss, objectness", [("seesaw", False), ("ecm", True), ("federated", True)])
+@pytest.mark.parametrize("loss, objectness",
+                         [("seesaw", False), ("ecm", True), ("federated", True)])
 def test_invalid_combination_lists_valid_ones(loss, objectness):
     with pytest.raises(ValueError, match="not a valid combination.*'seesaw' needs OBJECTNESS True"):
         build_cls_loss(small_cfg(loss, objectness))
@@ -161,7 +161,8 @@ def test_unknown_loss_name_lists_choices():
 
 
 def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
-    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)", "OUTPUT_DIR": str(tmp_path)})
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)",
+                              "OUTPUT_DIR": str(tmp_path)})
     loss = build_cls_loss(cfg)
     expected = ECMLoss([3, 1, 0])
     for name, buf in expected.named_buffers():
@@ -174,7 +175,8 @@ def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
 
 
 def test_deprecated_ecm_statistic_key_still_works(tiny_dataset, tmp_path, caplog):
-    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)", "OUTPUT_DIR": str(tmp_path)})
+    cfg = small_cfg("ecm", **{"DATASETS.TRAIN": f"('{tiny_dataset}',)",
+                              "OUTPUT_DIR": str(tmp_path)})
     cfg.MODEL.LONG_TAIL.STATISTIC = "image_count"  # the old name
     torch.testing.assert_close(build_cls_loss(cfg).sample_counts, ECMLoss([2, 1, 0]).sample_counts)
     assert "MODEL.LONG_TAIL.STATISTIC is deprecated" in caplog.text
@@ -189,8 +191,8 @@ def test_loss_table_lists_every_name_with_its_layout():
     assert set(LOSS_SPECS) == {"ce", "cosine_ce", "federated", "seesaw", "ecm"}
     for name, spec in LOSS_SPECS.items():  # the objectness rule agrees with the loss it builds
         objectness = spec.objectness == "required"
-        loss = spec.build(small_cfg(name, objectness, **{"MODEL.LONG_TAIL.STATISTICS_FROM":
-                                                          "checkpoint"}))
+        cfg = small_cfg(name, objectness, **{"MODEL.LONG_TAIL.STATISTICS_FROM": "checkpoint"})
+        loss = spec.build(cfg)
         assert loss.uses_objectness is objectness
 
 
@@ -203,7 +205,8 @@ def test_federated_weights_from_training_image_counts(tiny_dataset, tmp_path):
     loss = build_cls_loss(cfg)
     assert type(loss) is FederatedLoss and loss.num_sampled_classes == 7
     torch.testing.assert_close(loss.freq_weight, torch.tensor([2.0, 1.0, 0.0]).sqrt())
-    assert json.loads((tmp_path / "class_statistics.json").read_text())["statistic"] == "image_count"
+    saved = json.loads((tmp_path / "class_statistics.json").read_text())
+    assert saved["statistic"] == "image_count"
 
 
 def test_ecm_class_count_mismatch_is_clear(tiny_dataset):
@@ -225,8 +228,8 @@ def test_ecm_without_training_data_or_statistics():
 
 
 def test_count_classes():
-    dicts = [{"annotations": [{"category_id": 0}, {"category_id": 0}, {"category_id": 2,
-                                                                         "iscrowd": 1}]},
+    dicts = [{"annotations": [{"category_id": 0}, {"category_id": 0},
+                              {"category_id": 2, "iscrowd": 1}]},
              {"annotations": [{"category_id": 0}, {"category_id": 1}]}]
     assert count_classes(dicts, 3).tolist() == [3, 1, 0]
     assert count_classes(dicts, 3, "image_count").tolist() == [2, 1, 0]
@@ -252,8 +255,9 @@ def one_image_batch():
 
 def build_small_model(loss, objectness, heads="LongTailROIHeads"):
     """A small model of `heads`; the statistics a checkpoint would bring are loaded."""
-    cfg = small_cfg(loss, objectness, **{"MODEL.ROI_MASK_HEAD.NAME": "NormedMaskRCNNConvUpsampleHead",
-                                         "MODEL.ROI_HEADS.NAME": heads})
+    cfg = small_cfg(loss, objectness,
+                    **{"MODEL.ROI_MASK_HEAD.NAME": "NormedMaskRCNNConvUpsampleHead",
+                       "MODEL.ROI_HEADS.NAME": heads})
     if heads == "LongTailCascadeROIHeads":
         cfg.merge_from_file("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml")
         cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", C, "MODEL.LONG_TAIL.LOSS", loss,

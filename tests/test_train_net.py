@@ -63,7 +63,8 @@ def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
 
 def test_eval_only_reproduces_the_final_evaluation(seesaw_run, small_synthetic, tmp_path):
     out, proc = seesaw_run
-    again = run_train_net(small_synthetic, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+    again = run_train_net(small_synthetic, tmp_path,
+                          "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
                           "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only")
     assert summary(again.stdout) == summary(proc.stdout)
 
@@ -92,7 +93,8 @@ def test_ecm_short_training_run_learns(small_synthetic, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert set(summary(proc.stdout)) == {"bbox", "segm"}
     # eval-only takes the margins from the checkpoint: no training data needed, same numbers
-    again = run_train_net(small_synthetic, tmp_path / "eval", "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+    again = run_train_net(small_synthetic, tmp_path / "eval",
+                          "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
                           "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
                           "DATASETS.TRAIN", "('no_such_dataset',)")
     assert summary(again.stdout) == summary(proc.stdout)

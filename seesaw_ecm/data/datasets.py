@@ -169,7 +169,8 @@ def parse_dataset_spec(spec):
 
 
 def register_from_cfg(cfg):
-    """Register every dataset listed in cfg.DATASETS.LVIS_FORMAT (idempotent)."""
+    """Register every dataset listed in cfg.DATASETS.LVIS_FORMAT, and the Open Images ones
+    (DATASETS.OPENIMAGES, built-in synthetic_oi_* named in DATASETS.TRAIN / TEST) (idempotent)."""
     for spec in cfg.DATASETS.LVIS_FORMAT:
         name, json_file, image_root = parse_dataset_spec(spec)
         if name in DatasetCatalog.list():
@@ -180,6 +181,9 @@ def register_from_cfg(cfg):
                 "(with another file); choose another name."
             )
         register_lvis_format(name, json_file, image_root)
+    from .openimages import register_openimages_from_cfg  # imports this module
+
+    register_openimages_from_cfg(cfg)
 
 
 def synthetic_root():

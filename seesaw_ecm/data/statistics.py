@@ -1,8 +1,8 @@
 """Per-class training statistics (instance or image counts) of the datasets in DATASETS.TRAIN.
 
 Computed once per job on the main process, shared with every rank, logged as a short summary
-and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM, Federated) keep them as
-buffers, so checkpoints carry them and evaluation needs no dataset.
+and saved to OUTPUT_DIR/class_statistics.json. The losses that need them (ECM, Federated) keep them
+as buffers, so checkpoints carry them and evaluation needs no dataset.
 """
 import json
 import logging
@@ -42,7 +42,8 @@ def count_classes(dataset_dicts, num_classes, statistic="instance_count"):
         if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
             raise SeesawEcmError(
                 f"Image {record.get('file_name')} has category id {ids.max()} outside "
-                f"[0, {num_classes}): the dataset has more classes than MODEL.ROI_HEADS.NUM_CLASSES."
+                f"[0, {num_classes}): the dataset has more classes than "
+                "MODEL.ROI_HEADS.NUM_CLASSES."
             )
         if statistic == "image_count":
             ids = np.unique(ids)

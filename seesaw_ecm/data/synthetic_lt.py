@@ -487,7 +487,7 @@ def _dump(obj, path):
 
 
 def _build(root, params):
-    """Write the whole dataset into the (new) folder `root`; params.json last."""
+    """Write the whole dataset into the (new) folder `root` (build_cached adds params.json)."""
     num_classes, seed = params["num_classes"], params["seed"]
     n_train, n_val = params["train_images"], params["val_images"]
     os.makedirs(os.path.join(root, "annotations"))
@@ -508,7 +508,6 @@ def _build(root, params):
             annotations=annotations,
         )
         _dump(dataset, os.path.join(root, "annotations", f"lvis_v1_{split}.json"))
-    _dump(params, os.path.join(root, "params.json"))
 
 
 def _read_params(out_dir):
@@ -544,34 +543,45 @@ def generate(
     """Generate (or reuse the cached) dataset; returns {"train_json", "val_json", "image_root"}.
 
     `image_root` is the absolute, symlink-resolved `out_dir` with a trailing separator
-    (detectron2's `load_lvis_json` appends "<split>/<file>" from each image's coco_url). The
-    folder is reused when its params.json matches (unless `force`). Otherwise the set is built
-    in a sibling `<out_dir>.tmp-<pid>` and renamed into place when complete, under an exclusive
-    lock on `<out_dir>.lock`, so concurrent callers (DDP ranks) wait and then reuse it, and
-    `out_dir` is never half written. Anything at `out_dir` other than an empty folder or a
-    generated set (params.json) is left alone: FileExistsError.
+    (detectron2's `load_lvis_json` appends "<split>/<file>" from each image's coco_url).
+    Built once, safely under concurrency: see build_cached.
     """
     params = dict(num_classes=num_classes, train_images=train_images, val_images=val_images,
                   image_size=image_size, seed=seed, version=GENERATOR_VERSION)
+    if force or _read_params(os.path.realpath(out_dir)) != params:
+        if image_size < 64 or train_images < 1 or val_images < 1:
+            raise ValueError(f"need image_size >= 64 and >= 1 train and val image: {params}")
+        train_image_targets(num_classes, train_images, seed)  # raises early for infeasible sizes
+    return _paths(build_cached(out_dir, params, _build, force))
+
+
+def build_cached(out_dir, params, build, force=False):
+    """Build a generated dataset at `out_dir` once: `build(folder, params)` writes it into a new
+    folder, then params.json is written last. Returns the absolute, symlink-resolved `out_dir`.
+
+    The folder is reused when its params.json equals `params` (unless `force`). Otherwise the
+    set is built in a sibling `<out_dir>.tmp-<pid>` and renamed into place when complete, under
+    an exclusive lock on `<out_dir>.lock`, so concurrent callers (DDP ranks) wait and then reuse
+    it, and `out_dir` is never half written. Anything at `out_dir` other than an empty folder or
+    a generated set (params.json) is left alone: FileExistsError.
+    """
     out_dir = os.path.realpath(out_dir)  # a symlinked folder is rebuilt where it points
     if not force and _read_params(out_dir) == params:
-        return _paths(out_dir)
-    if image_size < 64 or train_images < 1 or val_images < 1:
-        raise ValueError(f"need image_size >= 64 and >= 1 train and val image: {params}")
-    train_image_targets(num_classes, train_images, seed)  # raises early for infeasible sizes
+        return out_dir
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     with open(out_dir + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not force and _read_params(out_dir) == params:  # another process just built it
-            return _paths(out_dir)
+            return out_dir
         if _read_params(out_dir) is None and _occupied(out_dir):
-            raise FileExistsError(f"{out_dir} holds no synthetic dataset; not touching it")
+            raise FileExistsError(f"{out_dir} holds no generated dataset; not touching it")
         prefix = glob.escape(out_dir)
         for stale in glob.glob(prefix + ".tmp-*") + glob.glob(prefix + ".old-*"):
             shutil.rmtree(stale)  # left by a killed generator (none runs: we hold the lock)
         tmp = f"{out_dir}.tmp-{os.getpid()}"
         try:
-            _build(tmp, params)
+            build(tmp, params)
+            _dump(params, os.path.join(tmp, "params.json"))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -582,7 +592,7 @@ def generate(
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
-    return _paths(out_dir)
+    return out_dir
 
 
 def ensure_generated(out_dir, **params):

@@ -16,7 +16,6 @@ group and written to `lvis_fast_eval.json` in the output folder.
 """
 import itertools
 import json
-import logging
 import os
 import shutil
 from collections import OrderedDict

@@ -8,7 +8,8 @@ background, labels (N,) int64 in [0, C]):
 - ``uses_objectness = True`` (Seesaw): ``forward(class_logits (N, C), objectness_logits (N, 2)
   [fg, bg], labels)`` -> {loss_cls, loss_objectness}; ``get_probs(class_logits,
   objectness_logits)``.
-- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM): ``forward(logits (N, C + 1), labels)`` -> {loss_cls};
+- ``uses_objectness = False`` (ce, cosine_ce, federated, ECM): ``forward(logits (N, C + 1),
+  labels)`` -> {loss_cls};
   ``get_probs(logits)``.
 
 Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q, eps)``,

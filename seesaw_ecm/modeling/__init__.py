@@ -5,6 +5,7 @@ from .predictor import LongTailOutputLayers
 from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
 from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 
-__all__ = ["LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads", "LongTailCascadeROIHeads",
+__all__ = ["LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN", "HTCLiteROIHeads",
+           "LongTailCascadeROIHeads",
            "LongTailOutputLayers", "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
            "build_cls_loss"]

@@ -80,12 +80,12 @@ DETECTRON2_FIXES = [
     (
         "detectron2/export/__init__.py",
         "from .api import *\n",
-        "try:\n    from .api import *\nexcept ImportError:  # caffe2 is gone from torch\n    pass\n",
+        "try:\n    from .api import *\nexcept ImportError:  # caffe2 is gone from torch\n    pass\n",  # noqa: E501
     ),
     # 8. launch(): GLOO and no CUDA device calls when there is no GPU (multi-process on CPU).
     (
         "detectron2/engine/launch.py",
-        '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',
+        '    assert torch.cuda.is_available(), "cuda is not available. Please check your installation."\n',  # noqa: E501
         "    has_gpu = torch.cuda.is_available()\n",
     ),
     ("detectron2/engine/launch.py", 'backend="NCCL",', 'backend="NCCL" if has_gpu else "GLOO",'),
@@ -118,7 +118,8 @@ def apply(root, fixes):
     for pattern, old, new in fixes:
         files = sorted(glob.glob(os.path.join(root, pattern)))
         if not files:
-            sys.exit(f"patch_third_party: {pattern} not found under {root}: not the pinned release?")
+            sys.exit(f"patch_third_party: {pattern} not found under {root}: "
+                     "not the pinned release?")
         for path in files:
             with open(path) as f:
                 text = f.read()
