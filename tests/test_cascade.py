@@ -265,4 +265,3 @@ def test_invalid_switches_are_clear():
         build(MMDET, "MODEL.CASCADE.TEST_SCORE", "mean")
     with pytest.raises(SeesawEcmError, match="MASK_PER_STAGE False"):
         build(HTC, "MODEL.CASCADE.MASK_PER_STAGE", True)
-
