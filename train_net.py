@@ -22,8 +22,10 @@ from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import register_from_cfg
+from seesaw_ecm.distributed import report_error
 from seesaw_ecm.engine import Trainer, format_summary
 from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.validation import validate_run
 
 
 def setup(args):
@@ -39,12 +41,15 @@ def setup(args):
         print("No GPU available: running on the CPU.")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    register_from_cfg(cfg)
+    # every dataset and the config checked before anything is built or written to OUTPUT_DIR
+    seconds = validate_run(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seesaw_ecm")
+    logging.getLogger("seesaw_ecm").info(f"Config and datasets validated in {seconds:.1f} s")
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # several CPU processes on one machine: share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
-    register_from_cfg(cfg)
     return cfg
 
 
@@ -72,7 +77,7 @@ def main_reporting_errors(args):
     try:
         return main(args)
     except SeesawEcmError as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        report_error(e)
         sys.exit(2)
 
 

@@ -2,12 +2,15 @@
 import os
 
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
+from .data.mapper import CheckedDatasetMapper
 from .errors import SeesawEcmError
 from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
@@ -25,7 +28,8 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
     TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
-    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE)."""
+    gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), and data loaders that report an
+    image they cannot read by its file name (CheckedDatasetMapper)."""
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
@@ -77,16 +81,22 @@ class Trainer(DefaultTrainer):
         return optimizer
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with an image that cannot be read reported by name."""
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, with an image that cannot be read reported by name."""
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type == "lvis":
-            backend = cfg.TEST.LVIS_EVAL_BACKEND
-            if backend not in LVIS_EVALUATORS:
-                raise SeesawEcmError(
-                    f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
-                    f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
-            return LVIS_EVALUATORS[backend](
+            return lvis_evaluator_class(cfg.TEST.LVIS_EVAL_BACKEND)(
                 dataset_name, output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             )
@@ -96,6 +106,15 @@ class Trainer(DefaultTrainer):
                 train_counts=(lambda: training_class_info(cfg)[1]) if cfg.DATASETS.TRAIN else None)
         # detectron2's C++ COCO evaluator is not built by tools/install (no compiled ops).
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+
+
+def lvis_evaluator_class(backend):
+    """The evaluator class of TEST.LVIS_EVAL_BACKEND `backend` (SeesawEcmError if unknown)."""
+    if backend not in LVIS_EVALUATORS:
+        raise SeesawEcmError(
+            f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
+            f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
+    return LVIS_EVALUATORS[backend]
 
 
 def _fmt(value):

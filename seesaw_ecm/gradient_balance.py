@@ -197,6 +197,14 @@ def summary_scalars(ratio, groups):
     return out
 
 
+def check_period(period):
+    """SeesawEcmError unless `period` (GRADIENT_BALANCE.PERIOD) is a positive iteration count."""
+    if period < 1:
+        raise SeesawEcmError(
+            f"MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD is {period}; it counts the iterations "
+            "between summaries and must be >= 1 (default 20).")
+
+
 class GradientBalanceHook(HookBase):
     """Installs :class:`GradientBalance` on the box predictors for the duration of training.
 
@@ -218,6 +226,7 @@ class GradientBalanceHook(HookBase):
             class_info: (names, counts (C,), frequency letters or None), as
                 :func:`training_class_info`; None = class indices, thirds by nothing.
         """
+        check_period(period)
         self.predictors = box_predictors(model)
         num_classes = self.predictors[0].num_classes
         self.balance = GradientBalance(num_classes, len(self.predictors))

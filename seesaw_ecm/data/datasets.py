@@ -56,15 +56,34 @@ def read_lvis_json(json_file):
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             _fail(json_file, f"missing list '{key}'")
+    cat_ids = _check_categories(json_file, data["categories"])
+    img_ids = _check_images(json_file, data["images"])
+    _check_annotations(json_file, data["annotations"], img_ids, cat_ids)
+    return data
+
+
+def _add_unique(json_file, seen, value, what):
+    if value in seen:
+        _fail(json_file, f"{what} id {value} is used twice")
+    seen.add(value)
+
+
+def _check_categories(json_file, categories):
+    """The set of category ids; each category has an id (unique) and a name."""
     cat_ids = set()
-    for c in data["categories"]:
+    for c in categories:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             _fail(json_file, f"category {c!r:.80} lacks 'id' or 'name'")
-        cat_ids.add(c["id"])
+        _add_unique(json_file, cat_ids, c["id"], "category")
     if not cat_ids:
         _fail(json_file, "no categories")
+    return cat_ids
+
+
+def _check_images(json_file, images):
+    """The set of image ids; each image has a unique id, its size and a file name or URL."""
     img_ids = set()
-    for im in data["images"]:
+    for im in images:
         if not isinstance(im, dict) or "id" not in im:
             _fail(json_file, f"image {im!r:.80} lacks 'id'")
         missing = [k for k in ("height", "width") if k not in im]
@@ -72,12 +91,20 @@ def read_lvis_json(json_file):
             missing.append("file_name or coco_url")
         if missing:
             _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
-        img_ids.add(im["id"])
-    for a in data["annotations"]:
+        _add_unique(json_file, img_ids, im["id"], "image")
+    return img_ids
+
+
+def _check_annotations(json_file, annotations, img_ids, cat_ids):
+    """Each annotation: unique id, known image and category, an XYWH box, valid polygons."""
+    ann_ids = set()
+    for a in annotations:
         aid = a.get("id") if isinstance(a, dict) else None
-        missing = [k for k in ("id", "image_id", "category_id", "bbox", "segmentation") if k not in a]
+        missing = [k for k in ("id", "image_id", "category_id", "bbox", "segmentation")
+                   if k not in a]
         if missing:
             _fail(json_file, f"annotation {aid} lacks {', '.join(missing)}")
+        _add_unique(json_file, ann_ids, aid, "annotation")
         if a["image_id"] not in img_ids:
             _fail(json_file, f"annotation {aid} refers to unknown image_id {a['image_id']}")
         if a["category_id"] not in cat_ids:
@@ -89,7 +116,6 @@ def read_lvis_json(json_file):
             len(p) < 6 or len(p) % 2 for p in segm
         ):
             _fail(json_file, f"annotation {aid} has no valid polygon (each needs >= 3 x,y points)")
-    return data
 
 
 def _set_metadata(name, cats):
@@ -174,11 +200,14 @@ def register_from_cfg(cfg):
     for spec in cfg.DATASETS.LVIS_FORMAT:
         name, json_file, image_root = parse_dataset_spec(spec)
         if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get("json_file") == json_file:
+            meta = MetadataCatalog.get(name)
+            old = (meta.get("json_file"), meta.get("image_root"))
+            if old == (json_file, image_root):
                 continue
             raise SeesawEcmError(
                 f"Dataset name {name!r} given in DATASETS.LVIS_FORMAT is already registered "
-                "(with another file); choose another name."
+                f"with annotation file {old[0]} and image root {old[1]}, not {json_file} and "
+                f"{image_root}; choose another name."
             )
         register_lvis_format(name, json_file, image_root)
     from .openimages import register_openimages_from_cfg  # imports this module

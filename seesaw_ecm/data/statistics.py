@@ -12,6 +12,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 
+from ..distributed import on_main_process
 from ..errors import SeesawEcmError
 from ..fileio import write_atomic
 
@@ -99,15 +100,7 @@ def class_statistics(cfg, statistic):
             "datasets, or set MODEL.LONG_TAIL.STATISTICS_FROM checkpoint to take them from "
             "MODEL.WEIGHTS."
         )
-    counts, error = None, None
-    if comm.is_main_process():
-        try:
-            counts = dataset_class_counts(names, num_classes, statistic)
-        except Exception as e:  # re-raised on every rank below, so no rank waits forever
-            error = e
-    counts, error = comm.all_gather((counts, error))[0]
-    if error is not None:
-        raise error
+    counts = on_main_process(dataset_class_counts, names, num_classes, statistic)
 
     num_zero = int((counts == 0).sum())
     logger.info(

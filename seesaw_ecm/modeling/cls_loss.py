@@ -28,12 +28,13 @@ def _num_classes(cfg):
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def _from_train(cfg):
+def statistics_from_train(cfg):
     """Whether class statistics are counted on DATASETS.TRAIN (else they come with the weights)."""
     value = cfg.MODEL.LONG_TAIL.STATISTICS_FROM
     if value not in STATISTICS_FROM:
         raise SeesawEcmError(
-            f"MODEL.LONG_TAIL.STATISTICS_FROM {value!r}: valid choices are {STATISTICS_FROM}")
+            f"MODEL.LONG_TAIL.STATISTICS_FROM {value!r}: valid choices are "
+            f"{', '.join(map(repr, STATISTICS_FROM))}")
     return value == "train"
 
 
@@ -69,14 +70,14 @@ def _seesaw(cfg):
 
 def _ecm(cfg):
     lt = cfg.MODEL.LONG_TAIL
-    counts = class_statistics(cfg, ecm_statistic(cfg)) if _from_train(cfg) else None
+    counts = class_statistics(cfg, ecm_statistic(cfg)) if statistics_from_train(cfg) else None
     return ECMLoss(counts, fg_bg_ratio=lt.ECM.FG_BG_RATIO, loss_weight=lt.LOSS_WEIGHT,
                    num_classes=_num_classes(cfg))
 
 
 def _federated(cfg):
     lt = cfg.MODEL.LONG_TAIL
-    counts = class_statistics(cfg, "image_count") if _from_train(cfg) else None
+    counts = class_statistics(cfg, "image_count") if statistics_from_train(cfg) else None
     return FederatedLoss(counts, num_sampled_classes=lt.FEDERATED.NUM_CLASSES,
                          freq_weight_power=lt.FEDERATED.FREQ_WEIGHT_POWER,
                          loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))

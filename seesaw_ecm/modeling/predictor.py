@@ -60,7 +60,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def forward(self, x):
-        """x: (R, D) or (R, D, ...) box features -> (scores (R, C+2 or C+1), deltas (R, 4C or 4))."""
+        """x: (R, D) or (R, D, ...) box features -> (scores (R, C+2 or C+1), deltas (R, 4C or
+        4))."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
         scores = self.cls_score(x)

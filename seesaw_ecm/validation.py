@@ -1,0 +1,277 @@
+"""One validation pass over a run's config and datasets, before the model or a data loader is
+built and before anything is written to OUTPUT_DIR: every problem found, in one message.
+
+- Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
+  MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
+  statistics), GRADIENT_BALANCE.PERIOD, HTC-Lite's context with its meta-architecture.
+- Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
+  weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
+  file: fields, references, unique ids), unique image ids, class count equal to
+  MODEL.ROI_HEADS.NUM_CLASSES (every loss and head), the same class names in every dataset,
+  category ids in [0, NUM_CLASSES), image files present and readable
+  (DATASETS.CHECK_IMAGE_FILES).
+- Test datasets, by the evaluator_type of their metadata (`EVALUATOR_CHECKS`; other types are
+  skipped): the fields that evaluator reads from the annotation file.
+
+:func:`validate_run` runs the checks on the main process and raises the same SeesawEcmError on
+every rank.
+"""
+import collections
+import logging
+import os
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
+
+from .data.datasets import read_lvis_json
+from .data.statistics import STATISTICS
+from .distributed import on_main_process
+from .engine import lvis_evaluator_class
+from .errors import SeesawEcmError
+from .evaluation.lvis_fast import FREQ_LABELS
+from .gradient_balance import check_period
+from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
+from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
+from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+
+logger = logging.getLogger(__name__)
+
+NAMED = 3  # ids / files named in a message; the rest are counted
+STAT_THREADS = 16  # concurrent stats: on a network filesystem a stat waits for a round trip
+STAT_CHUNK = 1000  # paths per thread task
+
+
+def _some(items):
+    """'a, b, c (and 7 more)'."""
+    items = list(items)
+    more = f" (and {len(items) - NAMED} more)" if len(items) > NAMED else ""
+    return ", ".join(str(x) for x in items[:NAMED]) + more
+
+
+def _collect(problems, check, *args):
+    """check(*args); the SeesawEcmError it raises becomes an entry of `problems`."""
+    try:
+        return check(*args)
+    except SeesawEcmError as e:
+        problems.append(str(e))
+    return None
+
+
+def _registered(registry, key, name):
+    if name not in registry:
+        raise SeesawEcmError(
+            f"{key} {name!r} is not registered; choose one of {sorted(n for n, _ in registry)}.")
+    return registry.get(name)
+
+
+def _check_long_tail(cfg):
+    uses_cosine_classifier(cfg)
+    statistics_from_train(cfg)
+    statistic = ecm_statistic(cfg)
+    if statistic not in STATISTICS:
+        raise SeesawEcmError(f"MODEL.LONG_TAIL.ECM.STATISTIC {statistic!r}: valid choices are "
+                             f"{STATISTICS}.")
+    probe = cfg.clone()  # the loss's own checks, without counting the training set
+    probe.defrost()
+    probe.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
+    try:
+        build_cls_loss(probe)
+    except SeesawEcmError:
+        raise
+    except ValueError as e:  # the losses are framework-free: they raise plain ValueError
+        raise SeesawEcmError(f"MODEL.LONG_TAIL: {e}") from None
+
+
+def config_problems(cfg, eval_only=False):
+    """Problems of the config alone (no dataset read): a list of messages."""
+    problems = []
+    _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
+    arch = _collect(problems, _registered, META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
+                    cfg.MODEL.META_ARCHITECTURE)
+    heads = _collect(problems, _registered, ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME",
+                     cfg.MODEL.ROI_HEADS.NAME)
+    if heads is not None and issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
+        _collect(problems, _check_long_tail, cfg)
+    if (not eval_only and heads is not None and issubclass(heads, HTCLiteROIHeads)
+            and cfg.MODEL.HTC_LITE.CONTEXT and arch is not None
+            and not issubclass(arch, HTCLiteRCNN)):
+        problems.append(
+            "HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT True trains on image-level labels that "
+            "only MODEL.META_ARCHITECTURE 'HTCLiteRCNN' provides; set it (or CONTEXT False).")
+    if cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED:
+        _collect(problems, check_period, cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD)
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
+        problems.append(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set "
+                        "it to the number of classes of the datasets.")
+    if not eval_only and not cfg.DATASETS.TRAIN:
+        problems.append("DATASETS.TRAIN is empty: name the training datasets (or evaluate "
+                        "with --eval-only).")
+    return problems
+
+
+def _readable(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and os.access(path, os.R_OK)
+
+
+def _unreadable(paths):
+    return [p for p in paths if not _readable(p)]
+
+
+def unreadable_files(paths, chunk=STAT_CHUNK):
+    """The paths that are not readable regular files, in order: one stat each, in chunks on
+    threads (a network filesystem answers several at once; chunks keep the thread overhead
+    small on a local disk)."""
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
+        return [p for bad in pool.map(_unreadable, chunks) for p in bad]
+
+
+def lvis_test_problems(meta, backend):
+    """What LVIS evaluation reads from a test set's annotation file (meta.json_file) beyond the
+    LVIS-format loader's checks: every category's `frequency` ('r', 'c', 'f'; APr / APc / APf),
+    every annotation's `area` (area ranges, zero-area ground truth dropped) and, for the
+    official lvis backend, every image's `neg_category_ids` and `not_exhaustive_category_ids`
+    (LVISEval indexes them; the fast backend treats a missing list as empty)."""
+    json_file = meta.get("json_file")
+    if not json_file:
+        return ["its metadata has no json_file, which the LVIS evaluator reads."]
+    data = read_lvis_json(json_file)
+    problems = []
+    bad = [c["id"] for c in data["categories"] if c.get("frequency") not in FREQ_LABELS]
+    if bad:
+        problems.append(f"categories {_some(bad)} of {json_file} have no LVIS 'frequency' ('r', "
+                        "'c' or 'f'), which the evaluation needs for APr / APc / APf; add it.")
+    bad = [a["id"] for a in data["annotations"]
+           if isinstance(a.get("area"), bool) or not isinstance(a.get("area"), (int, float))]
+    if bad:
+        problems.append(f"annotations {_some(bad)} of {json_file} have no numeric 'area', which "
+                        "the evaluation reads; add it (the mask area in pixels).")
+    if backend == "lvis":
+        keys = ("neg_category_ids", "not_exhaustive_category_ids")
+        bad = [im["id"] for im in data["images"] if any(k not in im for k in keys)]
+        if bad:
+            problems.append(f"images {_some(bad)} of {json_file} lack 'neg_category_ids' or "
+                            "'not_exhaustive_category_ids', which TEST.LVIS_EVAL_BACKEND 'lvis' "
+                            "reads; add them (empty lists if unknown) or use the 'fast' backend.")
+    return problems
+
+
+# evaluator_type of a test dataset's metadata -> (metadata, cfg) -> list of problems
+EVALUATOR_CHECKS = {
+    "lvis": lambda meta, cfg: lvis_test_problems(meta, cfg.TEST.LVIS_EVAL_BACKEND),
+}
+
+
+def _load(name, key):
+    """(records, problem): the dataset's records, or the reason they could not be loaded."""
+    if name not in DatasetCatalog.list():
+        return None, (f"Dataset {name!r} in {key} is not registered; register it with --dataset "
+                      "NAME=JSON_FILE:IMAGE_ROOT (DATASETS.LVIS_FORMAT) or use a built-in name.")
+    try:
+        return DatasetCatalog.get(name), None
+    except SeesawEcmError as e:
+        return None, f"Dataset {name!r}: {e}"
+    except Exception as e:  # noqa: BLE001  (detectron2's or a user's loader: its message)
+        return None, (f"Dataset {name!r} in {key} could not be loaded ({type(e).__name__}: {e}); "
+                      "check its files ($DETECTRON2_DATASETS for detectron2's built-in sets).")
+
+
+def record_problems(name, records, num_classes, check_ids=True):
+    """Unique image ids and (with `check_ids`) category ids in [0, num_classes) of detectron2
+    dataset dicts."""
+    problems = []
+    counts = collections.Counter(r.get("image_id") for r in records)
+    twice = [i for i, n in counts.items() if n > 1]
+    if twice:
+        problems.append(f"Dataset {name!r}: image ids {_some(twice)} are used more than once; "
+                        "make them unique.")
+    if not check_ids:  # the class count is already reported wrong
+        return problems
+    bad = sorted({a["category_id"] for r in records for a in r.get("annotations", ())
+                  if not 0 <= a["category_id"] < num_classes})
+    if bad:
+        problems.append(
+            f"Dataset {name!r} has category ids {_some(bad)} outside [0, {num_classes}): the "
+            "dataset has more classes than MODEL.ROI_HEADS.NUM_CLASSES; set it to the number "
+            "of classes.")
+    return problems
+
+
+def dataset_problems(cfg, eval_only=False):
+    """Problems of every dataset the run reads: a list of messages."""
+    problems = []
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    train = () if eval_only else tuple(cfg.DATASETS.TRAIN)
+    reference = None  # (name, class names) of the first dataset with NUM_CLASSES names
+    wrong_count = {}  # class count other than NUM_CLASSES -> names of the datasets with it
+    for name in dict.fromkeys(train + tuple(cfg.DATASETS.TEST)):
+        records, problem = _load(name, "DATASETS.TRAIN" if name in train else "DATASETS.TEST")
+        if problem:
+            problems.append(problem)
+            continue
+        meta = MetadataCatalog.get(name)
+        classes = meta.get("thing_classes")
+        count_wrong = classes is not None and len(classes) != num_classes
+        if count_wrong:
+            wrong_count.setdefault(len(classes), []).append(repr(name))
+        elif classes is not None and reference and list(classes) != list(reference[1]):
+            diff = next(i for i, (a, b) in enumerate(zip(classes, reference[1])) if a != b)
+            problems.append(
+                f"Dataset {name!r} and {reference[0]!r} have other class names (class {diff}: "
+                f"{classes[diff]!r} vs {reference[1][diff]!r}); every dataset of a run needs the "
+                "same classes in the same order.")
+        if classes is not None and not count_wrong:
+            reference = reference or (name, classes)
+        problems += record_problems(name, records, num_classes, check_ids=not count_wrong)
+        if cfg.DATASETS.CHECK_IMAGE_FILES:
+            missing = unreadable_files([r["file_name"] for r in records])
+            if missing:
+                problems.append(
+                    f"Dataset {name!r}: {len(missing)} of {len(records)} image files are missing "
+                    f"or unreadable: {_some(missing)}. Check the dataset's image root (--dataset "
+                    "NAME=JSON_FILE:IMAGE_ROOT), or set DATASETS.CHECK_IMAGE_FILES False to skip "
+                    "this check.")
+        check = EVALUATOR_CHECKS.get(meta.get("evaluator_type"))
+        if check is not None and name in cfg.DATASETS.TEST:
+            try:
+                problems += [f"Test dataset {name!r}: {p}" for p in check(meta, cfg)]
+            except SeesawEcmError as e:
+                problems.append(f"Test dataset {name!r}: {e}")
+    for count, names in wrong_count.items():
+        which = f"Dataset {names[0]} has" if len(names) == 1 else (
+            f"Datasets {', '.join(names)} have")
+        problems.insert(0, f"{which} {count} classes but MODEL.ROI_HEADS.NUM_CLASSES is "
+                        f"{num_classes}; set MODEL.ROI_HEADS.NUM_CLASSES {count}.")
+    return problems
+
+
+def find_problems(cfg, eval_only=False):
+    """Every problem of the config and the datasets of a run (training, or evaluation only)."""
+    return config_problems(cfg, eval_only) + dataset_problems(cfg, eval_only)
+
+
+def _message(problems):
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the input:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _validate(cfg, eval_only):
+    start = time.perf_counter()
+    problems = find_problems(cfg, eval_only)
+    if problems:
+        raise SeesawEcmError(_message(problems))
+    return time.perf_counter() - start
+
+
+def validate_run(cfg, eval_only=False):
+    """Check the config and datasets of a run on the main process; every rank raises the same
+    SeesawEcmError (all problems in one message) or returns the seconds the checks took."""
+    return on_main_process(_validate, cfg, eval_only)
