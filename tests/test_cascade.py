@@ -1,6 +1,8 @@
 """The cascade's MODEL.CASCADE switches (detectron2's vs mmdetection's cascade), each checked to
 change what it claims to change, in LongTailCascadeROIHeads and in HTC-Lite's box stages; the
 cascade RPN settings. The mmdetection-cascade configs' training runs are in test_train_net.py."""
+import re
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -11,6 +13,7 @@ from torch.nn import functional as F
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.validation import config_problems
 
 C = 4
 CASCADE = "configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml"
@@ -19,13 +22,18 @@ HTC = "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml"
 WEIGHTS = [1.0, 0.5, 0.25]
 
 
-def build(config=MMDET, *opts, seed=0):
+def small_cfg(config=MMDET, *opts):
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
     cfg.merge_from_file(config)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C,
                          "DATASETS.TRAIN", "()", "OUTPUT_DIR", "",
                          "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint", *opts])
+    return cfg
+
+
+def build(config=MMDET, *opts, seed=0):
+    cfg = small_cfg(config, *opts)
     torch.manual_seed(seed)
     return build_model(cfg)
 
@@ -258,10 +266,13 @@ def test_rpn_ignores_border_anchors_only_with_a_boundary_threshold(thresh):
             assert (label[crossing] >= 0).any()
 
 
-def test_invalid_switches_are_clear():
-    with pytest.raises(SeesawEcmError, match="one weight per stage"):
-        build(MMDET, "MODEL.CASCADE.STAGE_LOSS_WEIGHTS", [1.0, 0.5])
-    with pytest.raises(SeesawEcmError, match="TEST_SCORE 'mean'"):
-        build(MMDET, "MODEL.CASCADE.TEST_SCORE", "mean")
-    with pytest.raises(SeesawEcmError, match="MASK_PER_STAGE False"):
-        build(HTC, "MODEL.CASCADE.MASK_PER_STAGE", True)
+@pytest.mark.parametrize("config, opts, message", [
+    (MMDET, ("MODEL.CASCADE.STAGE_LOSS_WEIGHTS", [1.0, 0.5]), "one weight per stage (3"),
+    (MMDET, ("MODEL.CASCADE.TEST_SCORE", "mean"), "MODEL.CASCADE.TEST_SCORE 'mean': valid"),
+    (HTC, ("MODEL.CASCADE.MASK_PER_STAGE", True), "HTCLiteROIHeads has one mask head")])
+def test_invalid_switches_are_clear_before_building(config, opts, message):
+    cfg = small_cfg(config, *opts)
+    problems = config_problems(cfg, eval_only=True)  # train_net's validation pass
+    assert len(problems) == 1 and message in problems[0], problems
+    with pytest.raises(SeesawEcmError, match=re.escape(message)):
+        build_model(cfg)

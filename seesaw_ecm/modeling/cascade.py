@@ -60,8 +60,9 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         self.test_score = test_score
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
+    def check_config(cls, cfg):
+        """Raise SeesawEcmError for MODEL.CASCADE values these heads cannot run (also called
+        by seesaw_ecm.validation before anything is built)."""
         cascade = cfg.MODEL.CASCADE
         stages = len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
         if cascade.STAGE_LOSS_WEIGHTS and len(cascade.STAGE_LOSS_WEIGHTS) != stages:
@@ -71,6 +72,12 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         if cascade.TEST_SCORE not in TEST_SCORES:
             raise SeesawEcmError(
                 f"MODEL.CASCADE.TEST_SCORE {cascade.TEST_SCORE!r}: valid choices are {TEST_SCORES}")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        cls.check_config(cfg)
+        ret = super().from_config(cfg, input_shape)
+        cascade = cfg.MODEL.CASCADE
         ret.update(mask_per_stage=cascade.MASK_PER_STAGE,
                    stage_loss_weights=cascade.STAGE_LOSS_WEIGHTS,
                    resample_per_stage=cascade.RESAMPLE_PER_STAGE, test_score=cascade.TEST_SCORE)

@@ -110,12 +110,16 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         self.annotated_negatives = None
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        htc = cfg.MODEL.HTC_LITE
+    def check_config(cls, cfg):
+        super().check_config(cfg)
         if cfg.MODEL.CASCADE.MASK_PER_STAGE:
             raise SeesawEcmError("HTCLiteROIHeads has one mask head, after the last stage: set "
                                  "MODEL.CASCADE.MASK_PER_STAGE False.")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        htc = cfg.MODEL.HTC_LITE
         ret["interleaved"] = htc.INTERLEAVED
         if htc.CONTEXT:
             if htc.CONTEXT_IN_FEATURE not in input_shape:
