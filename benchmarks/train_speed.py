@@ -14,9 +14,12 @@ share (backbone and RPN: same seed, built first) stay equal, so every model gets
 proposals and the same number of foreground RoIs, and the ratio measures the predictor and its
 loss, not a workload that drifts apart as each model trains.
 With --gradient-balance every model also runs with the gradient-balance recorder attached.
+tools/gpu_check/throughput.py reuses this machinery at LVIS scale (another base config, mixed
+precision: ``Case(amp=True)``).
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated over a few iterations per model; on the
-CPU the peak resident set size (VmHWM) of a fresh subprocess per model over 3 training
+Peak memory: on CUDA, per model, the largest torch.cuda.max_memory_allocated of its timed
+iterations less what the other models hold (the peak of a process holding that model alone);
+on the CPU the peak resident set size (VmHWM) of a fresh subprocess per model over 3 training
 iterations, reset after the model is built (it includes the ~0.8 GiB of Python, torch,
 detectron2, the model and the data), and that peak minus the RSS before training.
 
@@ -52,11 +55,12 @@ STOCK = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
 DATASET = "train_speed_synthetic"
 
 
-def make_cfg(arch, loss, device, data):
-    """The stock config, or with `loss` the same config with the long-tail predictor."""
+def make_cfg(arch, loss, device, data, base=STOCK, opts=()):
+    """The stock config (`base` + `opts`), or with `loss` the same with the long-tail predictor."""
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file(STOCK)
+    cfg.merge_from_file(base)
+    cfg.merge_from_list(list(opts))
     if arch == "cascade":
         cfg.merge_from_list(list(CASCADE_OPTS))
         cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
@@ -67,7 +71,7 @@ def make_cfg(arch, loss, device, data):
         cfg.MODEL.LONG_TAIL.OBJECTNESS = loss == "seesaw"
     cfg.MODEL.DEVICE = device
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = data["num_classes"]
-    cfg.DATASETS.TRAIN = (DATASET,)
+    cfg.DATASETS.TRAIN = (data["dataset"],)
     cfg.OUTPUT_DIR = ""
     # A zero rate: the optimizer step still runs in full, but the weights stay at their
     # (seeded, shared) initial values. With any rate > 0 each model's backbone and RPN drift
@@ -83,7 +87,7 @@ def prepare_data(data_dir, num_classes):
                              image_size=128, seed=0)
     if DATASET not in DatasetCatalog.list():
         register_lvis_format(DATASET, paths["train_json"], paths["image_root"])
-    return {"num_classes": num_classes}
+    return {"num_classes": num_classes, "dataset": DATASET}
 
 
 def make_batch(cfg, n):
@@ -95,16 +99,28 @@ def make_batch(cfg, n):
     return [mapper(d) for d in dicts]
 
 
-class Case:
-    """One model + optimizer; ``step()`` runs one timed training iteration."""
+def batch_to(batch, device):
+    return [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in d.items()} for d in batch]
 
-    def __init__(self, name, cfg, batch, gradient_balance=False):
+
+class Case:
+    """One model + optimizer; ``step()`` runs one timed training iteration. With `amp`, the
+    forward runs under autocast (float16 with detectron2 AMPTrainer's gradient scaling on CUDA,
+    bfloat16 on the CPU). On CUDA ``peak_mib`` is the largest peak of its iterations, less the
+    memory that other objects held (see the module docstring)."""
+
+    def __init__(self, name, cfg, batch, gradient_balance=False, amp=False):
         torch.manual_seed(0)
         self.name, self.batch = name, batch
         self.model = build_model(cfg)
         self.model.train()
         self.optimizer = Trainer.build_optimizer(cfg, self.model)
         self.device = torch.device(cfg.MODEL.DEVICE)
+        cuda = self.device.type == "cuda"
+        self.amp = amp
+        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and cuda)
+        self.peak_mib = 0.0 if cuda else None
         self.balance = None
         if gradient_balance:
             predictors = box_predictors(self.model)
@@ -114,16 +130,32 @@ class Case:
 
     def step(self):
         self._sync()
+        if self.peak_mib is not None:
+            torch.cuda.reset_peak_memory_stats()
+            others = torch.cuda.memory_allocated() - self._held_bytes()
         start = time.perf_counter()
-        losses = sum(self.model(self.batch).values())
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            losses = sum(self.model(self.batch).values())
         self.optimizer.zero_grad()
-        losses.backward()
-        self.optimizer.step()
+        self.scaler.scale(losses).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.iter += 1
         if self.balance is not None and self.iter % 20 == 0:
             self.balance.sync(self.device)  # as the hook does every PERIOD iterations
         self._sync()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self.peak_mib is not None:
+            peak = (torch.cuda.max_memory_allocated() - others) / 2**20
+            self.peak_mib = max(self.peak_mib, peak)
+        return seconds
+
+    def _held_bytes(self):
+        """Bytes this case keeps between iterations: weights and optimizer state."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + [
+            t for state in self.optimizer.state.values() for t in state.values()
+            if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -142,10 +174,14 @@ def case_specs(archs, losses, gradient_balance):
     return specs
 
 
-def time_cases(cases, warmup, repeats, stock_of):
-    """Median seconds per iteration of each case and median of per-round ratios to its stock."""
+def time_cases(cases, warmup, repeats, stock_of, deadline=None):
+    """Median seconds per iteration of each case and median of per-round ratios to its stock.
+    With `deadline` (a time.monotonic() value), no new round starts after it once one round has
+    been timed."""
     times = {c.name: [] for c in cases}
     for rnd in range(warmup + repeats):
+        if deadline is not None and rnd > warmup and time.monotonic() > deadline:
+            break
         order = cases[rnd % len(cases):] + cases[: rnd % len(cases)]
         for case in order:
             t = case.step()
@@ -159,17 +195,8 @@ def time_cases(cases, warmup, repeats, stock_of):
 
 
 def peak_memory(spec, args):
-    """(peak, peak - before training) in MiB of one case over 3 iterations: CUDA max allocated
-    (no second figure), or the peak RSS of a subprocess (see the module docstring)."""
-    if args.device == "cuda":
-        cfg = make_cfg(spec[1], spec[2], "cuda", args.data)
-        case = Case(spec[0], cfg, make_batch(cfg, cfg.SOLVER.IMS_PER_BATCH), spec[3])
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        with EventStorage():
-            for _ in range(3):
-                case.step()
-        return torch.cuda.max_memory_allocated() / 2**20, None
+    """(peak RSS, peak RSS - RSS before training) in MiB of one case over 3 iterations, in a
+    subprocess (see the module docstring)."""
     cmd = [sys.executable, __file__, "--memory-of", json.dumps(spec), "--data-dir", args.data_dir,
            "--num-classes", str(args.num_classes)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -222,16 +249,17 @@ def main():
     specs = case_specs(args.archs, args.losses, args.gradient_balance)
     cfg0 = make_cfg(args.archs[0], None, args.device, args.data)
     batch = make_batch(cfg0, cfg0.SOLVER.IMS_PER_BATCH)
-    if args.device == "cuda":
-        batch = [{k: (v.to("cuda") if hasattr(v, "to") else v) for k, v in d.items()}
-                 for d in batch]
+    batch = batch_to(batch, args.device)
     stock_of = {name: f"{arch} stock" for name, arch, _, _ in specs}
     with EventStorage():
         cases = [Case(name, make_cfg(arch, loss, args.device, args.data), batch, gb)
                  for name, arch, loss, gb in specs]
         result = time_cases(cases, args.warmup, args.repeats, stock_of)
+    if args.device == "cuda":
+        memory = {c.name: (c.peak_mib, None) for c in cases} if args.memory else {}
     del cases
-    memory = {s[0]: peak_memory(s, args) for s in specs} if args.memory else {}
+    if args.device == "cpu":
+        memory = {s[0]: peak_memory(s, args) for s in specs} if args.memory else {}
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else (
         f"cpu, {torch.get_num_threads()} threads")

@@ -82,6 +82,11 @@ def add_seesaw_ecm_config(cfg):
     # True: the mask head trains on the last stage's foreground RoIs after that stage refined
     # their boxes (HTC's interleaved execution); False: on the same RoIs, unrefined.
     cfg.MODEL.HTC_LITE.INTERLEAVED = True
+    # Most foreground RoIs per image the mask head trains on (a random subset above it; 0 = no
+    # cap). The last cascade stage relabels every sampled RoI at IoU 0.7 after refining it, so
+    # its foreground is not bounded by ROI_HEADS.POSITIVE_FRACTION; 128 = Mask R-CNN's bound
+    # (BATCH_SIZE_PER_IMAGE 512 x POSITIVE_FRACTION 0.25).
+    cfg.MODEL.HTC_LITE.MASK_MAX_FG_ROIS = 128
 
     # The cascade (ROI_HEADS.NAME "LongTailCascadeROIHeads", and the box stages of
     # "HTCLiteROIHeads"): detectron2's CascadeROIHeads at the defaults; each key switches one

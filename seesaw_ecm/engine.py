@@ -1,11 +1,13 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import logging
 import os
+import time
 
 import torch
 from detectron2.data import (
     MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
 )
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.utils import comm
 
@@ -24,12 +26,47 @@ SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
 OPENIMAGES_SUMMARY_METRICS = ("AP", "AP1", "AP2", "AP3", "AP4", "AP5")
 
 
+class CPUAMPTrainer(AMPTrainer):
+    """Mixed-precision training on CPU: bfloat16 autocast. detectron2 0.6's AMPTrainer needs
+    CUDA (torch.cuda.amp); its float16 GradScaler is not needed here: bfloat16 has float32's
+    exponent range, so the scaler is disabled (scale 1, every step taken)."""
+
+    def __init__(self, model, data_loader, optimizer):
+        super().__init__(model, data_loader, optimizer,
+                         grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+    def run_step(self):
+        """AMPTrainer.run_step with CPU autocast: forward and loss sum in bfloat16 autocast,
+        backward outside it."""
+        assert self.model.training, "[CPUAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
     TEST.LVIS_EVAL_BACKEND (FastLVISEvaluator or detectron2's LVISEvaluator), with the optional
     gradient-balance hook (MODEL.LONG_TAIL.GRADIENT_BALANCE), and data loaders that report an
-    image they cannot read by its file name (CheckedDatasetMapper)."""
+    image they cannot read by its file name (CheckedDatasetMapper). With SOLVER.AMP.ENABLED on a
+    CPU model (MODEL.DEVICE cpu) it trains in bfloat16 autocast (CPUAMPTrainer); on CUDA with
+    detectron2's AMPTrainer (float16 autocast + GradScaler)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+            amp = self._trainer  # detectron2's (CUDA-only) AMPTrainer: same model, loader, opt.
+            self._trainer = CPUAMPTrainer(amp.model, amp.data_loader, amp.optimizer)
+            logging.getLogger(__name__).info("SOLVER.AMP.ENABLED on CPU: bfloat16 autocast")
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when

@@ -46,9 +46,12 @@ class GradientBalance:
     Not an nn.Module on purpose: it is no part of the model (model-zoo exports and weights
     stay unchanged); the trainer's checkpointer saves it through ``state_dict``.
 
-    Each rank adds its own RoIs to ``pending`` (on the device of the gradients); :meth:`sync`
-    all-reduces ``pending`` across ranks into ``total`` (float64, CPU), which is what the
-    checkpoint, the JSON and the logged scalars hold.
+    Each rank adds the RoIs of the current iteration to ``step`` (on the device of the
+    gradients, in the scale of the loss that was back-propagated); :meth:`end_step` adds it,
+    divided by that loss scale, to ``pending``, unless the optimizer step was skipped (mixed
+    precision: inf / nan gradients); :meth:`sync` all-reduces ``pending`` across ranks into
+    ``total`` (float64, CPU), which is what the checkpoint, the JSON and the logged scalars
+    hold.
     """
 
     def __init__(self, num_classes, num_stages=1):
@@ -56,6 +59,7 @@ class GradientBalance:
         self.num_stages = num_stages
         # [positive, negative, samples] x stage x class
         self.total = torch.zeros(3, num_stages, num_classes, dtype=torch.float64)
+        self.step = None
         self.pending = None
         self.iterations = 0
 
@@ -79,16 +83,31 @@ class GradientBalance:
         fg = labels < num_classes
         idx = labels[fg]
         on_label = g[fg].gather(1, idx[:, None]).squeeze(1).double()  # (R_fg,) |dL/dz_{r,y_r}|
-        if self.pending is None:
-            self.pending = torch.zeros_like(self.total, device=grad.device)
+        if self.step is None:
+            self.step = torch.zeros_like(self.total, device=grad.device)
         positive = torch.zeros(num_classes, dtype=torch.float64, device=grad.device)
         positive.index_add_(0, idx, on_label)
-        self.pending[0, stage] += positive
-        self.pending[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
-        self.pending[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
+        self.step[0, stage] += positive
+        self.step[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
+        self.step[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
+
+    @torch.no_grad()
+    def end_step(self, loss_scale=1.0, skipped=False):
+        """Close the iteration: add its sums divided by `loss_scale` (the GradScaler's scale of
+        its backward pass) to ``pending``; nothing if the optimizer skipped the step
+        (`skipped`) or a sum is not finite. The sample counts are not scaled."""
+        step, self.step = self.step, None
+        if step is None or skipped:
+            return
+        step[:2] /= loss_scale
+        # no host sync: a non-finite iteration adds zeros
+        self.pending = (0 if self.pending is None else self.pending) + torch.where(
+            torch.isfinite(step).all(), step, torch.zeros_like(step))
 
     def sync(self, device="cpu"):
-        """Add every rank's pending sums to ``total`` (a collective: call on all ranks)."""
+        """Add every rank's pending sums to ``total`` (a collective: call on all ranks). An
+        iteration not closed by :meth:`end_step` is closed first, with loss scale 1."""
+        self.end_step()
         pending = self.pending if self.pending is not None else torch.zeros_like(
             self.total, device=device)
         if comm.get_world_size() > 1:
@@ -118,7 +137,7 @@ class GradientBalance:
             )
         self.total = torch.stack([state["positive"], state["negative"], state["samples"]]).to(
             torch.float64)
-        self.pending = None
+        self.step = self.pending = None
         self.iterations = int(state["iterations"])
 
 
@@ -208,12 +227,14 @@ def check_period(period):
 class GradientBalanceHook(HookBase):
     """Installs :class:`GradientBalance` on the box predictors for the duration of training.
 
-    Every `period` iterations, at checkpoint iterations and at the end it all-reduces the
-    ranks' sums; it then logs :func:`summary_scalars` to the EventStorage (metrics.json,
-    TensorBoard). At checkpoint iterations and at the end the main process also writes
-    OUTPUT_DIR/gradient_balance.json. Register ``self.balance`` with the checkpointer (the
-    Trainer does) so checkpoints hold the accumulators and --resume continues them.
-    Place it before the PeriodicCheckpointer hook.
+    Each iteration's sums are divided by the loss scale of mixed-precision training (the
+    GradScaler of detectron2's AMPTrainer) and dropped when that scaler skipped the optimizer
+    step (inf / nan gradients: it then lowers its scale). Every `period` iterations, at
+    checkpoint iterations and at the end it all-reduces the ranks' sums; it then logs
+    :func:`summary_scalars` to the EventStorage (metrics.json, TensorBoard). At checkpoint
+    iterations and at the end the main process also writes OUTPUT_DIR/gradient_balance.json.
+    Register ``self.balance`` with the checkpointer (the Trainer does) so checkpoints hold the
+    accumulators and --resume continues them. Place it before the PeriodicCheckpointer hook.
     """
 
     def __init__(self, model, period, checkpoint_period, output_dir="", class_info=None):
@@ -237,14 +258,25 @@ class GradientBalanceHook(HookBase):
         self.class_names, self.class_counts, self.class_frequency = names, np.asarray(counts), freq
         self.groups = frequency_groups(self.class_counts, freq)
         self._device = next(self.predictors[0].parameters()).device
+        self._step_scale = 1.0
 
     def before_train(self):
         attach(self.predictors, self.balance)
+        self._step_scale = self._loss_scale()  # after resume_or_load restored the scaler
 
     def after_train(self):
         detach(self.predictors)
 
+    def _loss_scale(self):
+        """The GradScaler's current scale (1 without mixed precision or with a disabled one)."""
+        scaler = getattr(getattr(self.trainer, "_trainer", None), "grad_scaler", None)
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+
     def after_step(self):
+        # GradScaler.update() lowers the scale exactly when it skipped the optimizer step; the
+        # scale after this step is the one of the next backward pass
+        scale, self._step_scale = self._step_scale, self._loss_scale()
+        self.balance.end_step(scale, skipped=self._step_scale < scale)
         it = self.trainer.iter
         self.balance.iterations = it + 1
         last = it + 1 >= self.trainer.max_iter

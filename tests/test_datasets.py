@@ -9,6 +9,7 @@ from detectron2.structures import BoxMode
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.data.datasets import (
     DatasetFormatError,
+    _contiguous_negatives,
     load_lvis_format_json,
     parse_dataset_spec,
     register_from_cfg,
@@ -44,7 +45,8 @@ def test_load_maps_ids_paths_and_metadata(tmp_path):
     assert [r["file_name"] for r in recs] == ["/imgs/train/000005.jpg", "/imgs/sub/6.png"]
     assert [r["annotations"][0]["category_id"] for r in recs] == [1, 0]
     assert recs[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
-    assert recs[0]["neg_category_ids"] == [7]
+    assert recs[0]["neg_category_ids"] == [0]  # contiguous, as the category ids
+    assert "neg_category_ids" not in recs[1]  # not in the file: an exhaustively annotated image
     meta = MetadataCatalog.get("t_load")
     assert meta.thing_classes == ["a", "b"]
     assert meta.thing_dataset_id_to_contiguous_id == {7: 0, 9: 1}
@@ -107,3 +109,16 @@ def test_register_from_cfg(tmp_path):
     cfg.DATASETS.LVIS_FORMAT = [f"t_reg={tmp_path}/other.json:{tmp_path}/"]
     with pytest.raises(ValueError, match="already registered"):
         register_from_cfg(cfg)
+
+
+def test_builtin_lvis_loaders_give_contiguous_negatives():
+    """detectron2 0.6's LVIS loader keeps neg_category_ids in the file's ids: the built-in
+    datasets are wrapped to map them as that loader maps category_id (id map, else id - 1)."""
+    assert DatasetCatalog.data["lvis_v1_train"].contiguous_negatives
+    assert DatasetCatalog.data["lvis_v0.5_val"].contiguous_negatives
+    records = [{"neg_category_ids": [1, 1203]}, {"neg_category_ids": []}, {}]
+    load = _contiguous_negatives("lvis_v1_val", lambda: copy.deepcopy(records))
+    assert load() == [{"neg_category_ids": [0, 1202]}, {"neg_category_ids": []}, {}]
+    MetadataCatalog.get("t_cocofied").set(thing_dataset_id_to_contiguous_id={5: 0, 9: 1})
+    load = _contiguous_negatives("t_cocofied", lambda: [{"neg_category_ids": [9]}])
+    assert load() == [{"neg_category_ids": [1]}]

@@ -146,7 +146,7 @@ def test_recording_leaves_the_gradients_unchanged(loss):
         detach([predictor])
         grads.append([p.grad.clone() for p in predictor.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-    assert balance.pending is not None and balance.pending.abs().sum() > 0
+    assert balance.step is not None and balance.step.abs().sum() > 0
 
 
 def test_nothing_recorded_without_backward_or_grad():

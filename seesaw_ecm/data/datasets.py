@@ -133,9 +133,13 @@ def _set_metadata(name, cats):
 def load_lvis_format_json(json_file, image_root, dataset_name=None):
     """Load an LVIS-format json into detectron2's dataset dicts (boxes XYWH_ABS, polygons).
 
-    Category ids are mapped to contiguous 0..C-1 in id order. With `dataset_name`, the
-    metadata (thing_classes, thing_dataset_id_to_contiguous_id, class_frequency,
-    class_image_count, class_instance_count) is set too.
+    Category ids are mapped to contiguous 0..C-1 in id order, in the annotations and in
+    `neg_category_ids` (the classes verified absent from an image, which HTC-Lite's context
+    loss reads in contiguous ids; a record has the key only if its image has it, and an image
+    without it counts as exhaustively annotated). `not_exhaustive_category_ids` keeps the
+    file's ids. With `dataset_name`, the metadata (thing_classes,
+    thing_dataset_id_to_contiguous_id, class_frequency, class_image_count,
+    class_instance_count) is set too.
     """
     data = read_lvis_json(json_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])
@@ -161,19 +165,52 @@ def load_lvis_format_json(json_file, image_root, dataset_name=None):
             }
             for a in anns_per_image.get(im["id"], [])
         ]
-        records.append(
-            {
-                "file_name": file_name,
-                "height": im["height"],
-                "width": im["width"],
-                "image_id": im["id"],
-                "not_exhaustive_category_ids": im.get("not_exhaustive_category_ids", []),
-                "neg_category_ids": im.get("neg_category_ids", []),
-                "annotations": objs,
-            }
-        )
+        record = {
+            "file_name": file_name,
+            "height": im["height"],
+            "width": im["width"],
+            "image_id": im["id"],
+            "not_exhaustive_category_ids": im.get("not_exhaustive_category_ids", []),
+            "annotations": objs,
+        }
+        if "neg_category_ids" in im:
+            record["neg_category_ids"] = [id_map[c] for c in im["neg_category_ids"]]
+        records.append(record)
     logger.info(f"Loaded {len(records)} images in LVIS format from {json_file}")
     return records
+
+
+def _contiguous_negatives(name, load):
+    """Wrap detectron2 0.6's LVIS loader of dataset `name`: its records keep
+    `neg_category_ids` in the file's ids; map them as it maps `category_id` (the metadata's
+    thing_dataset_id_to_contiguous_id, else id - 1), to match this package's loader (and
+    detectron2's later releases). That loader gives every image the key (LVIS v1 images all
+    have it)."""
+
+    def wrapped():
+        records = load()
+        id_map = MetadataCatalog.get(name).get("thing_dataset_id_to_contiguous_id", None)
+        for r in records:
+            if "neg_category_ids" in r:
+                r["neg_category_ids"] = [id_map[c] if id_map else c - 1
+                                         for c in r["neg_category_ids"]]
+        return records
+
+    wrapped.contiguous_negatives = True
+    return wrapped
+
+
+def register_builtin_lvis_negatives():
+    """Make detectron2's built-in LVIS datasets (lvis_v1_*, lvis_v0.5_*) load contiguous
+    `neg_category_ids` (idempotent)."""
+    from detectron2.data.datasets.builtin import _PREDEFINED_SPLITS_LVIS
+
+    for splits in _PREDEFINED_SPLITS_LVIS.values():
+        for name in splits:
+            load = DatasetCatalog.data.get(name)  # the loader function (get() would call it)
+            if load is not None and not getattr(load, "contiguous_negatives", False):
+                DatasetCatalog.remove(name)
+                DatasetCatalog.register(name, _contiguous_negatives(name, load))
 
 
 def register_lvis_format(name, json_file, image_root):
@@ -240,3 +277,4 @@ def register_synthetic():
 
 
 register_synthetic()
+register_builtin_lvis_negatives()

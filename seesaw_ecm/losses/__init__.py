@@ -17,6 +17,7 @@ Constructors: ``CrossEntropyLoss(num_classes)``, ``SeesawLoss(num_classes, p, q,
 freq_weight_power)`` (the last two also ``(None, num_classes=C)``, to be filled from a
 checkpoint); all take ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
+Under autocast (mixed precision) every ``forward`` runs in float32 (``precision.float32_loss``).
 """
 from .cross_entropy import CrossEntropyLoss
 from .ecm import ECMLoss, effective_class_margins

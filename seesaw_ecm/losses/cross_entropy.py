@@ -2,6 +2,8 @@
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import float32_loss
+
 
 class CrossEntropyLoss(nn.Module):
     """Plain softmax cross-entropy averaged over the N sampled RoIs.
@@ -18,6 +20,7 @@ class CrossEntropyLoss(nn.Module):
         self.num_classes = num_classes
         self.loss_weight = loss_weight
 
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:

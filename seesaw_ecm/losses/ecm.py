@@ -7,6 +7,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from .precision import float32_loss
+
 
 def effective_class_margins(class_counts, fg_bg_ratio=6.3313):
     """ECM statistics, in float64, of the C foreground classes plus the background column.
@@ -125,6 +127,7 @@ class ECMLoss(nn.Module):
         self.register_buffer("weight", stats["weight"].clone())
         self._has_statistics = class_counts is not None
 
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:
@@ -138,7 +141,6 @@ class ECMLoss(nn.Module):
         if not self._has_statistics:
             raise RuntimeError("ECMLoss has placeholder class statistics: build it with "
                                "class_counts, or load_state_dict a checkpoint holding them.")
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = _MarginBCE.apply(logits, labels, self.margin.to(logits.dtype),
                                 self.weight.to(logits.dtype))
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import float32_loss
+
 
 class FederatedLoss(nn.Module):
     """Sigmoid BCE on the columns of a sampled class set, summed and divided by N.
@@ -81,6 +83,7 @@ class FederatedLoss(nn.Module):
         negatives = torch.multinomial(prob, num_negatives, replacement=False)
         return torch.cat([classes, negatives])
 
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:

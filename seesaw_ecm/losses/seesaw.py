@@ -8,6 +8,8 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .precision import float32_loss
+
 
 class SeesawLoss(nn.Module):
     """Seesaw class term on foreground RoIs plus a fg/bg objectness term on all RoIs.
@@ -55,6 +57,7 @@ class SeesawLoss(nn.Module):
             dist.all_reduce(counts)
         self.cum_samples += counts.to(self.cum_samples.dtype)
 
+    @float32_loss
     def forward(self, class_logits, objectness_logits, labels):
         """
         Args:

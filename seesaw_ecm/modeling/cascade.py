@@ -143,7 +143,8 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
 
     def _run_stage(self, features, proposals, stage):
         box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
-        box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
+        if self.training:  # inference needs no scaling (and the Function is not traceable)
+            box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
         return self.box_predictor[stage](self.box_head[stage](box_features))
 
     def _next_stage_proposals(self, boxes, proposals, stage, targets):

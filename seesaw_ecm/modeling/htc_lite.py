@@ -10,9 +10,9 @@ here because no library ships it for detectron2.
 """
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SeesawEcmError
+from ..losses.precision import float32_loss
 from .roi_heads import LongTailCascadeROIHeads
 
 
@@ -54,6 +55,7 @@ class GlobalContextEncoder(nn.Module):
         return context, self.classifier(context.flatten(1))
 
 
+@float32_loss
 def context_loss(logits, positives, negatives=None):
     """Image-level multi-label BCE over the annotated classes only.
 
@@ -73,11 +75,12 @@ def context_loss(logits, positives, negatives=None):
     return (loss * annotated).sum() / annotated.sum().clamp(min=1)
 
 
-def _image_index(per_image, device):
-    """(R,) index of the image each row belongs to, for a list of per-image Boxes / Instances
-    (R = their total length)."""
-    counts = torch.as_tensor([len(x) for x in per_image], device=device)
-    return torch.repeat_interleave(torch.arange(len(per_image), device=device), counts)
+def _image_index(boxes):
+    """(R,) index of the image each box belongs to, for a list of per-image Boxes (R = their
+    total number). Trace-safe: detectron2's pooler format counts the boxes with
+    ``Boxes.__len__``, which tracing records as a tensor op (Python ``len()`` would freeze the
+    traced number of boxes)."""
+    return convert_boxes_to_pooler_format(boxes)[:, 0].long()
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -87,11 +90,13 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
 
     Training, per image batch: RoIs are sampled and labelled per stage as in the cascade; with
     MODEL.HTC_LITE.INTERLEAVED the mask head takes the last stage's foreground RoIs with the
-    boxes that stage regressed (detached, gt assignment unchanged, mask targets cropped at the
-    refined boxes), otherwise the same RoIs unrefined. With MODEL.HTC_LITE.CONTEXT the context
-    vector of each image is added to every RoI feature of that image (box stages and mask head)
-    and the image-level classifier adds ``loss_context``. Inference: cascade boxes and scores,
-    masks predicted on the final boxes.
+    boxes that stage regressed (detached, clipped to the image, gt assignment unchanged, mask
+    targets cropped at the refined boxes), otherwise the same RoIs unrefined; at most
+    MODEL.HTC_LITE.MASK_MAX_FG_ROIS of them per image, drawn at random. With
+    MODEL.HTC_LITE.CONTEXT the context vector of each image is added to every RoI feature of
+    that image (box stages and mask head) and the image-level classifier adds
+    ``loss_context``. Inference: cascade boxes and scores, masks predicted on the final boxes
+    (on given boxes too, as test-time augmentation asks: :meth:`forward_with_given_boxes`).
 
     The annotated-negative classes of each training image come from HTCLiteRCNN (the
     meta-architecture), which hands them over before each training forward.
@@ -99,12 +104,13 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
 
     @configurable
     def __init__(self, *, context_encoder=None, context_in_feature="p6", context_loss_weight=1.0,
-                 interleaved=True, **kwargs):
+                 interleaved=True, mask_max_fg_rois=0, **kwargs):
         super().__init__(**kwargs)
         self.context_encoder = context_encoder
         self.context_in_feature = context_in_feature
         self.context_loss_weight = context_loss_weight
         self.interleaved = interleaved
+        self.mask_max_fg_rois = mask_max_fg_rois  # per image; 0 = all foreground RoIs
         # set by HTCLiteRCNN before a training forward: per image a (C,) bool tensor of
         # verified-absent classes, or None for exhaustively annotated images
         self.annotated_negatives = None
@@ -121,6 +127,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         ret = super().from_config(cfg, input_shape)
         htc = cfg.MODEL.HTC_LITE
         ret["interleaved"] = htc.INTERLEAVED
+        ret["mask_max_fg_rois"] = htc.MASK_MAX_FG_ROIS
         if htc.CONTEXT:
             if htc.CONTEXT_IN_FEATURE not in input_shape:
                 raise SeesawEcmError(
@@ -133,11 +140,15 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
             ret["context_loss_weight"] = htc.CONTEXT_LOSS_WEIGHT
         return ret
 
+    def _context(self, features):
+        """(context (B, D, 1, 1), image-level logits (B, C)), or (None, None) without encoder."""
+        if self.context_encoder is None:
+            return None, None
+        return self.context_encoder(features[self.context_in_feature])
+
     def forward(self, images, features, proposals, targets=None):
         del images
-        context = logits = None
-        if self.context_encoder is not None:
-            context, logits = self.context_encoder(features[self.context_in_feature])
+        context, logits = self._context(features)
         if not self.training:
             instances, _ = self._forward_box(features, proposals, context=context)
             return self._forward_mask(features, instances, context), {}
@@ -148,6 +159,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
             if self.interleaved:  # the boxes the last stage regressed, gt assignment unchanged
                 for p, boxes in zip(last, refined):
                     p.proposal_boxes = Boxes(boxes.detach())
+                    p.proposal_boxes.clip(p.image_size)
             losses.update(self._forward_mask(features, last, context))
         if logits is not None:
             losses["loss_context"] = self.context_loss_weight * self._context_loss(logits, targets)
@@ -162,7 +174,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
                 "that META_ARCHITECTURE 'HTCLiteRCNN' provides; set MODEL.META_ARCHITECTURE "
                 "HTCLiteRCNN (or MODEL.HTC_LITE.CONTEXT False).")
         positives = torch.zeros_like(logits, dtype=torch.bool)
-        rows = _image_index(targets, logits.device)
+        rows = _image_index([t.gt_boxes for t in targets])
         positives[rows, cat([t.gt_classes for t in targets])] = True
         # exhaustive images (None) have every class annotated: all absent classes are negatives
         negs = torch.stack([~positives[i] if n is None else n.to(logits.device)
@@ -173,8 +185,10 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         boxes = [x.proposal_boxes for x in proposals]
         box_features = self.box_pooler(features, boxes)
         if context is not None:
-            box_features = box_features + context[_image_index(boxes, box_features.device)]
-        box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
+            box_features = box_features + context[_image_index(boxes)]
+        if self.training:  # as detectron2's later releases: a Python autograd Function is not
+            # traceable (TorchScript export), and inference needs no gradient scaling
+            box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
         box_features = self.box_head[stage](box_features)
         return self.box_predictor[stage](box_features)
 
@@ -208,52 +222,49 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
     def _needs_mask_targets(self, stage):
         return stage == self.num_cascade_stages - 1  # the mask head trains on its RoIs
 
+    def forward_with_given_boxes(self, features, instances):
+        """Masks for given boxes (detectron2's test-time augmentation), with the context."""
+        assert not self.training
+        return self._forward_mask(features, instances, self._context(features)[0])
+
     def _forward_mask(self, features, instances, context=None):
-        """StandardROIHeads._forward_mask with the context added to the pooled RoI features."""
+        """StandardROIHeads._forward_mask with the context added to the pooled RoI features and,
+        in training, at most ``mask_max_fg_rois`` foreground RoIs per image."""
         if not self.mask_on:
             return {} if self.training else instances
         if self.training:
             instances, _ = select_foreground_proposals(instances, self.num_classes)
+            instances = [self._cap_foreground(x) for x in instances]
         boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
         mask_features = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
-        if context is not None and len(mask_features):
-            mask_features = mask_features + context[_image_index(boxes, mask_features.device)]
+        if context is not None:
+            mask_features = mask_features + context[_image_index(boxes)]
         return self.mask_head(mask_features, instances)
+
+    def _cap_foreground(self, instances):
+        """A random subset of ``mask_max_fg_rois`` RoIs of one image if it has more: the
+        cascade relabels every RoI per stage, so the last stage's foreground is not bounded by
+        the first stage's sampling (ROI_HEADS.POSITIVE_FRACTION)."""
+        cap = self.mask_max_fg_rois
+        if cap <= 0 or len(instances) <= cap:
+            return instances
+        return instances[torch.randperm(len(instances), device=instances.gt_classes.device)[:cap]]
 
 
 @META_ARCH_REGISTRY.register()
 class HTCLiteRCNN(GeneralizedRCNN):
-    """GeneralizedRCNN that hands each training image's verified-absent classes
-    (``neg_category_ids`` of LVIS-format dataset dicts, mapped to contiguous ids) to the
-    HTC-Lite ROI heads for the context loss. Images without that key count as exhaustively
-    annotated."""
+    """GeneralizedRCNN that hands each training image's verified-absent classes to the
+    HTC-Lite ROI heads for the context loss: ``neg_category_ids`` of the dataset dicts, which
+    the loaders (seesaw_ecm.data.datasets) give in contiguous class ids. Images without that
+    key count as exhaustively annotated."""
 
-    @configurable
-    def __init__(self, *, dataset_id_to_contiguous_id=None, **kwargs):
-        super().__init__(**kwargs)
-        self.dataset_id_to_contiguous_id = dataset_id_to_contiguous_id
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        id_map = None
-        if cfg.DATASETS.TRAIN:
-            # LVIS v1's builtin registration has ids 1..1203 and no map: contiguous = id - 1
-            id_map = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get(
-                "thing_dataset_id_to_contiguous_id")
-        ret["dataset_id_to_contiguous_id"] = id_map
-        return ret
-
-    def _negatives(self, record, num_classes):
+    @staticmethod
+    def _negatives(record, num_classes):
+        """(C,) bool of the record's verified-absent classes, or None (exhaustive image)."""
         if "neg_category_ids" not in record:
             return None
-        ids = record["neg_category_ids"]
-        if self.dataset_id_to_contiguous_id is not None:
-            ids = [self.dataset_id_to_contiguous_id[i] for i in ids]
-        else:
-            ids = [i - 1 for i in ids]
         mask = torch.zeros(num_classes, dtype=torch.bool)
-        mask[torch.as_tensor(ids, dtype=torch.long)] = True
+        mask[torch.as_tensor(record["neg_category_ids"], dtype=torch.long)] = True
         return mask
 
     def forward(self, batched_inputs):

@@ -23,18 +23,15 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.seesaw_ecm_ok"
 CACHE="${SEESAW_ECM_CACHE:-$ROOT/.cache/install}"
 
-D2_URL="https://files.pythonhosted.org/packages/60/26/48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
-D2_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-LVIS_URL="https://files.pythonhosted.org/packages/ea/fe/c18531099e7538bd6a53de8b2f8e900a5cf6a82d0c603325031a4122da5a/lvis-0.5.3.tar.gz"
-LVIS_SHA256="55aeeb84174abea2ed0d6985a8e93aa9bdbb60c61c6db130c8269a275ef61a6e"
-
 say() { echo "[install] $*" >&2; }
 die() { echo "[install] ERROR: $*" >&2; exit 1; }
+# D2_URL, D2_SHA256, LVIS_URL, LVIS_SHA256, fetch, patched_source (uses PY, set below)
+source "$HERE/sdists.sh"
 
 # The stamp's content: everything that decides what gets installed.
 fingerprint() {
-    cat "$HERE/requirements.lock" "$HERE/install.sh" "$HERE/patch_third_party.py" "$ROOT/setup.py" \
-        | sha256sum | cut -d' ' -f1
+    cat "$HERE/requirements.lock" "$HERE/install.sh" "$HERE/sdists.sh" "$HERE/filter_lock.py" \
+        "$HERE/patch_third_party.py" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1
 }
 
 # --- 1. platform and python -------------------------------------------------------------
@@ -84,16 +81,8 @@ EOF
     say "keeping the working torch/torchvision found outside the venv"
     REQ="$(mktemp)"
     # drop torch, torchvision and their CUDA runtime packages from the lock
-    "$PY" - "$HERE/requirements.lock" > "$REQ" <<'EOF'
-import re, sys
-skip = re.compile(r"^(torch|torchvision|triton|nvidia-[\w-]+|cuda-[\w-]+)==")
-keep = True
-for line in open(sys.argv[1]):
-    if line and not line[0].isspace():
-        keep = not skip.match(line)
-    if keep:
-        sys.stdout.write(line)
-EOF
+    "$PY" "$HERE/filter_lock.py" "$HERE/requirements.lock" \
+        --drop 'torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+' > "$REQ"
 fi
 say "installing pinned dependencies (first run: a few minutes, ~6 GB)"
 pip_install --require-hashes --no-deps -r "$REQ" \
@@ -102,33 +91,11 @@ pip_install --require-hashes --no-deps -r "$REQ" \
 # --- 4. detectron2 and lvis from patched sdists ----------------------------------------------
 MARKER="$("$PY" -c "import runpy; print(runpy.run_path('$HERE/patch_third_party.py')['MARKER'])")"
 
-fetch() {  # fetch URL SHA256 -> prints the verified local file
-    local url="$1" sha="$2" out="$CACHE/$(basename "$1")"
-    mkdir -p "$CACHE"
-    if [ ! -f "$out" ] || [ "$(sha256sum "$out" | cut -d' ' -f1)" != "$sha" ]; then
-        say "downloading $(basename "$url")"
-        "$PY" - "$url" "$out.part" <<'EOF' || die "could not download $url (registry unreachable?)"
-import sys, urllib.request
-urllib.request.urlretrieve(sys.argv[1], sys.argv[2])
-EOF
-        local got; got="$(sha256sum "$out.part" | cut -d' ' -f1)"
-        if [ "$got" != "$sha" ]; then
-            rm -f "$out.part"
-            die "sha256 mismatch for $(basename "$url"): expected $sha, got $got. Refusing to install it."
-        fi
-        mv "$out.part" "$out"
-    fi
-    echo "$out"
-}
-
 install_sdist() {  # install_sdist NAME URL SHA256
-    local name="$1" tgz src tmp
-    tgz="$(fetch "$2" "$3")"
+    local tmp src
     tmp="$(mktemp -d)"
-    tar -xzf "$tgz" -C "$tmp"
-    src="$(echo "$tmp"/*)"
-    "$PY" "$HERE/patch_third_party.py" "$name" "$src"
-    say "installing patched $name"
+    src="$(patched_source "$1" "$2" "$3" "$tmp")"
+    say "installing patched $1"
     (cd "$src" && pip_install --no-deps --no-build-isolation .)
     rm -rf "$tmp"
 }
