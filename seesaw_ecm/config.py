@@ -133,6 +133,25 @@ def add_seesaw_ecm_config(cfg):
     # (BATCH_SIZE_PER_IMAGE 512 x POSITIVE_FRACTION 0.25).
     cfg.MODEL.HTC_LITE.MASK_MAX_FG_ROIS = 128
 
+    # The cascade (ROI_HEADS.NAME "LongTailCascadeROIHeads", and the box stages of
+    # "HTCLiteROIHeads"): detectron2's CascadeROIHeads at the defaults; each key switches one
+    # difference to mmdetection's CascadeRoIHead, the cascade of the official Seesaw / ECM runs.
+    cfg.MODEL.CASCADE = CN()
+    # False: one mask head, trained on stage-1 foreground RoIs (detectron2). True: one mask head
+    # per stage, trained on that stage's foreground RoIs; test masks = mean of their sigmoids.
+    cfg.MODEL.CASCADE.MASK_PER_STAGE = False
+    # [] (detectron2): stage losses unweighted, gradient into the pooled RoI features scaled by
+    # 1 / stages. One weight per stage (mmdetection: [1.0, 0.5, 0.25]): every loss of stage i
+    # (classification, box, mask) times w_i, no gradient scaling.
+    cfg.MODEL.CASCADE.STAGE_LOSS_WEIGHTS = []
+    # False (detectron2): later stages relabel the stage-1 RoIs, refined, at their IoU. True
+    # (mmdetection): each stage drops the ground-truth RoIs, adds the ground truth again and
+    # samples ROI_HEADS.BATCH_SIZE_PER_IMAGE RoIs at POSITIVE_FRACTION at its own IoU.
+    cfg.MODEL.CASCADE.RESAMPLE_PER_STAGE = False
+    # Test class scores: "probs" = mean of the stages' probabilities (detectron2); "logits" =
+    # the loss's activation of the mean of the stages' raw outputs (mmdetection).
+    cfg.MODEL.CASCADE.TEST_SCORE = "probs"
+
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
     # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0

@@ -3,7 +3,8 @@ built and before anything is written to OUTPUT_DIR: every problem found, in one 
 
 - Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
   MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
-  statistics), GRADIENT_BALANCE.PERIOD, HTC-Lite's context with its meta-architecture.
+  statistics), MODEL.CASCADE for the cascade heads, GRADIENT_BALANCE.PERIOD, HTC-Lite's context
+  with its meta-architecture.
 - Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
   weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
   file: fields, references, unique ids), unique image ids, class count equal to
@@ -95,6 +96,8 @@ def config_problems(cfg, eval_only=False):
                      cfg.MODEL.ROI_HEADS.NAME)
     if heads is not None and issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
         _collect(problems, _check_long_tail, cfg)
+    if heads is not None and issubclass(heads, LongTailCascadeROIHeads):
+        _collect(problems, heads.check_config, cfg)  # MODEL.CASCADE
     if (not eval_only and heads is not None and issubclass(heads, HTCLiteROIHeads)
             and cfg.MODEL.HTC_LITE.CONTEXT and arch is not None
             and not issubclass(arch, HTCLiteRCNN)):

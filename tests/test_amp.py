@@ -104,7 +104,7 @@ def fill_statistics(model):
 # (the losses alone are all tested above; ~3 s of CPU each: bfloat16 convolutions are slow)
 @pytest.mark.parametrize("config", [
     "mask_rcnn_R18_FPN_ce", "mask_rcnn_R18_FPN_ecm", "cascade_mask_rcnn_R18_FPN_seesaw",
-    "htc_lite_R18_FPN_seesaw",
+    "htc_lite_R18_FPN_seesaw", "cascade_mask_rcnn_R18_FPN_ecm_mmdet",
 ])
 def test_every_head_trains_under_autocast(config):
     """LongTailROIHeads (linear CE; cosine ECM with the normalized mask head),

@@ -24,6 +24,9 @@ def test_keys_and_defaults():
     assert (lt.EQLV2.GAMMA, lt.EQLV2.MU, lt.EQLV2.ALPHA) == (12.0, 0.8, 4.0)
     assert (lt.BAGS.BIN_SPLIT, lt.BAGS.BETA, lt.TRAINABLE) == ((10, 100, 1000), 8.0, [])
     assert cfg.DATASETS.LVIS_FORMAT == [] and cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 0.0
+    cascade = cfg.MODEL.CASCADE  # detectron2's cascade unless switched
+    assert (cascade.MASK_PER_STAGE, cascade.STAGE_LOSS_WEIGHTS, cascade.RESAMPLE_PER_STAGE,
+            cascade.TEST_SCORE) == (False, [], False, "probs")
     # detectron2 rejects unknown keys, so the keys must exist before merging a config
     bare = get_cfg()
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.LONG_TAIL.LOSS"):
@@ -59,14 +62,22 @@ def test_shipped_config_loads_and_builds(path):
     if "cascade" in path:
         assert cfg.MODEL.ROI_HEADS.NAME == "LongTailCascadeROIHeads"
         assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
+        mmdet = "LVISv1" in path or "_mmdet" in path  # mmdetection's cascade (MODEL.CASCADE)
         assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS == (
-            (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+            (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0),
+            (1 / 0.033, 1 / 0.033, 1 / 0.067, 1 / 0.067) if mmdet else (30.0, 30.0, 15.0, 15.0))
+        assert cfg.MODEL.CASCADE.STAGE_LOSS_WEIGHTS == ([1.0, 0.5, 0.25] if mmdet else [])
+        assert cfg.MODEL.CASCADE.MASK_PER_STAGE == mmdet
         if "LVISv1" in path:
             assert cfg.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
     if "htc_lite" in path:
         assert cfg.MODEL.META_ARCHITECTURE == "HTCLiteRCNN"
         assert cfg.MODEL.ROI_HEADS.NAME == "HTCLiteROIHeads"
         assert cfg.MODEL.HTC_LITE.CONTEXT and cfg.MODEL.HTC_LITE.INTERLEAVED
+        assert not cfg.MODEL.CASCADE.MASK_PER_STAGE  # HTC-Lite has one mask head
+        if "LVISv1" in path:  # box stages as mmdetection's cascade
+            assert cfg.MODEL.CASCADE.STAGE_LOSS_WEIGHTS == [1.0, 0.5, 0.25]
+            assert cfg.MODEL.CASCADE.RESAMPLE_PER_STAGE and cfg.MODEL.CASCADE.TEST_SCORE == "logits"
         assert cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS == (0.5, 0.6, 0.7)
         if "LVISv1" in path:
             assert f"R_{cfg.MODEL.RESNETS.DEPTH}_" in path

@@ -125,6 +125,9 @@ def test_malformed_dataset_is_a_clear_error(tmp_path):
     ("cascade_mask_rcnn_R18_FPN_ecm MODEL.LONG_TAIL.LOSS cosine_ce", {"loss_cls", "loss_box_reg"}),
     ("cascade_mask_rcnn_R18_FPN_ecm MODEL.LONG_TAIL.LOSS federated", {"loss_cls", "loss_box_reg"}),
     ("htc_lite_R18_FPN_seesaw", {"loss_cls", "loss_objectness", "loss_box_reg"}),
+    ("cascade_mask_rcnn_R18_FPN_seesaw_mmdet",
+     {"loss_cls", "loss_objectness", "loss_box_reg", "loss_mask"}),
+    ("cascade_mask_rcnn_R18_FPN_ecm_mmdet", {"loss_cls", "loss_box_reg", "loss_mask"}),
 ])
 def test_cascade_and_htc_lite_short_training_run(small_synthetic, tmp_path, config, per_stage):
     """Train a few iterations, evaluate, and evaluate the checkpoint again with --eval-only

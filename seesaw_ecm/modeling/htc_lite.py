@@ -16,8 +16,7 @@ from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import Boxes, pairwise_iou
-from detectron2.utils.events import get_event_storage
+from detectron2.structures import Boxes
 from torch import nn
 from torch.nn import functional as F
 
@@ -117,6 +116,13 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         self.annotated_negatives = None
 
     @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg.MODEL.CASCADE.MASK_PER_STAGE:
+            raise SeesawEcmError("HTCLiteROIHeads has one mask head, after the last stage: set "
+                                 "MODEL.CASCADE.MASK_PER_STAGE False.")
+
+    @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         htc = cfg.MODEL.HTC_LITE
@@ -182,7 +188,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
             box_features = box_features + context[_image_index(boxes)]
         if self.training:  # as detectron2's later releases: a Python autograd Function is not
             # traceable (TorchScript export), and inference needs no gradient scaling
-            box_features = _ScaleGradient.apply(box_features, 1.0 / self.num_cascade_stages)
+            box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
         box_features = self.box_head[stage](box_features)
         return self.box_predictor[stage](box_features)
 
@@ -199,41 +205,22 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         boxes = None
         for k in range(self.num_cascade_stages):
             if k > 0:
-                proposals = self._create_proposals_from_boxes(boxes, image_sizes)
-                if self.training:
-                    proposals = self._match_and_label_boxes(proposals, k, targets)
+                proposals = self._next_stage_proposals(boxes, proposals, k, targets)
             predictions = self._run_stage(features, proposals, k, context)
             boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
             head_outputs.append((self.box_predictor[k], predictions, proposals))
         last = (boxes, proposals)
         if self.training:
-            losses = {}
-            storage = get_event_storage()
-            for stage, (predictor, predictions, stage_proposals) in enumerate(head_outputs):
-                with storage.name_scope(f"stage{stage}"):
-                    stage_losses = predictor.losses(predictions, stage_proposals)
-                losses.update({f"{k}_stage{stage}": v for k, v in stage_losses.items()})
-            return losses, last
-        # average the stages' (R, C + 1) probabilities; boxes of the last stage (`boxes`)
-        per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
-        scores = [sum(s) * (1.0 / self.num_cascade_stages) for s in zip(*per_stage)]
+            return self._stage_losses(head_outputs), last
+        # scores as MODEL.CASCADE.TEST_SCORE says; boxes of the last stage (`boxes`)
         predictor = self.box_predictor[-1]
         instances, _ = fast_rcnn_inference(
-            boxes, scores, image_sizes,
+            boxes, self._cascade_scores(head_outputs), image_sizes,
             predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image)
         return instances, last
 
-    @torch.no_grad()
-    def _match_and_label_boxes(self, proposals, stage, targets):
-        """detectron2's matching, plus the matched gt masks at the last stage (the mask head
-        trains on that stage's RoIs)."""
-        proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if self.mask_on and stage == self.num_cascade_stages - 1:
-            for p, t in zip(proposals, targets):
-                if len(t):  # same matcher, same IoUs: the same assignment as above
-                    idx, _ = self.proposal_matchers[stage](pairwise_iou(t.gt_boxes, p.proposal_boxes))
-                    p.gt_masks = t.gt_masks[idx]
-        return proposals
+    def _needs_mask_targets(self, stage):
+        return stage == self.num_cascade_stages - 1  # the mask head trains on its RoIs
 
     def forward_with_given_boxes(self, features, instances):
         """Masks for given boxes (detectron2's test-time augmentation), with the context."""
