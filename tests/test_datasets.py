@@ -72,6 +72,8 @@ def _broken(mutate):
         (_broken(lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]])),
          "no valid polygon"),
         (_broken(lambda d: d["annotations"][0].pop("bbox")), "annotation 1 lacks bbox"),
+        (_broken(lambda d: d["images"][0].update(neg_category_ids=[42])),
+         r"unknown category ids \[42\] in 'neg_category_ids'"),
     ],
 )
 def test_malformed_file_gives_clear_error(tmp_path, data, message):

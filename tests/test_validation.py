@@ -446,6 +446,9 @@ def test_train_and_test_sets_with_different_class_counts(small, tmp_path):
         last = max(c["id"] for c in data["categories"])
         data["categories"] = [c for c in data["categories"] if c["id"] != last]
         data["annotations"] = [a for a in data["annotations"] if a["category_id"] != last]
+        for im in data["images"]:
+            for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+                im[key] = [c for c in im.get(key, []) if c != last]
 
     test = mutated_test_set(small, tmp_path, drop_last_class)
     found = problems_of(small, "DATASETS.TEST", (test,))

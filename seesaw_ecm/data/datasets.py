@@ -57,7 +57,7 @@ def read_lvis_json(json_file):
         if not isinstance(data.get(key), list):
             _fail(json_file, f"missing list '{key}'")
     cat_ids = _check_categories(json_file, data["categories"])
-    img_ids = _check_images(json_file, data["images"])
+    img_ids = _check_images(json_file, data["images"], cat_ids)
     _check_annotations(json_file, data["annotations"], img_ids, cat_ids)
     return data
 
@@ -80,8 +80,10 @@ def _check_categories(json_file, categories):
     return cat_ids
 
 
-def _check_images(json_file, images):
-    """The set of image ids; each image has a unique id, its size and a file name or URL."""
+def _check_images(json_file, images, cat_ids):
+    """The set of image ids; each image has a unique id, its size, a file name or URL, and
+    image-level category lists (LVIS' neg_category_ids, not_exhaustive_category_ids) of known
+    categories."""
     img_ids = set()
     for im in images:
         if not isinstance(im, dict) or "id" not in im:
@@ -92,6 +94,11 @@ def _check_images(json_file, images):
         if missing:
             _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
         _add_unique(json_file, img_ids, im["id"], "image")
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            unknown = set(im.get(key, ())) - cat_ids
+            if unknown:
+                _fail(json_file, f"image {im['id']} has unknown category ids {sorted(unknown)} "
+                                 f"in '{key}'")
     return img_ids
 
 
