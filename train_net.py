@@ -4,6 +4,8 @@
     python train_net.py --config-file configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --num-gpus 2          # 2 processes (GLOO on CPU)
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
+        TEST.AP_FIXED.ENABLED True TEST.AP_POOL True TEST.BOUNDARY_AP True  # more LVIS metrics
     python train_net.py --config-file ... --dataset mine=/data/mine.json:/data/images \\
         DATASETS.TRAIN "('mine',)" DATASETS.TEST "('mine',)"
 """
@@ -22,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import register_from_cfg
-from seesaw_ecm.engine import Trainer, format_summary
+from seesaw_ecm.engine import Trainer, check_lvis_metrics_config, format_summary
 from seesaw_ecm.errors import SeesawEcmError
 
 
@@ -38,6 +40,7 @@ def setup(args):
         print("No GPU available: running on the CPU.")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    check_lvis_metrics_config(cfg)  # before training, not at its end
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seesaw_ecm")
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:

@@ -1,15 +1,17 @@
 """ROI heads that install the long-tail box predictor (LongTailOutputLayers): a standard
-(Mask R-CNN) one and a cascade (Cascade Mask R-CNN) one."""
+(Mask R-CNN) one and a cascade (Cascade Mask R-CNN) one; both infer top K per class with
+TEST.AP_FIXED (TopKPerClassHeads)."""
 import copy
 
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 
 from .predictor import LongTailOutputLayers, build_cls_loss
+from .topk_inference import TopKPerClassHeads
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailROIHeads(StandardROIHeads):
+class LongTailROIHeads(TopKPerClassHeads, StandardROIHeads):
     """StandardROIHeads whose box predictor is configured by MODEL.LONG_TAIL (loss, cosine
     classifier, decoupled objectness)."""
 
@@ -21,7 +23,7 @@ class LongTailROIHeads(StandardROIHeads):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailCascadeROIHeads(CascadeROIHeads):
+class LongTailCascadeROIHeads(TopKPerClassHeads, CascadeROIHeads):
     """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers.
 
     Each stage keeps detectron2's cascade recipe (ROI_BOX_CASCADE_HEAD.IOUS 0.5 / 0.6 / 0.7 and
