@@ -592,8 +592,16 @@ class LvisMatcher:
                   for k in rows[local_start[j]:local_start[j] + nd[p]].tolist()]
             pair_iou = mask_utils.iou(dt, gt_rles, [0] * len(g))
             if self.iou_type == "boundary":
-                pair_iou = np.minimum(pair_iou, mask_utils.iou(
-                    boundary_rles(dt, h, w), boundary_rles(gt_rles, h, w), [0] * len(g)))
+                # min(mask IoU, boundary IoU) only where the mask IoU reaches the lowest
+                # threshold: elsewhere the minimum is below every threshold too, and matching
+                # only compares IoUs with thresholds (boundaries cost a decode and an encode)
+                close = pair_iou >= _EFF_THRS[0]
+                di, gi = np.flatnonzero(close.any(axis=1)), np.flatnonzero(close.any(axis=0))
+                if len(di):
+                    sub = np.ix_(di, gi)
+                    pair_iou[sub] = np.minimum(pair_iou[sub], mask_utils.iou(
+                        boundary_rles([dt[k] for k in di.tolist()], h, w),
+                        boundary_rles([gt_rles[k] for k in gi.tolist()], h, w), [0] * len(gi)))
             iou[local_start[j]:local_start[j] + nd[p], :len(g)] = pair_iou
         return iou
 
