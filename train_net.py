@@ -63,7 +63,7 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process() and results:
-        if set(results) <= {"bbox", "segm"}:  # detectron2 unwraps a single test dataset
+        if set(results) <= {"bbox", "segm", "boundary"}:  # detectron2 unwraps a single dataset
             results = {cfg.DATASETS.TEST[0]: results}
         logging.getLogger("seesaw_ecm").info("Summary:\n" + format_summary(results))
     return results
