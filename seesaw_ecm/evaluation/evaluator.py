@@ -148,6 +148,8 @@ class FastLVISEvaluator(LVISEvaluator):
             self._logger.info("Annotations are not available for evaluation.")
             return self._results
         tasks = self._tasks or sorted({t for p in parts for t in p["records"]}) or ("bbox",)
+        if self._boundary and "segm" in tasks and "boundary" not in tasks:
+            tasks = tuple(tasks) + ("boundary",)
         ranking = TopKPerClass.merge(p["ranking"] for p in parts) if self._topk > 0 else None
         report = {}
         for task in sorted(tasks):
