@@ -4,6 +4,8 @@
     python train_net.py --config-file configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --num-gpus 2          # 2 processes (GLOO on CPU)
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
+        TEST.AP_FIXED.ENABLED True TEST.AP_POOL True TEST.BOUNDARY_AP True  # more LVIS metrics
     python train_net.py --config-file ... --dataset mine=/data/mine.json:/data/images \\
         DATASETS.TRAIN "('mine',)" DATASETS.TEST "('mine',)"
 """
@@ -66,7 +68,7 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process() and results:
-        if set(results) <= {"bbox", "segm"}:  # detectron2 unwraps a single test dataset
+        if set(results) <= {"bbox", "segm", "boundary"}:  # detectron2 unwraps a single dataset
             results = {cfg.DATASETS.TEST[0]: results}
         logging.getLogger("seesaw_ecm").info("Summary:\n" + format_summary(results))
     return results

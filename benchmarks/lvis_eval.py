@@ -14,6 +14,11 @@ give the same metrics and per-category AP, and writes a JSON report.
 
     python benchmarks/lvis_eval.py [--sizes 1000 5000] [--tasks bbox segm]
         [--data-dir /tmp/lvis_eval_bench] [--out benchmarks/lvis_eval.json]
+
+With --lvis-metrics, lvis_fast only: standard AP (300 per image) against AP-fixed + AP-pool
+(top --topk per category, no per-image cap) of bbox and segm, and boundary AP, on the same
+data, each in its own process; ratios are to the standard AP of the same task (boundary: to
+segm). The report goes to --out (default benchmarks/lvis_metrics.json).
 """
 import argparse
 import json
@@ -37,15 +42,16 @@ def _peak_rss_gib():
     return float("nan")
 
 
-def child(backend, task, gt_path, res_path):
-    """Runs in a fresh process; prints one JSON line with time, memory and the metrics."""
+def child(backend, task, gt_path, res_path, topk="0"):
+    """Runs in a fresh process; prints one JSON line with time, memory and the metrics
+    (topk > 0: lvis_fast's AP-fixed with that K, and AP-pool)."""
     import logging
 
     for name in ("lvis", "lvis.results", "lvis.eval", "lvis.lvis"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with open(res_path) as f:
         results = json.load(f)
-    if task == "segm":
+    if task in ("segm", "boundary"):
         for r in results:
             r.pop("bbox", None)
     if backend == "lvis":
@@ -73,9 +79,10 @@ def child(backend, task, gt_path, res_path):
             dataset = json.load(f)
         loaded = _peak_rss_gib()
         start = time.perf_counter()
-        res = lvis_fast.evaluate(lvis_fast.LvisGroundTruth(dataset), results, task, 300)
+        res = lvis_fast.evaluate(lvis_fast.LvisGroundTruth(dataset), results, task, 300,
+                                 topk_per_class=int(topk))
         seconds = time.perf_counter() - start
-        metrics, precision = dict(res.metrics), res.precision
+        metrics, precision = dict(res.metrics, **(res.pooled or {})), res.precision
     p = precision[:, :, :, 0]
     valid = p > -1
     per_cat = np.where(valid.any(axis=(0, 1)), np.where(valid, p, 0).sum(axis=(0, 1))
@@ -85,8 +92,9 @@ def child(backend, task, gt_path, res_path):
                       "per_category_ap": per_cat.tolist()}))
 
 
-def run_child(backend, task, gt_path, res_path):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, task, gt_path, res_path]
+def run_child(backend, task, gt_path, res_path, topk=0):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, task, gt_path, res_path,
+           str(topk)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -98,11 +106,19 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"])
     parser.add_argument("--data-dir", default="/tmp/lvis_eval_bench")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "lvis_eval.json"))
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None,
+                        help="JSON report (default benchmarks/lvis_eval.json, or "
+                        "benchmarks/lvis_metrics.json with --lvis-metrics)")
+    parser.add_argument("--lvis-metrics", action="store_true",
+                        help="time AP-fixed / AP-pool / boundary AP against standard AP")
+    parser.add_argument("--topk", type=int, default=10000, help="K of AP-fixed")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    if args.lvis_metrics:
+        return lvis_metrics(args)
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "lvis_eval.json")
 
     from seesaw_ecm.evaluation import lvis_scale_synthetic as synthetic
     from seesaw_ecm.fileio import write_atomic
@@ -131,19 +147,67 @@ def main():
     print(f"\nExtrapolated to LVIS v1 val ({LVIS_V1_VAL_IMAGES} images), linear in images "
           "from the two largest sizes:")
     for task in args.tasks:
-        pts = sorted((r for r in rows if r["task"] == task), key=lambda r: r["images"])[-2:]
-        if len(pts) < 2:
-            continue
         for backend in ("lvis", "fast"):
-            ext = {}
-            for key in ("seconds", "peak_gib"):
-                (x0, y0), (x1, y1) = [(r["images"], r[backend][key]) for r in pts]
-                ext[key] = y1 + (y1 - y0) / (x1 - x0) * (LVIS_V1_VAL_IMAGES - x1)
+            ext = _extrapolate([(r["images"], r[backend]) for r in rows if r["task"] == task])
+            if ext is None:
+                continue
             print(f"  {task:<5} {backend:<5} ~{ext['seconds']:7.0f} s  ~{ext['peak_gib']:6.1f} GiB")
             rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "backend": backend,
                          "extrapolated": ext})
     write_atomic(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"\nwritten {args.out}")
+
+
+def _extrapolate(points):
+    """points: [(images, {"seconds", "peak_gib"})] -> the two at LVIS v1 val size, linear in
+    images from the two largest sizes (time and memory grow ~linearly); None below 2 sizes."""
+    pts = sorted(points, key=lambda p: p[0])[-2:]
+    if len(pts) < 2:
+        return None
+    (x0, a), (x1, b) = pts
+    return {f: b[f] + (b[f] - a[f]) / (x1 - x0) * (LVIS_V1_VAL_IMAGES - x1)
+            for f in ("seconds", "peak_gib")}
+
+
+def lvis_metrics(args):
+    """lvis_fast: standard AP against AP-fixed + AP-pool and boundary AP, same data."""
+    from seesaw_ecm.evaluation import synthetic
+    from seesaw_ecm.fileio import write_atomic
+
+    variants = [("bbox", 0), ("bbox", args.topk), ("segm", 0), ("segm", args.topk),
+                ("boundary", 0)]
+    rows = []
+    print(f"{'images':>7} {'task':<9} {'metric':<15} {'s':>8} {'GiB':>6} {'x time':>7} "
+          f"{'AP':>6} {'APr':>6} {'pooled':>6}", flush=True)
+    for n in args.sizes:
+        gt_path, res_path = synthetic.write(os.path.join(args.data_dir, str(n)), n)
+        base = {}
+        for task, topk in variants:
+            out = run_child("fast", task, gt_path, res_path, topk)
+            del out["per_category_ap"]
+            metric = f"AP-fixed K={topk}" if topk else "standard"
+            if not topk:
+                base[task] = out["seconds"]
+            ratio = out["seconds"] / base["segm" if task == "boundary" else task]
+            rows.append({"images": n, "task": task, "topk": topk, "ratio": ratio, **out})
+            m = out["metrics"]
+            print(f"{n:>7} {task:<9} {metric:<15} {out['seconds']:>8.1f} "
+                  f"{out['peak_gib']:>6.2f} {ratio:>6.2f}x {m['AP'] * 100:>6.2f} "
+                  f"{m['APr'] * 100:>6.2f} {m.get('AP-pooled-all', -0.01) * 100:>6.2f}",
+                  flush=True)
+    print(f"\nExtrapolated to LVIS v1 val ({LVIS_V1_VAL_IMAGES} images), linear in images "
+          "from the two largest sizes (300 detections per image):")
+    for task, topk in variants:
+        ext = _extrapolate([(r["images"], r) for r in rows
+                            if r["task"] == task and r["topk"] == topk])
+        if ext:
+            print(f"  {task:<9} {'AP-fixed' if topk else 'standard':<9} ~{ext['seconds']:7.0f} s"
+                  f"  ~{ext['peak_gib']:5.1f} GiB")
+            rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "topk": topk,
+                         "extrapolated": ext})
+    out = args.out or os.path.join(ROOT, "benchmarks", "lvis_metrics.json")
+    write_atomic(out, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    print(f"\nwritten {out}")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,22 @@ def add_seesaw_ecm_config(cfg):
     # under this many MiB, recomputed in the backward pass; 0 = one piece (about 0.4 GB fp32 per
     # image at P2 of 1333 x 800, 256 channels, plus as much again for einsum).
     cfg.MODEL.CARAFE.CHUNK_MB = 64
+
+    # LVIS metrics beyond the standard AP (300 detections per image); FastLVISEvaluator only
+    # (TEST.LVIS_EVAL_BACKEND "fast"). Definitions and sources: seesaw_ecm/evaluation/lvis_fast.py.
+    cfg.TEST.AP_FIXED = CN()
+    # AP-fixed with top-K-per-class inference: the ROI heads drop the per-image cap, use
+    # SCORE_THRESH below, and predict masks only for detections within their image's
+    # TEST.DETECTIONS_PER_IMAGE best or above their class' running K-th score; the evaluator
+    # reports AP-fixed (top K per class over the test set, all processes) next to standard AP.
+    cfg.TEST.AP_FIXED.ENABLED = False
+    # K: detections kept per category over the whole test set (AP-fixed, LVIS 2021: 10,000).
+    cfg.TEST.AP_FIXED.TOPK_PER_CLASS = 10000
+    # Box score threshold with AP_FIXED (replaces ROI_HEADS.SCORE_THRESH_TEST; "about 0").
+    cfg.TEST.AP_FIXED.SCORE_THRESH = 1e-4
+    # Also report AP-pool (all / r / c / f: one precision curve per frequency pool, scores
+    # ranked across classes) on the AP-fixed detections; needs TEST.AP_FIXED.ENABLED.
+    cfg.TEST.AP_POOL = False
+    # Also evaluate the "boundary" task (boundary AP: IoU = min(mask IoU, boundary IoU), the
+    # boundary 2% of the image diagonal deep); needs masks. With AP_FIXED it gets AP-fixed too.
+    cfg.TEST.BOUNDARY_AP = False

@@ -10,6 +10,7 @@ from detectron2.data import (
 from detectron2.data.common import ToIterableDataset
 from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
@@ -22,13 +23,46 @@ from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 from .modeling.decoupled import freeze_all_but
+from .modeling.topk_inference import TopKPerClassHeads
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
 
-# The metrics printed at the end of a run, for each task, in this order.
+# The metrics printed at the end of a run, for each task, in this order; then those of the
+# optional LVIS metrics (TEST.AP_FIXED, TEST.AP_POOL) that the results have.
 SUMMARY_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+OPTIONAL_SUMMARY_METRICS = ("AP-fixed", "APr-fixed", "APc-fixed", "APf-fixed",
+                            "AP-pool", "APr-pool", "APc-pool", "APf-pool")
+# Open Images: mAP and AP1..AP5 (classes by training count, rarest first)
 OPENIMAGES_SUMMARY_METRICS = ("AP", "AP1", "AP2", "AP3", "AP4", "AP5")
+
+
+def check_lvis_metrics_config(cfg):
+    """Raise SeesawEcmError for TEST.AP_FIXED / AP_POOL / BOUNDARY_AP settings that cannot
+    work (called before training, and when the evaluator is built)."""
+    wanted = [k for k, on in (("TEST.AP_FIXED.ENABLED", cfg.TEST.AP_FIXED.ENABLED),
+                              ("TEST.AP_POOL", cfg.TEST.AP_POOL),
+                              ("TEST.BOUNDARY_AP", cfg.TEST.BOUNDARY_AP)) if on]
+    if wanted and cfg.TEST.LVIS_EVAL_BACKEND != "fast":
+        raise SeesawEcmError(f"{', '.join(wanted)} need TEST.LVIS_EVAL_BACKEND 'fast' (the "
+                             f"official lvis API has none of them), not "
+                             f"{cfg.TEST.LVIS_EVAL_BACKEND!r}.")
+    if cfg.TEST.AP_POOL and not cfg.TEST.AP_FIXED.ENABLED:
+        raise SeesawEcmError("TEST.AP_POOL is computed on the top-K-per-class detections: set "
+                             "TEST.AP_FIXED.ENABLED True as well.")
+    if cfg.TEST.AP_FIXED.ENABLED and cfg.TEST.AP_FIXED.TOPK_PER_CLASS <= 0:
+        raise SeesawEcmError(f"TEST.AP_FIXED.TOPK_PER_CLASS must be > 0 (LVIS: 10000), got "
+                             f"{cfg.TEST.AP_FIXED.TOPK_PER_CLASS}.")
+    if cfg.TEST.AP_FIXED.ENABLED and not issubclass(
+            ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME), TopKPerClassHeads):
+        raise SeesawEcmError(
+            f"TEST.AP_FIXED needs ROI heads with top-K-per-class inference (LongTailROIHeads, "
+            f"LongTailCascadeROIHeads, HTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}. For "
+            "detectron2's StandardROIHeads with softmax CE, add MODEL.ROI_HEADS.NAME "
+            "LongTailROIHeads (MODEL.LONG_TAIL.LOSS 'ce': the same weights and scores).")
+    if cfg.TEST.BOUNDARY_AP and not cfg.MODEL.MASK_ON:
+        raise SeesawEcmError("TEST.BOUNDARY_AP needs masks: set MODEL.MASK_ON True or turn "
+                             "TEST.BOUNDARY_AP off.")
 
 
 class CPUAMPTrainer(AMPTrainer):
@@ -183,9 +217,15 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type == "lvis":
+            check_lvis_metrics_config(cfg)
+            extra = {}
+            if cfg.TEST.LVIS_EVAL_BACKEND == "fast":
+                ap_fixed = cfg.TEST.AP_FIXED
+                extra = dict(topk_per_class=ap_fixed.TOPK_PER_CLASS if ap_fixed.ENABLED else 0,
+                             pooled=cfg.TEST.AP_POOL, boundary=cfg.TEST.BOUNDARY_AP)
             return lvis_evaluator_class(cfg.TEST.LVIS_EVAL_BACKEND)(
                 dataset_name, output_dir=output_folder,
-                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, **extra,
             )
         if evaluator_type == "openimages":
             return OpenImagesEvaluator(
@@ -216,19 +256,23 @@ def _sampler_of(data_loader):
 
 def _fmt(value):
     # LVISEval / detectron2 report -1 / -100 for a frequency group with no category
-    return f"{value:8.2f}" if value >= 0 else f"{'n/a':>8}"
+    return f"{value:10.2f}" if value >= 0 else f"{'n/a':>10}"
 
 
 def format_summary(results):
-    """Results of `Trainer.test` ({dataset: {task: {metric: value}}}) as a small text table."""
+    """Results of `Trainer.test` ({dataset: {task: {metric: value}}}) as a small text table:
+    SUMMARY_METRICS, then the OPTIONAL_SUMMARY_METRICS present; rows bbox, segm, boundary."""
     lines = []
     for dataset, per_task in results.items():
-        names = OPENIMAGES_SUMMARY_METRICS if "AP1" in per_task.get("bbox", {}) else \
-            SUMMARY_METRICS
-        header = f"{dataset:<24}{'task':<6}" + "".join(f"{m:>8}" for m in names)
+        present = {m for task in per_task.values() for m in task}
+        if "AP1" in present:  # Open Images
+            metrics = OPENIMAGES_SUMMARY_METRICS
+        else:
+            metrics = SUMMARY_METRICS + tuple(m for m in OPTIONAL_SUMMARY_METRICS if m in present)
+        header = f"{dataset:<24}{'task':<9}" + "".join(f"{m:>10}" for m in metrics)
         lines.append(header)
-        for task in ("bbox", "segm"):
+        for task in ("bbox", "segm", "boundary"):
             if task in per_task:
-                vals = "".join(_fmt(per_task[task].get(m, -1)) for m in names)
-                lines.append(f"{'':<24}{task:<6}" + vals)
+                vals = "".join(_fmt(per_task[task].get(m, -1)) for m in metrics)
+                lines.append(f"{'':<24}{task:<9}" + vals)
     return "\n".join(lines)

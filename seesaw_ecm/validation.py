@@ -30,7 +30,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
 from .data.datasets import read_lvis_json
 from .data.statistics import STATISTICS
 from .distributed import on_main_process
-from .engine import lvis_evaluator_class
+from .engine import check_lvis_metrics_config, lvis_evaluator_class
 from .errors import SeesawEcmError
 from .evaluation.lvis_fast import FREQ_LABELS
 from .gradient_balance import check_period
@@ -90,6 +90,7 @@ def config_problems(cfg, eval_only=False):
     """Problems of the config alone (no dataset read): a list of messages."""
     problems = []
     _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
+    _collect(problems, check_lvis_metrics_config, cfg)
     arch = _collect(problems, _registered, META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
                     cfg.MODEL.META_ARCHITECTURE)
     heads = _collect(problems, _registered, ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME",

@@ -102,8 +102,9 @@ def results_for(results, iou_type):
     return results
 
 
-def official_lvis(dataset, results, iou_type, max_dets=300):
-    """lvis.LVISEval run on (dataset, results); returns the LVISEval after run()."""
+def official_lvis(dataset, results, iou_type, max_dets=300, eval_cls=None, eval_max_dets=None):
+    """lvis.LVISEval (or eval_cls, a subclass) run on (dataset, results); returns it after
+    run(). eval_max_dets: its params.max_dets (what names its AR keys), if not 300."""
     from lvis import LVIS, LVISEval, LVISResults
 
     for name in ("lvis", "lvis.results", "lvis.eval", "lvis.lvis"):
@@ -114,6 +115,8 @@ def official_lvis(dataset, results, iou_type, max_dets=300):
             json.dump(dataset, f)
         gt = LVIS(path)
     dt = LVISResults(gt, results_for(results, iou_type), max_dets=max_dets)
-    ev = LVISEval(gt, dt, iou_type)
+    ev = (eval_cls or LVISEval)(gt, dt, iou_type)
+    if eval_max_dets is not None:
+        ev.params.max_dets = eval_max_dets
     ev.run()
     return ev

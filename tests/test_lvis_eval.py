@@ -171,6 +171,8 @@ def _instances(results, height, width, cat_ids):
 @pytest.fixture(scope="module")
 def tiny_lvis(tmp_path_factory):
     """A registered LVIS-format dataset and model outputs for it: (name, inputs, outputs)."""
+    from detectron2.data import DatasetCatalog
+
     from seesaw_ecm.data.datasets import register_lvis_format
 
     dataset, results = random_problem(7, max_images=8)
@@ -182,6 +184,9 @@ def tiny_lvis(tmp_path_factory):
         json.dump(dataset, f)
     name = "tiny_lvis_eval_test"
     register_lvis_format(name, json_file, str(root))
+    # loading sets the metadata (category id mapping) as the test loader does before the
+    # evaluator is built; without it ids would be taken as contiguous + 1, and AP would be 0
+    DatasetCatalog.get(name)
     cat_ids = sorted(c["id"] for c in dataset["categories"])
     inputs, outputs = [], []
     for im in dataset["images"]:
@@ -211,6 +216,7 @@ def test_evaluator_matches_detectron2_lvis_evaluator(tiny_lvis, tmp_path):
     fast = _run(FastLVISEvaluator(name, output_dir=str(tmp_path / "fast"), chunk_images=2,
                                   max_dets_per_image=300), inputs, outputs)
     assert list(fast) == list(official) == ["bbox", "segm"]
+    assert fast["bbox"]["AP"] > 5 and fast["segm"]["AP"] > 5  # the ids were mapped back
     for task in ("bbox", "segm"):
         assert list(fast[task]) == list(official[task])
         for k, v in official[task].items():
@@ -290,7 +296,8 @@ def test_evaluator_two_processes_gather_records_not_predictions(
     assert evaluators[1].evaluate() is None
     rank["now"] = 0
     fast = evaluators[0].evaluate()
-    assert all(set(p) == {"images", "results", "records", "proposals"} for p in gathered)
+    assert all(set(p) == {"images", "results", "records", "ranking", "proposals"}
+               and p["ranking"] is None for p in gathered)
     assert all(isinstance(rec, module.MatchRecords)
                for p in gathered for rec in p["records"].values())
     for task in ("bbox", "segm"):
@@ -299,3 +306,70 @@ def test_evaluator_two_processes_gather_records_not_predictions(
     name_json = "lvis_instances_results.json"
     assert (tmp_path / "fast" / name_json).read_bytes() == (
         tmp_path / "lvis" / name_json).read_bytes()
+
+
+def test_evaluator_optional_metrics(tiny_lvis, tmp_path):
+    """AP-fixed, AP-pool and the boundary task through the Detectron2 evaluator: the numbers of
+    lvis_fast on the results it dumped (tested against lvis in test_lvis_metrics.py), in the
+    results, the per-category report and the summary table."""
+    from seesaw_ecm.engine import format_summary
+    from seesaw_ecm.evaluation.evaluator import FIXED_METRICS, POOL_METRICS, FastLVISEvaluator
+
+    name, inputs, outputs, dataset = tiny_lvis
+    fast = _run(FastLVISEvaluator(name, output_dir=str(tmp_path), chunk_images=2,
+                                  max_dets_per_image=5, topk_per_class=4, pooled=True,
+                                  boundary=True), inputs, outputs)
+    assert list(fast) == ["bbox", "boundary", "segm"]
+    dumped = json.loads((tmp_path / "lvis_instances_results.json").read_text())
+    report = json.loads((tmp_path / "lvis_fast_eval.json").read_text())
+    differ = []
+    for task in fast:
+        res = results_for(dumped, "segm" if task == "boundary" else task)
+        standard = lvis_fast.evaluate(dataset, res, task, max_dets=5)
+        fixed = lvis_fast.evaluate(dataset, res, task, topk_per_class=4)
+        differ.append(abs(fixed.metrics["AP"] - standard.metrics["AP"]) > 1e-3)
+        expected = {m: standard.metrics[m] * 100 for m in ("AP", "APr", "APc", "APf")}
+        expected.update({k: fixed.metrics[m] * 100 for k, m in FIXED_METRICS.items()})
+        expected.update({k: fixed.pooled[m] * 100 for k, m in POOL_METRICS.items()})
+        for k, v in expected.items():
+            assert abs(fast[task][k] - v) <= 1e-9, (task, k)
+        per_cat = {c["id"]: c for c in report[task]["per_category_ap"]}
+        for cid, ap in zip(fixed.cat_ids.tolist(), fixed.per_category_ap):
+            assert (per_cat[cid]["AP_fixed"] is None) == bool(np.isnan(ap))
+            if not np.isnan(ap):
+                assert abs(per_cat[cid]["AP_fixed"] - ap * 100) < 1e-9
+        assert report[task]["pooled"]["AP-pooled-all"] == fast[task]["AP-pool"]
+    assert any(differ)  # AP-fixed is not the capped AP under another name
+    table = format_summary({name: fast}).splitlines()
+    assert table[0].split()[1:] == ["task", "AP", "AP50", "APr", "APc", "APf", *FIXED_METRICS,
+                                    *POOL_METRICS]
+    assert [row.split()[0] for row in table[1:]] == ["bbox", "segm", "boundary"]
+    assert float(table[3].split()[6]) == round(fast["boundary"]["AP-fixed"], 2)
+
+
+def test_trainer_passes_the_lvis_metric_keys_and_refuses_bad_ones(tiny_lvis, tmp_path):
+    from detectron2.config import get_cfg
+
+    from seesaw_ecm import add_seesaw_ecm_config
+    from seesaw_ecm.engine import Trainer
+
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.MODEL.ROI_HEADS.NAME = "LongTailROIHeads"
+    cfg.MODEL.MASK_ON = True
+    name = tiny_lvis[0]
+    ev = Trainer.build_evaluator(cfg, name, str(tmp_path))
+    assert (ev._topk, ev._pooled, ev._boundary) == (0, False, False)
+    cfg.merge_from_list(["TEST.AP_FIXED.ENABLED", True, "TEST.AP_FIXED.TOPK_PER_CLASS", 7,
+                         "TEST.AP_POOL", True, "TEST.BOUNDARY_AP", True])
+    ev = Trainer.build_evaluator(cfg, name, str(tmp_path))
+    assert (ev._topk, ev._pooled, ev._boundary) == (7, True, True)
+    for opts, match in ((["TEST.AP_FIXED.ENABLED", False], "AP_FIXED.ENABLED True"),
+                        (["TEST.LVIS_EVAL_BACKEND", "lvis"], "need TEST.LVIS_EVAL_BACKEND"),
+                        (["MODEL.MASK_ON", False], "needs masks"),
+                        (["MODEL.ROI_HEADS.NAME", "StandardROIHeads"], "top-K-per-class"),
+                        (["TEST.AP_FIXED.TOPK_PER_CLASS", 0], "must be > 0")):
+        bad = cfg.clone()
+        bad.merge_from_list(opts)
+        with pytest.raises(SeesawEcmError, match=match):
+            Trainer.build_evaluator(bad, name, str(tmp_path))

@@ -69,6 +69,30 @@ def test_eval_only_reproduces_the_final_evaluation(seesaw_run, small_synthetic, 
     assert summary(again.stdout) == summary(proc.stdout)
 
 
+def test_eval_only_with_ap_fixed_pool_and_boundary(seesaw_run, small_synthetic, tmp_path):
+    """The LVIS metric keys from the command line: the summary gets the AP-fixed and AP-pool
+    columns and a boundary row, the standard AP is unchanged (each image's best are still
+    kept, with their masks), and lvis_fast_eval.json has per-category AP-fixed."""
+    out, proc = seesaw_run
+    again = run_train_net(small_synthetic, tmp_path,
+                          "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+                          "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only",
+                          "TEST.AP_FIXED.ENABLED", "True", "TEST.AP_FIXED.TOPK_PER_CLASS", "20",
+                          "TEST.AP_POOL", "True", "TEST.BOUNDARY_AP", "True")
+    lines = again.stdout[again.stdout.index("Summary:"):].splitlines()
+    header = lines[1].split()
+    assert header[1:] == ["task", "AP", "AP50", "APr", "APc", "APf", "AP-fixed", "APr-fixed",
+                          "APc-fixed", "APf-fixed", "AP-pool", "APr-pool", "APc-pool",
+                          "APf-pool"], lines[:5]
+    rows = {row.split()[0]: row.split()[1:] for row in lines[2:5]}
+    assert set(rows) == {"bbox", "segm", "boundary"}
+    for task, values in summary(proc.stdout).items():
+        assert rows[task][:5] == values  # standard AP as without AP-fixed
+    report = json.loads((tmp_path / "inference" / "small_val" / "lvis_fast_eval.json").read_text())
+    assert set(report) == {"bbox", "segm", "boundary"}
+    assert "AP_fixed" in report["segm"]["per_category_ap"][0] and "pooled" in report["segm"]
+
+
 def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic):
     out, _ = seesaw_run
     ckpt = torch.load(out / "model_0000009.pth", map_location="cpu")

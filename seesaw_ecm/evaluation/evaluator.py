@@ -13,6 +13,12 @@ hold every prediction in memory at once).
 
 Extra outputs: AR@300, ARs/ARm/ARl and per-category AP per task, logged as a table by frequency
 group and written to `lvis_fast_eval.json` in the output folder.
+
+Optional metrics (lvis_fast's docstring has the definitions): `topk_per_class` K > 0 adds
+AP-fixed (keys AP-fixed, APr-fixed, APc-fixed, APf-fixed; the model must then give every
+detection it keeps, no per-image cap: TEST.AP_FIXED), `pooled` adds AP-pool (AP-pool, APr-pool,
+APc-pool, APf-pool) on the same detections, and `boundary` adds the task "boundary" (boundary
+AP, same keys as segm). Standard AP stays the one of each image's `max_dets_per_image` best.
 """
 import itertools
 import json
@@ -27,10 +33,15 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import create_small_table
 
 from ..fileio import open_atomic, write_atomic
-from .lvis_fast import FREQ_LABELS, LvisEvalResult, LvisGroundTruth, LvisMatcher, MatchRecords
+from ..errors import SeesawEcmError
+from .lvis_fast import (FREQ_LABELS, POOLS, LvisGroundTruth, LvisMatcher, MatchRecords,
+                        TopKPerClass, fixed_result, standard_result)
 
 # the keys detectron2's LVISEvaluator returns per task
 D2_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+# result keys of the optional metrics -> lvis_fast's keys
+FIXED_METRICS = {"AP-fixed": "AP", "APr-fixed": "APr", "APc-fixed": "APc", "APf-fixed": "APf"}
+POOL_METRICS = {("AP" if p == "all" else f"AP{p}") + "-pool": f"AP-pooled-{p}" for p in POOLS}
 RESULTS_FILE = "lvis_instances_results.json"
 REPORT_FILE = "lvis_fast_eval.json"
 
@@ -39,12 +50,18 @@ class FastLVISEvaluator(LVISEvaluator):
     """LVISEvaluator whose `evaluate` uses seesaw_ecm.evaluation.lvis_fast (equal numbers)."""
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
-                 max_dets_per_image=None, chunk_images=200, dump_results=True):
+                 max_dets_per_image=None, chunk_images=200, dump_results=True,
+                 topk_per_class=0, pooled=False, boundary=False):
         """Arguments of detectron2's LVISEvaluator, plus chunk_images (images buffered per
-        process before they are matched) and dump_results (write lvis_instances_results.json
-        into output_dir, as LVISEvaluator does)."""
+        process before they are matched), dump_results (write lvis_instances_results.json
+        into output_dir, as LVISEvaluator does), topk_per_class (K of AP-fixed; 0 = off),
+        pooled (AP-pool, needs topk_per_class) and boundary (the "boundary" task)."""
         super().__init__(dataset_name, tasks, distributed, output_dir,
                          max_dets_per_image=max_dets_per_image)
+        if pooled and topk_per_class <= 0:
+            raise SeesawEcmError("AP-pool is computed on the AP-fixed detections: enable "
+                                 "TEST.AP_FIXED (topk_per_class > 0) to get TEST.AP_POOL.")
+        self._topk, self._pooled, self._boundary = topk_per_class, pooled, boundary
         self._gt = LvisGroundTruth(self._lvis_api.dataset)
         self._chunk_images = chunk_images
         self._dump = bool(dump_results and output_dir)
@@ -61,6 +78,8 @@ class FastLVISEvaluator(LVISEvaluator):
         self._num_images = 0
         self._num_results = 0
         self._matchers = {}  # task -> LvisMatcher
+        self._ranking = (TopKPerClass(self._topk, self._gt.num_categories, len(self._gt.img_ids))
+                         if self._topk > 0 else None)
         if self._dump:
             os.makedirs(self._output_dir, exist_ok=True)
             self._part_path = os.path.join(
@@ -96,8 +115,10 @@ class FastLVISEvaluator(LVISEvaluator):
         self._num_results += len(results)
         if not self._matchers:
             tasks = self._tasks or self._tasks_from_predictions(results)
-            self._matchers = {t: LvisMatcher(self._gt, t, self._max_dets, box_area=(t == "bbox"))
-                              for t in tasks}
+            if self._boundary and "segm" in tasks:
+                tasks = tuple(tasks) + ("boundary",)
+            self._matchers = {t: LvisMatcher(self._gt, t, self._max_dets, box_area=(t == "bbox"),
+                                             ranking=self._ranking) for t in tasks}
         for matcher in self._matchers.values():
             matcher.add(results)
 
@@ -105,7 +126,7 @@ class FastLVISEvaluator(LVISEvaluator):
         self._flush()
         own = {"images": self._num_images, "results": self._num_results,
                "records": {t: m.records() for t, m in self._matchers.items()},
-               "proposals": self._predictions}
+               "ranking": self._ranking, "proposals": self._predictions}
         if self._distributed:
             comm.synchronize()
             parts = comm.gather(own, dst=0)
@@ -126,44 +147,74 @@ class FastLVISEvaluator(LVISEvaluator):
             self._logger.info("Annotations are not available for evaluation.")
             return self._results
         tasks = self._tasks or sorted({t for p in parts for t in p["records"]}) or ("bbox",)
+        if self._boundary and "segm" in tasks and "boundary" not in tasks:
+            tasks = tuple(tasks) + ("boundary",)
+        ranking = TopKPerClass.merge(p["ranking"] for p in parts) if self._topk > 0 else None
         report = {}
         for task in sorted(tasks):
             if sum(p["results"] for p in parts) == 0:
                 self._logger.warning("No predictions from the model!")
-                self._results[task] = {m: float("nan") for m in D2_METRICS}
+                self._results[task] = {m: float("nan") for m in self._metric_names()}
                 continue
             records = MatchRecords.concatenate(p["records"][task] for p in parts
                                                if task in p["records"])
-            result = LvisEvalResult(self._gt, records)
+            result = standard_result(self._gt, records)
             self._results[task] = {m: float(result.metrics[m] * 100) for m in D2_METRICS}
-            report[task] = self._report(task, result)
+            fixed = None
+            if ranking is not None:
+                fixed = fixed_result(self._gt, records, ranking, pooled=self._pooled)
+                self._results[task].update(
+                    {k: float(fixed.metrics[m] * 100) for k, m in FIXED_METRICS.items()})
+                if self._pooled:
+                    self._results[task].update(
+                        {k: float(fixed.pooled[m] * 100) for k, m in POOL_METRICS.items()})
+            report[task] = self._report(task, result, fixed)
         if report and self._output_dir:
             write_atomic(os.path.join(self._output_dir, REPORT_FILE),
                          json.dumps(report, indent=1) + "\n")
         return self._results
 
-    def _report(self, task, result):
-        """Log the metrics and per-group AP; return the task's entry of lvis_fast_eval.json."""
-        metrics = {k: float(v * 100) for k, v in result.metrics.items()}
-        self._logger.info(f"Evaluation results for {task} (lvis_fast, max detections per "
-                          f"image = {self._max_dets}): \n" + create_small_table(metrics))
+    def _metric_names(self):
+        return D2_METRICS + (tuple(FIXED_METRICS) if self._topk > 0 else ()) + (
+            tuple(POOL_METRICS) if self._pooled else ())
+
+    def _report(self, task, result, fixed=None):
+        """Log the metrics and per-group AP; return the task's entry of lvis_fast_eval.json
+        (with AP-fixed: also its metrics, per-group and per-category values, and AP-pool)."""
         names = self._metadata.get("thing_classes")
         cat_ids = result.cat_ids.tolist()
-        ap = [None if np.isnan(a) else float(a * 100) for a in result.per_category_ap]
-        groups = {}
-        for label, members in zip(FREQ_LABELS, self._gt.freq_groups):
-            values = [ap[k] for k in members if ap[k] is not None]
-            groups[label] = {"categories": len(members), "with_ground_truth": len(values),
-                             "AP": float(np.mean(values)) if values else None}
-        self._logger.info(f"Per-group AP for {task} (mean of per-category AP over categories "
-                          "with ground truth): \n" + create_small_table(
-                              {f"AP{g}": v["AP"] if v["AP"] is not None else float("nan")
-                               for g, v in groups.items()}))
         freq = {k: label for label, members in zip(FREQ_LABELS, self._gt.freq_groups)
                 for k in members}
+        entry = {}
         per_cat = [{"id": c, "name": names[k] if names and len(names) == len(cat_ids) else None,
-                    "frequency": freq[k], "AP": ap[k]} for k, c in enumerate(cat_ids)]
-        return {"metrics": metrics, "groups": groups, "per_category_ap": per_cat}
+                    "frequency": freq[k]} for k, c in enumerate(cat_ids)]
+        for suffix, res, label in (("", result, f"max detections per image = {self._max_dets}"),
+                                   ("_fixed", fixed, f"AP-fixed: top {self._topk} per category,"
+                                                     " no per-image cap")):
+            if res is None:
+                continue
+            metrics = {k: float(v * 100) for k, v in res.metrics.items()}
+            self._logger.info(f"Evaluation results for {task} (lvis_fast, {label}): \n"
+                              + create_small_table(metrics))
+            ap = [None if np.isnan(a) else float(a * 100) for a in res.per_category_ap]
+            groups = {}
+            for g, members in zip(FREQ_LABELS, self._gt.freq_groups):
+                values = [ap[k] for k in members if ap[k] is not None]
+                groups[g] = {"categories": len(members), "with_ground_truth": len(values),
+                             "AP": float(np.mean(values)) if values else None}
+            self._logger.info(f"Per-group AP for {task} ({label}; mean of per-category AP over "
+                              "categories with ground truth): \n" + create_small_table(
+                                  {f"AP{g}": v["AP"] if v["AP"] is not None else float("nan")
+                                   for g, v in groups.items()}))
+            entry["metrics" + suffix], entry["groups" + suffix] = metrics, groups
+            for c, value in zip(per_cat, ap):
+                c["AP" + suffix] = value
+        if fixed is not None and fixed.pooled is not None:
+            entry["pooled"] = {k: float(v * 100) for k, v in fixed.pooled.items()}
+            self._logger.info(f"AP-pool for {task} (top {self._topk} per category, no per-image "
+                              "cap): \n" + create_small_table(entry["pooled"]))
+        entry["per_category_ap"] = per_cat
+        return entry
 
     def _write_results(self, num_ranks):
         """Concatenate the processes' parts into lvis_instances_results.json (streamed)."""

@@ -33,9 +33,28 @@ The rules reproduced from lvis 0.5.3 (`lvis/results.py`, `lvis/eval.py`):
 Unsupported, as they are in practice: duplicate image or annotation ids in the ground truth,
 results that mix entries with and without "bbox".
 
-This module imports no detectron2: it needs numpy and pycocotools only.
+Beyond lvis 0.5.3 (facts and sources: docs of the project, "LVIS metrics"):
+- AP-fixed (Dave et al. 2021, large-vocab-devil `scripts/evaluate_ap_fixed.py`): the top
+  `topk_per_class` detections of each category over the whole set, no per-image cap, then
+  LVISResults(max_dets=-1) + LVISEval. `TopKPerClass` finds them across chunks and processes.
+  Every detection is matched once; dropping a category's lowest-ranked detections (or an
+  image's, for the 300 cap) never changes how the kept ones match, since they come last in
+  their (image, category) pair. So one set of records gives standard AP (records flagged
+  `in_cap`) and AP-fixed (records in the top K). Ties at a category's K-th score are broken by
+  (image id, position in the image's results); the reference keeps the results file's order,
+  the same when the file is grouped by image in id order.
+- AP-pool (same paper, `LVISPooledEval`): the same matching, one precision / recall curve per
+  pool of categories (all, r, c, f; area "all"), all detections of the pool ranked together.
+- Boundary AP (Cheng et al. 2021, boundary-iou-api): iou_type "boundary", IoU = min(mask IoU,
+  boundary IoU), boundary = mask minus its erosion by round(0.02 x image diagonal) pixels
+  (at least 1) with the image border counting as background. LVIS has no crowd annotations
+  (crowd ones would keep mask IoU in the reference).
+
+This module imports no detectron2: it needs numpy and pycocotools (and OpenCV, a dependency of
+lvis, for boundary AP).
 """
 import json
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -50,11 +69,16 @@ AREA_RNGS = np.array([[0 ** 2, 1e5 ** 2], [0 ** 2, 32 ** 2], [32 ** 2, 96 ** 2],
                       [96 ** 2, 1e5 ** 2]], dtype=np.float64)
 AREA_LABELS = ("all", "small", "medium", "large")
 FREQ_LABELS = ("r", "c", "f")
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "boundary")
+POOLS = ("all",) + FREQ_LABELS
+# boundary-iou-api's dilation_ratio: erosion depth as a fraction of the image diagonal
+BOUNDARY_DILATION_RATIO = 0.02
 # lvis compares an IoU with min(threshold, 1 - 1e-10)
 _EFF_THRS = np.minimum(IOU_THRS, 1 - 1e-10)
 _T, _A = len(IOU_THRS), len(AREA_RNGS)
 _BITS = (1 << np.arange(_T)).astype(np.uint16)
+# AP-fixed: entries / records buffered before a TopKPerClass merge or a matcher's prune
+_MIN_BUFFER = 1 << 16
 
 
 def _lookup(sorted_ids, query, what):
@@ -98,6 +122,29 @@ def _mask_area(rles):
     np.array((n,), dtype=np.uint8), which overflows under numpy 2 for n > 255: 255 at a time."""
     parts = [mask_utils.area(rles[i:i + 255]) for i in range(0, len(rles), 255)]
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
+def boundary_rles(rles, height, width, ratio=BOUNDARY_DILATION_RATIO):
+    """RLEs of the boundaries of masks (RLEs of one height x width image), as boundary-iou-api's
+    `mask_to_boundary`: mask minus its erosion by d = max(1, round(ratio x diagonal)) 3 x 3
+    steps, pixels beyond the image counting as background.
+
+    d erosions by a 3 x 3 square are one erosion by a (2d + 1) square, and a mask's erosion
+    lies inside its bounding box, so each mask is eroded once, on its box only (OpenCV).
+    """
+    import cv2
+
+    if not rles:
+        return []
+    d = max(1, int(round(ratio * math.sqrt(height ** 2 + width ** 2))))
+    kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+    masks = mask_utils.decode(rles)  # (H, W, N) Fortran order
+    for i, (x, y, w, h) in enumerate(mask_utils.toBbox(rles).astype(np.int64).tolist()):
+        if w and h:
+            crop = np.ascontiguousarray(masks[y:y + h, x:x + w, i])
+            masks[y:y + h, x:x + w, i] = crop - cv2.erode(
+                crop, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask_utils.encode(masks)
 
 
 def box_iou(dt, gt):
@@ -209,21 +256,30 @@ class MatchRecords:
     cat (N,) int32 category rank; score (N,) float64; img (N,) int32 image rank; pos (N,) int32
     position of the detection among its image's results (ties in score are broken by (img, pos)
     as in lvis); tp, fp (N, 4) uint16: bit t set if the detection is a true / false positive at
-    IoU threshold t in area range a. Detections that are ignored at every threshold and area are
-    not kept (they change no precision or recall value). images: the image ranks covered.
+    IoU threshold t in area range a; in_cap (N,) bool: the detection is among its image's top
+    max_dets (always, when the matcher applied the cap itself). Detections that are ignored at
+    every threshold and area are not kept (they change no precision or recall value).
+    images: the image ranks covered.
     """
 
-    FIELDS = ("cat", "score", "img", "pos", "tp", "fp", "images")
+    FIELDS = ("cat", "score", "img", "pos", "tp", "fp", "in_cap", "images")
 
-    def __init__(self, cat, score, img, pos, tp, fp, images):
+    def __init__(self, cat, score, img, pos, tp, fp, in_cap, images):
         self.cat, self.score, self.img, self.pos = cat, score, img, pos
-        self.tp, self.fp, self.images = tp, fp, images
+        self.tp, self.fp, self.in_cap, self.images = tp, fp, in_cap, images
+
+    def __len__(self):
+        return len(self.cat)
 
     @classmethod
     def empty(cls):
         return cls(np.zeros(0, np.int32), np.zeros(0), np.zeros(0, np.int32),
                    np.zeros(0, np.int32), np.zeros((0, _A), np.uint16),
-                   np.zeros((0, _A), np.uint16), np.zeros(0, np.int32))
+                   np.zeros((0, _A), np.uint16), np.zeros(0, bool), np.zeros(0, np.int32))
+
+    def subset(self, keep):
+        """The records where keep (N,) bool is True (same images covered)."""
+        return MatchRecords(*(getattr(self, f)[keep] for f in self.FIELDS[:-1]), self.images)
 
     @classmethod
     def concatenate(cls, parts):
@@ -243,6 +299,92 @@ class MatchRecords:
     def load(cls, path):
         with np.load(path) as data:
             return cls(*(data[f] for f in cls.FIELDS))
+
+
+def _before(score, img, pos, th_score, th_img, th_pos):
+    """(N,) bool: detection (score, img, pos) ranks at or before (th_score, th_img, th_pos) in
+    lvis' order (score descending, then image rank, then position)."""
+    return (score > th_score) | ((score == th_score) & (
+        (img < th_img) | ((img == th_img) & (pos <= th_pos))))
+
+
+class TopKPerClass:
+    """The best `k` detections of each category among all those seen (any image, evaluated or
+    not, as the reference selects them from the results file), in lvis' order: score
+    descending, then image rank, then position in the image's results.
+
+    Memory is at most k entries per category plus a pending buffer: new entries below a
+    category's current k-th are dropped at once, and the buffer is merged (one sort) whenever
+    it outgrows the kept entries. `add` skips images it has seen, so the matchers of several
+    IoU types can share one. Per-process instances are merged with `merge`.
+    """
+
+    FIELDS = ("cat", "score", "img", "pos")
+
+    def __init__(self, k, num_cats, num_imgs):
+        if k <= 0:
+            raise SeesawEcmError(f"Top-K per category needs K > 0, got {k}.")
+        self.k = k
+        self.seen = np.zeros(num_imgs, bool)
+        self._kept = tuple(np.zeros(0, t) for t in (np.int32, np.float64, np.int32, np.int32))
+        self._pending = []
+        self._num_pending = 0
+        # the k-th entry per category; (-inf, max, max) while a category has fewer than k
+        self.th_score = np.full(num_cats, -np.inf)
+        self.th_img = np.full(num_cats, np.iinfo(np.int32).max, np.int64)
+        self.th_pos = np.full(num_cats, np.iinfo(np.int32).max, np.int64)
+
+    def __len__(self):
+        self._merge()
+        return len(self._kept[0])
+
+    def contains(self, cat, score, img, pos):
+        """(N,) bool: the detections rank within their category's top k (of those merged so
+        far: a superset of the final top k until every image has been added)."""
+        return _before(score, img, pos, self.th_score[cat], self.th_img[cat], self.th_pos[cat])
+
+    def add(self, cat, score, img, pos):
+        """Detections (N,) of complete images (cat < 0: unknown category, skipped)."""
+        new = ~self.seen[img]
+        if not new.any():
+            return
+        self.seen[img[new]] = True
+        keep = new & (cat >= 0)
+        keep[keep] = self.contains(cat[keep], score[keep], img[keep], pos[keep])
+        self._pending.append((cat[keep], score[keep], img[keep], pos[keep]))
+        self._num_pending += int(keep.sum())
+        if self._num_pending > max(len(self._kept[0]), _MIN_BUFFER):
+            self._merge()
+
+    def _merge(self):
+        if not self._pending:
+            return
+        cat, score, img, pos = (np.concatenate([k] + [p[i] for p in self._pending])
+                                for i, k in enumerate(self._kept))
+        self._pending, self._num_pending = [], 0
+        order = np.lexsort((pos, img, -score, cat))
+        first = np.searchsorted(cat[order], cat[order], side="left")
+        order = order[np.arange(len(order)) - first < self.k]
+        self._kept = cat, score, img, pos = tuple(a[order] for a in (cat, score, img, pos))
+        full = np.flatnonzero(np.bincount(cat, minlength=len(self.th_score)) >= self.k)
+        last = np.searchsorted(cat, full, side="right") - 1
+        self.th_score[full], self.th_img[full], self.th_pos[full] = (
+            score[last], img[last], pos[last])
+
+    @classmethod
+    def merge(cls, parts):
+        """One TopKPerClass of several processes' (disjoint images)."""
+        parts = list(parts)
+        out = cls(parts[0].k, len(parts[0].th_score), len(parts[0].seen))
+        for p in parts:
+            p._merge()
+            if (out.seen & p.seen).any():
+                raise SeesawEcmError("The same image was ranked in two processes; each image's "
+                                     "results must be given to one process, once.")
+            out.seen |= p.seen
+            out._pending.append(p._kept)
+        out._merge()
+        return out
 
 
 def _greedy_match(iou, row_start, nrows, gt_ig):
@@ -296,19 +438,36 @@ class LvisMatcher:
     """The per-process half of the evaluation: give it complete images' results (any number
     of `add` calls, each image once), then take `records()`."""
 
-    def __init__(self, gt, iou_type, max_dets=300, box_area=None):
-        """gt: LvisGroundTruth; iou_type: "bbox" or "segm"; max_dets: detections kept per image
-        (LVIS: 300; < 0 keeps all); box_area: detection area from the box (True) or the mask
-        (False); None: as lvis decides, from whether the first result has a "bbox"."""
+    def __init__(self, gt, iou_type, max_dets=300, box_area=None, ranking=None):
+        """gt: LvisGroundTruth; iou_type: "bbox", "segm" or "boundary"; max_dets: detections
+        kept per image (LVIS: 300; < 0 keeps all); box_area: detection area from the box (True)
+        or the mask (False); None: as lvis decides, from whether the first result has a "bbox".
+        ranking: a TopKPerClass (AP-fixed; may be shared by several matchers): every detection
+        is matched, records flag the max_dets cap in `in_cap`, and those neither within the
+        cap nor in the ranking's top K are dropped along the way."""
         if iou_type not in IOU_TYPES:
-            raise SeesawEcmError(f"iou_type {iou_type!r} is not supported: use 'bbox' or 'segm'.")
+            raise SeesawEcmError(f"iou_type {iou_type!r} is not supported: use one of "
+                                 f"{', '.join(repr(t) for t in IOU_TYPES)}.")
         self.gt, self.iou_type, self.max_dets = gt, iou_type, max_dets
+        self.ranking = ranking
         self._box_area = box_area
         self._seen = np.zeros(len(gt.img_ids), bool)
         self._parts = []
+        self._pruned_size = 0
 
     def records(self):
+        self._prune()
         return MatchRecords.concatenate(self._parts)
+
+    def _prune(self):
+        """Drop records that are neither in their image's cap nor in the ranking's top K."""
+        if self.ranking is None:
+            return
+        self.ranking._merge()
+        for i, r in enumerate(self._parts):
+            self._parts[i] = r.subset(r.in_cap | self.ranking.contains(r.cat, r.score, r.img,
+                                                                       r.pos))
+        self._pruned_size = sum(len(r) for r in self._parts)
 
     def add(self, results):
         """results: list of LVIS result dicts (image_id, category_id, score, bbox [x, y, w, h]
@@ -326,28 +485,37 @@ class LvisMatcher:
         score = np.fromiter((r["score"] for r in results), np.float64, n)
         # top max_dets per image by score, ties in input order (lvis' stable sorted(reverse))
         order = np.lexsort((-score, img))
+        in_cap = np.ones(n, bool)
         if self.max_dets >= 0:
             starts = np.searchsorted(img[order], img[order], side="left")
-            order = order[np.arange(n) - starts < self.max_dets]
-        keep = np.sort(order)
+            in_cap[order] = np.arange(n) - starts < self.max_dets
+        keep = np.flatnonzero(in_cap) if self.ranking is None else np.arange(n)
         if self._box_area is None:
             self._box_area = "bbox" in results[0]
         cat = _lookup(gt.cat_ids, np.fromiter((results[i]["category_id"] for i in keep.tolist()),
                                               np.int64, len(keep)), None)
+        if self.ranking is not None:  # every result of the category counts in its top K
+            self.ranking.add(cat, score, img, keep)
         key = img[keep] * gt.num_categories + cat
         # evaluated: known category, annotated in the image or negative for it (checked before
         # the areas, which need the masks decoded)
         annotated = (_lookup(gt.pos_keys, key, None) >= 0) | (_lookup(gt.neg_keys, key, None) >= 0)
         ev = np.flatnonzero((cat >= 0) & annotated)
         keep, cat, key = keep[ev], cat[ev], key[ev]
-        img, score, pos = img[keep], score[keep], keep
+        if self.ranking is not None:  # those already out of both selections are not matched
+            sel = in_cap[keep] | self.ranking.contains(cat, score[keep], img[keep], keep)
+            keep, cat, key = keep[sel], cat[sel], key[sel]
+        img, score, pos, in_cap = img[keep], score[keep], keep, in_cap[keep]
         geom, area = self._geometry([results[i] for i in keep.tolist()], img)
         ok = np.flatnonzero((area > 0) & (area < np.inf))
         # group by pair; inside a pair score descending, ties by position (lvis' mergesort)
         ok = ok[np.lexsort((-score[ok], key[ok]))]
         self._parts.append(self._match(key[ok], cat[ok], score[ok], img[ok], pos[ok],
                                        area[ok], [geom[i] for i in ok.tolist()]
-                                       if self.iou_type == "segm" else geom[ok], uniq))
+                                       if self.iou_type != "bbox" else geom[ok], in_cap[ok],
+                                       uniq))
+        if sum(len(r) for r in self._parts) > 2 * max(self._pruned_size, _MIN_BUFFER):
+            self._prune()
 
     def _geometry(self, kept, img):
         """Per kept result: (boxes (N, 4) or RLEs for segm, area (N,)) as LVISResults makes."""
@@ -367,7 +535,7 @@ class LvisMatcher:
             return (mask_utils.toBbox(segm) if segm else np.zeros((0, 4))), area
         return segm, area
 
-    def _match(self, key, cat, score, img, pos, area, geom, images):
+    def _match(self, key, cat, score, img, pos, area, geom, in_cap, images):
         """Detections (N,) grouped by pair key, lvis' order inside a pair -> MatchRecords."""
         gt, n = self.gt, len(key)
         pair_keys, pair_first, nd = np.unique(key, return_index=True, return_counts=True)
@@ -400,7 +568,7 @@ class LvisMatcher:
         fp = ((~matched & ~ignored) * _BITS).sum(axis=-1, dtype=np.uint16)
         keep = np.flatnonzero((tp | fp).any(axis=1))
         return MatchRecords(cat[keep].astype(np.int32), score[keep], img[keep].astype(np.int32),
-                            pos[keep].astype(np.int32), tp[keep], fp[keep],
+                            pos[keep].astype(np.int32), tp[keep], fp[keep], in_cap[keep],
                             images.astype(np.int32))
 
     def _pair_ious(self, geom, rows, pairs, nd, local_start, gt_rows, ng, img):
@@ -411,7 +579,8 @@ class LvisMatcher:
             g = gt_rows[pair_of_row]
             iou = box_iou(geom[rows][:, None, :], gt.gt_box[np.maximum(g, 0)])
             return np.where(g >= 0, iou, -1.0)
-        # masks: pycocotools' RLE IoU (iscrowd 0), one call per pair; ground truth polygons
+        # masks: pycocotools' RLE IoU (iscrowd 0), one call per pair (boundary: the minimum
+        # with the IoU of the boundaries); ground truth polygons
         # are turned into RLEs here, only for pairs that have detections
         iou = np.full((len(rows), gt_rows.shape[1]), -1.0)
         for j, p in enumerate(pairs.tolist()):
@@ -421,9 +590,46 @@ class LvisMatcher:
             gt_rles = _polygons_to_rles([gt.gt_segm[k] for k in g], h, w)
             dt = [_to_rle(geom[k], h, w)
                   for k in rows[local_start[j]:local_start[j] + nd[p]].tolist()]
-            iou[local_start[j]:local_start[j] + nd[p], :len(g)] = mask_utils.iou(
-                dt, gt_rles, [0] * len(g))
+            pair_iou = mask_utils.iou(dt, gt_rles, [0] * len(g))
+            if self.iou_type == "boundary":
+                # min(mask IoU, boundary IoU) only where the mask IoU reaches the lowest
+                # threshold: elsewhere the minimum is below every threshold too, and matching
+                # only compares IoUs with thresholds (boundaries cost a decode and an encode)
+                close = pair_iou >= _EFF_THRS[0]
+                di, gi = np.flatnonzero(close.any(axis=1)), np.flatnonzero(close.any(axis=0))
+                if len(di):
+                    sub = np.ix_(di, gi)
+                    pair_iou[sub] = np.minimum(pair_iou[sub], mask_utils.iou(
+                        boundary_rles([dt[k] for k in di.tolist()], h, w),
+                        boundary_rles([gt_rles[k] for k in gi.tolist()], h, w), [0] * len(gi)))
+            iou[local_start[j]:local_start[j] + nd[p], :len(g)] = pair_iou
         return iou
+
+
+def _curves(tp, fp, num_gt):
+    """lvis' precision / recall of one ranked list of detections.
+
+    tp, fp (n, A') uint16 bit flags in rank order; num_gt (A',) > 0 non-ignored ground truth.
+    Returns precision (T, R, A') at the recall thresholds and recall (T, A'); zeros if n = 0.
+    """
+    num_areas, n = len(num_gt), len(tp)
+    precision = np.zeros((_T, len(REC_THRS), num_areas))
+    if n == 0:
+        return precision, np.zeros((_T, num_areas))
+    shifts = np.arange(_T, dtype=np.uint16)[None, :, None]
+    # (A', T, n) flags in rank order
+    tp_sum = np.cumsum((tp.T[:, None, :] >> shifts) & 1, axis=2, dtype=np.int64).astype(np.float64)
+    fp_sum = np.cumsum((fp.T[:, None, :] >> shifts) & 1, axis=2, dtype=np.int64).astype(np.float64)
+    rc = tp_sum / num_gt.astype(np.float64)[:, None, None]
+    pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+    # precision made non-increasing from the right (lvis' backwards loop)
+    pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
+    for a in range(num_areas):
+        for t in range(_T):
+            idx = np.searchsorted(rc[a, t], REC_THRS, side="left")
+            inside = idx < n
+            precision[t, inside, a] = pr[a, t, idx[inside]]
+    return precision, rc[:, :, -1].T
 
 
 def accumulate(gt, records):
@@ -438,34 +644,34 @@ def accumulate(gt, records):
     # lvis concatenates per-image results in image order and mergesorts by -score
     order = np.lexsort((records.pos, records.img, -records.score, records.cat))
     bounds = np.searchsorted(records.cat[order], np.arange(num_cats + 1))
-    shifts = np.arange(_T, dtype=np.uint16)[None, :, None]
     for k in np.flatnonzero(gt.num_gt.any(axis=1)).tolist():
         sel = order[bounds[k]:bounds[k + 1]]
         areas = np.flatnonzero(gt.num_gt[k] > 0)
-        num_gt = gt.num_gt[k, areas].astype(np.float64)[:, None, None]
-        if len(sel) == 0:
-            recall[:, k, areas] = 0
-            precision[:, :, k, areas] = 0
-            continue
-        # (A', T, n) flags in the merged order
-        tps = (records.tp[sel][:, areas].T[:, None, :] >> shifts) & 1
-        fps = (records.fp[sel][:, areas].T[:, None, :] >> shifts) & 1
-        tp_sum = np.cumsum(tps, axis=2, dtype=np.int64).astype(np.float64)
-        fp_sum = np.cumsum(fps, axis=2, dtype=np.int64).astype(np.float64)
-        rc = tp_sum / num_gt
-        pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
-        recall[:, k, areas] = rc[:, :, -1].T
-        # precision made non-increasing from the right (lvis' backwards loop)
-        pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
-        n = len(sel)
-        for ai, a in enumerate(areas.tolist()):
-            for t in range(_T):
-                idx = np.searchsorted(rc[ai, t], REC_THRS, side="left")
-                out = np.zeros(len(REC_THRS))
-                inside = idx < n
-                out[inside] = pr[ai, t, idx[inside]]
-                precision[t, :, k, a] = out
+        precision[:, :, k, areas], recall[:, k, areas] = _curves(
+            records.tp[sel][:, areas], records.fp[sel][:, areas], gt.num_gt[k, areas])
     return precision, recall
+
+
+def pooled_ap(gt, records):
+    """AP-pool, large-vocab-devil's LVISPooledEval: per pool of categories (all, r, c, f), one
+    precision curve over all its detections ranked together (score descending; ties by image
+    rank, category rank, position, the order in which it concatenates them), area "all".
+    Returns OrderedDict AP-pooled-{all,r,c,f}: mean precision over IoU and recall thresholds,
+    -1 for a pool without ground truth."""
+    out = OrderedDict()
+    for pool in POOLS:
+        cats = (np.arange(gt.num_categories) if pool == "all"
+                else np.array(gt.freq_groups[FREQ_LABELS.index(pool)], np.int64))
+        num_gt = gt.num_gt[cats, 0].sum()
+        if num_gt == 0:
+            out[f"AP-pooled-{pool}"] = -1
+            continue
+        sel = np.flatnonzero(np.isin(records.cat, cats))
+        sel = sel[np.lexsort((records.pos[sel], records.cat[sel], records.img[sel],
+                              -records.score[sel]))]
+        precision, _ = _curves(records.tp[sel][:, :1], records.fp[sel][:, :1], np.array([num_gt]))
+        out[f"AP-pooled-{pool}"] = float(np.mean(precision))
+    return out
 
 
 def _summarize(precision, recall, freq_groups, kind, iou_thr=None, area="all", group=None):
@@ -514,22 +720,41 @@ def per_category_ap(precision):
 
 class LvisEvalResult:
     """metrics (OrderedDict, LVISEval.results), precision (T, R, K, A), recall (T, K, A),
-    per_category_ap (K,), cat_ids (K,)."""
+    per_category_ap (K,), cat_ids (K,); `pooled` (OrderedDict of pooled_ap) if asked for.
+    max_dets names the AR keys, as lvis does with its params.max_dets (-1 for AP-fixed)."""
 
-    def __init__(self, gt, records):
+    def __init__(self, gt, records, max_dets=300, pooled=False):
         self.precision, self.recall = accumulate(gt, records)
-        self.metrics = summarize(gt, self.precision, self.recall)
+        self.metrics = summarize(gt, self.precision, self.recall, max_dets)
         self.per_category_ap = per_category_ap(self.precision)
         self.cat_ids = gt.cat_ids
+        self.pooled = pooled_ap(gt, records) if pooled else None
 
 
-def evaluate(gt, results, iou_type, max_dets=300, chunk_images=1000):
+def standard_result(gt, records):
+    """LVIS AP (each image's top max_dets detections) from records of any matcher."""
+    return LvisEvalResult(gt, records.subset(records.in_cap))
+
+
+def fixed_result(gt, records, ranking, pooled=True):
+    """AP-fixed (and AP-pool) from the merged records and TopKPerClass of every process."""
+    ranking._merge()
+    keep = ranking.contains(records.cat, records.score, records.img, records.pos)
+    return LvisEvalResult(gt, records.subset(keep), max_dets=-1, pooled=pooled)
+
+
+def evaluate(gt, results, iou_type, max_dets=300, chunk_images=1000, topk_per_class=0):
     """Evaluate a list of LVIS result dicts in one process, `chunk_images` images at a time
-    (bounds the temporary memory). gt: LvisGroundTruth, parsed json dict or path."""
+    (bounds the temporary memory). gt: LvisGroundTruth, parsed json dict or path.
+    topk_per_class > 0: AP-fixed with that K (no per-image cap; max_dets unused), with AP-pool
+    in `.pooled`; else standard LVIS AP."""
     if not isinstance(gt, LvisGroundTruth):
         gt = LvisGroundTruth(gt)
-    matcher = LvisMatcher(gt, iou_type, max_dets,
-                          box_area=("bbox" in results[0]) if len(results) else None)
+    ranking = (TopKPerClass(topk_per_class, gt.num_categories, len(gt.img_ids))
+               if topk_per_class > 0 else None)
+    matcher = LvisMatcher(gt, iou_type, max_dets if ranking is None else -1,
+                          box_area=("bbox" in results[0]) if len(results) else None,
+                          ranking=ranking)
     if len(results):
         img = np.fromiter((r["image_id"] for r in results), np.int64, len(results))
         order = np.argsort(img, kind="stable")
@@ -537,4 +762,6 @@ def evaluate(gt, results, iou_type, max_dets=300, chunk_images=1000):
         cuts = bounds[chunk_images - 1::chunk_images].tolist()
         for part in np.split(order, cuts):
             matcher.add([results[i] for i in part.tolist()])
-    return LvisEvalResult(gt, matcher.records())
+    if ranking is None:
+        return LvisEvalResult(gt, matcher.records())
+    return fixed_result(gt, matcher.records(), ranking)

@@ -20,12 +20,14 @@ from .carafe import CARAFEMaskHeadMixin
 from .cls_loss import build_cls_loss
 from .mask_scoring import MaskScoringMixin
 from .predictor import LongTailOutputLayers
+from .topk_inference import TopKPerClassHeads
 
 TEST_SCORES = ("probs", "logits")
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailCascadeROIHeads(MaskScoringMixin, CARAFEMaskHeadMixin, CascadeROIHeads):
+class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHeadMixin,
+                              CascadeROIHeads):
     """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers.
 
     Each stage has its own IoU (ROI_BOX_CASCADE_HEAD.IOUS), regression weights (BBOX_REG_WEIGHTS),

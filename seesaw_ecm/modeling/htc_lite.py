@@ -151,6 +151,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         context, logits = self._context(features)
         if not self.training:
             instances, _ = self._forward_box(features, proposals, context=context)
+            instances = self.select_top_k_per_class(instances)  # TEST.AP_FIXED
             return self._forward_mask(features, instances, context), {}
 
         proposals = self.label_and_sample_proposals(proposals, targets)
