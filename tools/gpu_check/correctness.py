@@ -132,6 +132,15 @@ def loss_outputs(loss, logits, labels, device, amp_dtype=None):
 RANDOM_DRAWS = ("droploss", "bags")
 
 
+def compare_to_cpu(checks, what, loss_name, device, got, ref):
+    """`got` (on `device`) against `ref` (CPU); finite values only for RANDOM_DRAWS on CUDA."""
+    if loss_name in RANDOM_DRAWS and device.type != "cpu":
+        checks.require(f"{what}: {device.type} finite",
+                       all(bool(torch.isfinite(v).all()) for v in got.values()))
+    else:
+        checks.compare(f"{what}: {device.type} = cpu", "float32", got, ref)
+
+
 def check_losses(checks, size, device, amp_dtype):
     g = torch.Generator().manual_seed(0)
     n, c = size["rois"], size["classes"]
@@ -150,12 +159,7 @@ def check_losses(checks, size, device, amp_dtype):
             ref = loss_outputs(ref_loss, logits, labels, torch.device("cpu"))
             got = loss_outputs(dev_loss, logits, labels, device)
             amp = loss_outputs(amp_loss, logits, labels, device, amp_dtype)
-            if name in RANDOM_DRAWS and device.type != "cpu":
-                checks.require(f"loss {name} step {step}: {device.type} finite",
-                               all(bool(torch.isfinite(v).all()) for v in got.values()))
-            else:
-                checks.compare(f"loss {name} step {step}: {device.type} = cpu", "float32", got,
-                               ref)
+            compare_to_cpu(checks, f"loss {name} step {step}", name, device, got, ref)
             checks.compare(f"loss {name} step {step}: autocast = float32", amp_name, amp, got)
     federated = make_loss("federated", c).to(device)
     labels = labels_for(n, c, g).to(device)
@@ -186,6 +190,7 @@ def head_outputs(head, x, run, device, amp_dtype=None):
     """`run(head, x)` -> dict of tensors incl. a scalar "loss"; adds parameter gradients."""
     head = head.to(device).train()
     head.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # losses that draw samples (DropLoss, BaGS) draw the same ones
     with autocast(device, amp_dtype):
         out = run(head, x.to(device))
     out["loss"].backward()
@@ -220,7 +225,7 @@ def check_heads(checks, size, device, amp_dtype):
             ref = head_outputs(copy.deepcopy(head), x, run_predictor, torch.device("cpu"))
             got = head_outputs(copy.deepcopy(head), x, run_predictor, device)
             amp = head_outputs(copy.deepcopy(head), x, run_predictor, device, amp_dtype)
-        checks.compare(f"predictor {loss}: {device.type} = cpu", "float32", got, ref)
+        compare_to_cpu(checks, f"predictor {loss}", loss, device, got, ref)
         checks.compare(f"predictor {loss}: autocast = float32", amp_name, amp, got)
 
     targets = (torch.rand(size["mask_rois"], 28, 28, generator=g) > 0.5).float()

@@ -3,12 +3,13 @@ imports only torch and the framework-free loss file: the spawned ranks then star
 instead of importing detectron2 (importing the seesaw_ecm package does)."""
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import distributed as dist
 
-SEESAW_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "seesaw_ecm",
-                           "losses", "seesaw.py")
+LOSSES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "seesaw_ecm",
+                          "losses")
 ROIS = 64
 
 
@@ -26,8 +27,12 @@ def rank_labels(rank, num_classes):
 
 def run_rank(rank, world, port, device, num_classes, out_dir):
     """Seesaw forward in training mode on this rank's labels; saves its cum_samples."""
-    spec = importlib.util.spec_from_file_location("seesaw_loss", SEESAW_FILE)
+    # the losses package alone (its modules import each other, never the rest of seesaw_ecm)
+    spec = importlib.util.spec_from_file_location(
+        "seesaw_ecm_losses", os.path.join(LOSSES_DIR, "__init__.py"),
+        submodule_search_locations=[LOSSES_DIR])
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
