@@ -7,13 +7,14 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.validation import config_problems
+from test_htc_lite import batch  # two 64x64 images with 2 and 1 objects (box-shaped masks)
 
 C = 4
 CASCADE = "configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml"
@@ -36,22 +37,6 @@ def build(config=MMDET, *opts, seed=0):
     cfg = small_cfg(config, *opts)
     torch.manual_seed(seed)
     return build_model(cfg)
-
-
-def batch():
-    """Two 64x64 images with 2 and 1 objects (boxes, classes, box-shaped masks)."""
-    out = []
-    for boxes, classes in (([[8.0, 8.0, 40.0, 40.0], [30.0, 20.0, 60.0, 50.0]], [1, 3]),
-                           ([[4.0, 10.0, 30.0, 60.0]], [0])):
-        boxes = torch.tensor(boxes)
-        masks = torch.zeros(len(boxes), 64, 64, dtype=torch.bool)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
-            m[y0:y1, x0:x1] = True
-        inst = Instances((64, 64), gt_boxes=Boxes(boxes), gt_classes=torch.tensor(classes),
-                         gt_masks=BitMasks(masks))
-        out.append({"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
-                    * 255, "instances": inst, "height": 64, "width": 64})
-    return out
 
 
 def train_forward(model, seed=0):

@@ -46,8 +46,8 @@ def batch(neg_category_ids=None):
             m[y0:y1, x0:x1] = True
         inst = Instances((64, 64), gt_boxes=Boxes(boxes), gt_classes=torch.tensor(classes),
                          gt_masks=BitMasks(masks))
-        out.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64,
-                    "width": 64})
+        out.append({"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+                    * 255, "instances": inst, "height": 64, "width": 64})
     if neg_category_ids is not None:
         for record, neg in zip(out, neg_category_ids):
             record["neg_category_ids"] = neg
