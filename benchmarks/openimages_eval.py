@@ -36,6 +36,7 @@ _pkg = types.ModuleType("seesaw_ecm")
 _pkg.__path__ = [os.path.join(ROOT, "seesaw_ecm")]
 sys.modules["seesaw_ecm"] = _pkg
 
+from lvis_eval import _peak_rss_gib  # noqa: E402  (benchmarks/, the script's folder)
 from openimages_reference import reference_ap  # noqa: E402
 from seesaw_ecm.data.openimages_hierarchy import LabelHierarchy  # noqa: E402
 from seesaw_ecm.evaluation.openimages_fast import (OpenImagesEvalResult,  # noqa: E402
@@ -45,14 +46,6 @@ from seesaw_ecm.evaluation.openimages_fast import (OpenImagesEvalResult,  # noqa
 NUM_CLASSES, LEAVES, PARENTS, ROOTS = 500, 420, 70, 10
 CHUNK = 200
 OI_VAL_IMAGES = 41620
-
-
-def _peak_rss_gib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def hierarchy():
