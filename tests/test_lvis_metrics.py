@@ -122,6 +122,36 @@ def test_one_pass_gives_standard_ap_and_ap_fixed():
     assert abs(fixed.metrics["AP"] - standard.metrics["AP"]) > 1e-3
 
 
+def test_standard_ap_of_the_cap_the_model_flags():
+    """in_cap given (the model's per-image top under AP-fixed, a prefix by score of what survived
+    postprocessing): standard AP is lvis' on exactly those results, not on each image's top
+    max_dets by score."""
+    dataset, results = random_problem(10, max_images=8, max_dets=60)
+    results = by_image(results)
+    gt = lvis_fast.LvisGroundTruth(dataset)
+    # per image a prefix of its results by score, shorter than max_dets (empty boxes dropped)
+    rng = np.random.default_rng(0)
+    img = np.array([r["image_id"] for r in results])
+    score = np.array([r["score"] for r in results])
+    rank = np.empty(len(results), int)
+    order = np.lexsort((-score, img))
+    rank[order] = np.arange(len(order)) - np.searchsorted(img[order], img[order])
+    in_cap = rank < rng.integers(0, 20, img.max() + 1)[img]
+    ranking = lvis_fast.TopKPerClass(3, gt.num_categories, len(gt.img_ids))
+    matcher = lvis_fast.LvisMatcher(gt, "bbox", max_dets=20, ranking=ranking)
+    matcher.add(results, in_cap=in_cap)
+    standard = lvis_fast.standard_result(gt, matcher.records())
+    ev = official_lvis(dataset, [r for r, c in zip(results, in_cap) if c], "bbox", max_dets=-1)
+    for key, value in ev.results.items():
+        assert abs(standard.metrics[key] - value) <= TOL, key
+    by_score = lvis_fast.LvisMatcher(gt, "bbox", max_dets=20)
+    by_score.add(results)
+    assert abs(lvis_fast.standard_result(gt, by_score.records()).metrics["AP"]
+               - standard.metrics["AP"]) > 1e-3
+    with pytest.raises(SeesawEcmError, match="in_cap has shape"):
+        lvis_fast.LvisMatcher(gt, "bbox").add(results, in_cap=in_cap[1:])
+
+
 def test_top_k_merges_across_processes():
     """Per-process rankings and records merged give the single-process AP-fixed."""
     dataset, results = random_problem(5, max_images=8, max_dets=40)

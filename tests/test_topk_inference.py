@@ -100,7 +100,19 @@ def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkey
         best = sorted((d for d in everything if d[1] == c), key=lambda d: -d[2])[:K]
         assert set(best) <= kept, c
     # a second evaluation starts afresh: the same detections
-    assert _detections(infer())[0] == kept
+    outs = infer()
+    assert _detections(outs)[0] == kept
+    # those flagged in_image_cap are exactly what the model returns without AP-fixed
+    flagged = {(i, c, s, tuple(b)) for i, o in enumerate(outs)
+               for c, s, b, f in zip(o["instances"].pred_classes.tolist(),
+                                     o["instances"].scores.tolist(),
+                                     o["instances"].pred_boxes.tensor.tolist(),
+                                     o["instances"].in_image_cap.tolist()) if f}
+    heads.topk_per_class = 0
+    for p in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+        p.test_topk_per_image = PER_IMAGE
+    standard = _detections(infer())[0]
+    assert flagged == standard and 0 < len(standard) <= PER_IMAGE * len(images)
 
 
 def test_stock_heads_are_refused_with_the_fix_and_their_weights_fit_the_fix():

@@ -18,7 +18,9 @@ Optional metrics (lvis_fast's docstring has the definitions): `topk_per_class` K
 AP-fixed (keys AP-fixed, APr-fixed, APc-fixed, APf-fixed; the model must then give every
 detection it keeps, no per-image cap: TEST.AP_FIXED), `pooled` adds AP-pool (AP-pool, APr-pool,
 APc-pool, APf-pool) on the same detections, and `boundary` adds the task "boundary" (boundary
-AP, same keys as segm). Standard AP stays the one of each image's `max_dets_per_image` best.
+AP, same keys as segm). Standard AP stays the one of each image's `max_dets_per_image` best; with
+AP-fixed, those the model flagged `in_image_cap` (its per-image top, as it would have returned
+without AP-fixed, before detector_postprocess dropped empty boxes).
 """
 import itertools
 import json
@@ -75,6 +77,7 @@ class FastLVISEvaluator(LVISEvaluator):
     def reset(self):
         super().reset()
         self._buffer = []  # per image: its result dicts
+        self._caps = []  # per image: (N,) bool, in the model's per-image top (TEST.AP_FIXED)
         self._num_images = 0
         self._num_results = 0
         self._matchers = {}  # task -> LvisMatcher
@@ -92,6 +95,8 @@ class FastLVISEvaluator(LVISEvaluator):
             if "instances" in output:
                 instances = output["instances"].to(self._cpu_device)
                 results = instances_to_coco_json(instances, input["image_id"])
+                if instances.has("in_image_cap"):  # TEST.AP_FIXED: the model's per-image top
+                    self._caps.append(instances.in_image_cap.numpy().astype(bool))
                 for r in results:
                     r["category_id"] = (r["category_id"] + 1 if self._to_dataset_id is None
                                         else self._to_dataset_id[r["category_id"]])
@@ -105,7 +110,9 @@ class FastLVISEvaluator(LVISEvaluator):
     def _flush(self):
         """Match the buffered images' results; append them to this process' dump part."""
         results = list(itertools.chain(*self._buffer))
-        self._buffer = []
+        in_cap = (np.concatenate(self._caps) if self._caps and len(self._caps) == len(self._buffer)
+                  else None)
+        self._buffer, self._caps = [], []
         if not results:
             return
         if self._dump:
@@ -120,7 +127,7 @@ class FastLVISEvaluator(LVISEvaluator):
             self._matchers = {t: LvisMatcher(self._gt, t, self._max_dets, box_area=(t == "bbox"),
                                              ranking=self._ranking) for t in tasks}
         for matcher in self._matchers.values():
-            matcher.add(results)
+            matcher.add(results, in_cap=in_cap)
 
     def evaluate(self):
         self._flush()

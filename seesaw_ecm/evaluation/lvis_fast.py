@@ -469,9 +469,11 @@ class LvisMatcher:
                                                                        r.pos))
         self._pruned_size = sum(len(r) for r in self._parts)
 
-    def add(self, results):
+    def add(self, results, in_cap=None):
         """results: list of LVIS result dicts (image_id, category_id, score, bbox [x, y, w, h]
-        and / or segmentation RLE) holding ALL results of the images they mention."""
+        and / or segmentation RLE) holding ALL results of the images they mention. in_cap:
+        (N,) bool, the results within their image's cap (given by the model with AP-fixed;
+        per image a prefix of its results by score); None: each image's top max_dets by score."""
         if len(results) == 0:
             return
         gt, n = self.gt, len(results)
@@ -483,10 +485,16 @@ class LvisMatcher:
                                  "all results of an image in one call.")
         self._seen[uniq] = True
         score = np.fromiter((r["score"] for r in results), np.float64, n)
-        # top max_dets per image by score, ties in input order (lvis' stable sorted(reverse))
-        order = np.lexsort((-score, img))
-        in_cap = np.ones(n, bool)
-        if self.max_dets >= 0:
+        if in_cap is not None:
+            in_cap = np.asarray(in_cap, bool)
+            if in_cap.shape != (n,):
+                raise SeesawEcmError(f"LvisMatcher.add: in_cap has shape {in_cap.shape}, the "
+                                     f"results are {n}.")
+        elif self.max_dets < 0:
+            in_cap = np.ones(n, bool)
+        else:  # top max_dets per image by score, ties in input order (lvis' stable sort)
+            order = np.lexsort((-score, img))
+            in_cap = np.zeros(n, bool)
             starts = np.searchsorted(img[order], img[order], side="left")
             in_cap[order] = np.arange(n) - starts < self.max_dets
         keep = np.flatnonzero(in_cap) if self.ranking is None else np.arange(n)

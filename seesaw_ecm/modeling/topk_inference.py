@@ -92,7 +92,8 @@ class TopKPerClassHeads:
 
     def select_top_k_per_class(self, instances):
         """Per image Instances (sorted by score, as fast_rcnn_inference returns them) -> those
-        that may be in the final top K of their class, or in the image's own top."""
+        that may be in the final top K of their class, or in the image's own top (its first
+        keep_per_image, flagged in the (R,) bool field `in_image_cap`)."""
         if not self.topk_per_class:
             return instances
         if self._running is None:
@@ -102,8 +103,12 @@ class TopKPerClassHeads:
             classes, scores = x.pred_classes.cpu(), x.scores.float().cpu()
             keep = scores >= self._running.threshold[classes]
             self._running.update(classes[keep], scores[keep])
-            keep[:self.keep_per_image if self.keep_per_image >= 0 else len(keep)] = True
-            out.append(x[keep.to(x.scores.device)])
+            # the image's own top (standard AP), marked here: detector_postprocess later drops
+            # empty boxes, after which the evaluator could no longer tell which they were
+            in_cap = torch.zeros_like(keep)
+            in_cap[:self.keep_per_image if self.keep_per_image >= 0 else len(keep)] = True
+            x.in_image_cap = in_cap.to(x.scores.device)
+            out.append(x[(keep | in_cap).to(x.scores.device)])
         return out
 
     def forward_with_given_boxes(self, features, instances):
