@@ -152,6 +152,24 @@ def add_seesaw_ecm_config(cfg):
     # the loss's activation of the mean of the stages' raw outputs (mmdetection).
     cfg.MODEL.CASCADE.TEST_SCORE = "probs"
 
+    # TSD, task-aware spatial disentanglement (seesaw_ecm/modeling/tsd.py): the box predictor of
+    # every stage of LongTailROIHeads, LongTailCascadeROIHeads and HTCLiteROIHeads pools again
+    # for classification (an offset per bin) and regression (a translation of the RoI), with
+    # the progressive constraint; the ROI_BOX_HEAD head trains beside it as the sibling head.
+    cfg.MODEL.TSD = CN()
+    cfg.MODEL.TSD.ENABLED = False  # TSD box predictors (off: the plain long-tail predictor)
+    # Offsets in units of OFFSET_SCALE x the RoI's width / height (the official trans_std).
+    cfg.MODEL.TSD.OFFSET_SCALE = 0.1
+    # Bilinear samples per bin side of the offset pooling (the official CUDA op: 4; memory of
+    # the grid_sample version grows with its square).
+    cfg.MODEL.TSD.SAMPLING_RATIO = 2
+    cfg.MODEL.TSD.OFFSET_FC_DIM = 256  # width of the FC layers that predict the offsets
+    # Progressive constraint margins m_c (true-class probability) and m_r (IoU with the gt box):
+    # TSD must beat the sibling head by them (the official configs: 0.3, 0.3).
+    cfg.MODEL.TSD.PC_CLS_MARGIN = 0.3
+    cfg.MODEL.TSD.PC_LOC_MARGIN = 0.3
+    cfg.MODEL.TSD.PC_LOSS_WEIGHT = 1.0  # weight of loss_pc_cls and loss_pc_loc; 0 = no PC
+
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
     # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0

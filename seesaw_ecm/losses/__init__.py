@@ -28,6 +28,8 @@ momentum, initial_score, background_score)`` (LOCE; its mean scores are updated 
 heads through ``update_mean_score``); all take
 ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
+Beside them, ``ProgressiveConstraintLoss`` (TSD's progressive constraint, read by
+``seesaw_ecm.modeling.tsd``) compares two heads' scores and IoUs.
 Under autocast (mixed precision) every ``forward`` runs in float32 (``precision.float32_loss``).
 """
 from .cross_entropy import CrossEntropyLoss
@@ -38,8 +40,9 @@ from .equilibrium import EquilibriumLoss
 from .eqlv2 import EQLv2Loss
 from .federated import FederatedLoss
 from .group_softmax import BalancedGroupSoftmax
+from .progressive_constraint import ProgressiveConstraintLoss
 from .seesaw import SeesawLoss
 
 __all__ = ["BalancedGroupSoftmax", "CrossEntropyLoss", "DropLoss", "ECMLoss", "EQLLoss",
-           "EQLv2Loss", "EquilibriumLoss", "FederatedLoss", "SeesawLoss",
-           "effective_class_margins"]
+           "EQLv2Loss", "EquilibriumLoss", "FederatedLoss", "ProgressiveConstraintLoss",
+           "SeesawLoss", "effective_class_margins"]

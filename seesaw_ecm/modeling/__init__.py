@@ -7,10 +7,11 @@ from .predictor import LongTailOutputLayers
 from .htc_lite import GlobalContextEncoder, HTCLiteRCNN, HTCLiteROIHeads
 from .roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 from .loce import LOCEROIHeads
+from .tsd import TSDOutputLayers
 
 __all__ = ["CARAFEFPN", "CARAFEPack", "LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN",
            "HTCLiteROIHeads", "LongTailCascadeROIHeads", "LOCEROIHeads", "LongTailOutputLayers",
-           "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead",
+           "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead", "TSDOutputLayers",
            "build_cls_loss"]
 
 # detectron2 installs without compiled ops (this project's default install, whose detectron2._C is

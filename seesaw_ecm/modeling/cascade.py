@@ -19,8 +19,9 @@ from ..errors import SeesawEcmError
 from .carafe import CARAFEMaskHeadMixin
 from .cls_loss import build_cls_loss
 from .mask_scoring import MaskScoringMixin
-from .predictor import LongTailOutputLayers
+from .roi_pooling import RoIFeatures
 from .topk_inference import TopKPerClassHeads
+from .tsd import build_box_predictor, pooled_shape
 
 TEST_SCORES = ("probs", "logits")
 
@@ -28,7 +29,8 @@ TEST_SCORES = ("probs", "logits")
 @ROI_HEADS_REGISTRY.register()
 class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHeadMixin,
                               CascadeROIHeads):
-    """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers.
+    """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers (a TSD
+    one with MODEL.TSD.ENABLED).
 
     Each stage has its own IoU (ROI_BOX_CASCADE_HEAD.IOUS), regression weights (BBOX_REG_WEIGHTS),
     box head, class-agnostic regression and copy of the classification loss, as in the official
@@ -96,9 +98,9 @@ class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHea
         ret = super()._init_box_head(cfg, input_shape)
         cls_loss = build_cls_loss(cfg)
         ret["box_predictors"] = [
-            LongTailOutputLayers(
-                cfg, head.output_shape, box2box_transform=stock.box2box_transform,
-                cls_loss=copy.deepcopy(cls_loss),
+            build_box_predictor(
+                cfg, head.output_shape, pooled_shape(cfg, input_shape),
+                box2box_transform=stock.box2box_transform, cls_loss=copy.deepcopy(cls_loss),
             )
             for head, stock in zip(ret["box_heads"], ret["box_predictors"])
         ]
@@ -150,10 +152,16 @@ class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHea
         return instances
 
     def _run_stage(self, features, proposals, stage):
-        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
-        if self.training:  # inference needs no scaling (and the Function is not traceable)
-            box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
-        return self.box_predictor[stage](self.box_head[stage](box_features))
+        rois = RoIFeatures(self.box_pooler, features, [x.proposal_boxes for x in proposals],
+                           self._scale_gradient)
+        return self.box_predictor[stage].predict_rois(self.box_head[stage], rois)
+
+    def _scale_gradient(self, box_features):
+        """The pooled RoI features, their gradient scaled in training by box_grad_scale
+        (inference needs no scaling, and the autograd Function is not traceable)."""
+        if not self.training:
+            return box_features
+        return _ScaleGradient.apply(box_features, self.box_grad_scale)
 
     def _next_stage_proposals(self, boxes, proposals, stage, targets):
         """The RoIs of `stage` > 0 from the boxes the previous stage regressed (`boxes`, per image

@@ -8,12 +8,13 @@ detectron2 has no HTC; the context branch follows the GlobalContextHead of mmdet
 (convs on the coarsest FPN level, global average pooling, a multi-label classifier), written
 here because no library ships it for detectron2.
 """
+import functools
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
-from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 from ..errors import SeesawEcmError
 from ..losses.precision import float32_loss
 from .roi_heads import LongTailCascadeROIHeads
+from .roi_pooling import RoIFeatures
 
 
 class GlobalContextEncoder(nn.Module):
@@ -184,14 +186,17 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
 
     def _run_stage(self, features, proposals, stage, context=None):
         boxes = [x.proposal_boxes for x in proposals]
-        box_features = self.box_pooler(features, boxes)
+        context = None if context is None else context[_image_index(boxes)]
+        rois = RoIFeatures(self.box_pooler, features, boxes,
+                           functools.partial(self._with_context, context=context))
+        return self.box_predictor[stage].predict_rois(self.box_head[stage], rois)
+
+    def _with_context(self, box_features, context):
+        """Pooled RoI features (TSD's too) plus their image's context (R, D, 1, 1) or None,
+        their gradient scaled as the cascade's."""
         if context is not None:
-            box_features = box_features + context[_image_index(boxes)]
-        if self.training:  # as detectron2's later releases: a Python autograd Function is not
-            # traceable (TorchScript export), and inference needs no gradient scaling
-            box_features = _ScaleGradient.apply(box_features, self.box_grad_scale)
-        box_features = self.box_head[stage](box_features)
-        return self.box_predictor[stage](box_features)
+            box_features = box_features + context
+        return self._scale_gradient(box_features)
 
     def _forward_box(self, features, proposals, targets=None, context=None):
         """As CascadeROIHeads._forward_box, with the context added in every stage.

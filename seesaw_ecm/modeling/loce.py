@@ -40,12 +40,12 @@ class LOCEROIHeads(LongTailROIHeads):
         if not isinstance(self.box_predictor.cls_loss, EquilibriumLoss):
             raise SeesawEcmError('ROI_HEADS.NAME "LOCEROIHeads" needs MODEL.LONG_TAIL.LOSS '
                                  '"loce" (the equilibrium loss whose mean scores it updates).')
-        if self.train_on_pred_boxes:
-            raise SeesawEcmError("LOCEROIHeads does not support ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES.")
         self.memory = memory
 
     @classmethod
     def from_config(cls, cfg, input_shape):
+        if cfg.MODEL.TSD.ENABLED:  # its replayed features would need TSD's offset pooling
+            raise SeesawEcmError("LOCEROIHeads does not support MODEL.TSD.ENABLED: set it False.")
         ret = super().from_config(cfg, input_shape)
         loce = cfg.MODEL.LONG_TAIL.LOCE
         if loce.MEMORY_DTYPE not in MEMORY_DTYPES:

@@ -78,6 +78,11 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             scores = torch.cat([scores, self.objectness(x)], dim=1)
         return scores, self.bbox_pred(x)
 
+    def predict_rois(self, box_head, rois):
+        """Predictions for a stage's RoIs: ``rois`` (roi_pooling.RoIFeatures) pools them, the
+        ROI heads' ``box_head`` maps them to this predictor's input (TSD pools again)."""
+        return self(box_head(rois()))
+
     def _split(self, scores):
         if self.objectness is None:
             return (scores,)
@@ -126,6 +131,6 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
 
     def predict_probs(self, predictions, proposals):
         """list of (Ri, C + 1) class probabilities per image, background last."""
-        scores, _ = predictions
+        scores = predictions[0]
         probs = self.cls_loss.get_probs(*self._split(scores))
         return probs.split([len(p) for p in proposals], dim=0)
