@@ -3,8 +3,8 @@ built and before anything is written to OUTPUT_DIR: every problem found, in one 
 
 - Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
   MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
-  statistics), MODEL.CASCADE for the cascade heads, GRADIENT_BALANCE.PERIOD, HTC-Lite's context
-  with its meta-architecture.
+  statistics), MODEL.CASCADE for the cascade heads, MODEL.TSD, GRADIENT_BALANCE.PERIOD,
+  HTC-Lite's context with its meta-architecture.
 - Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
   weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
   file: fields, references, unique ids), unique image ids, class count equal to
@@ -37,6 +37,7 @@ from .gradient_balance import check_period
 from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
 from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
 from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+from .modeling.tsd import check_config as check_tsd_config
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def config_problems(cfg, eval_only=False):
         problems.append(
             "HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT True trains on image-level labels that "
             "only MODEL.META_ARCHITECTURE 'HTCLiteRCNN' provides; set it (or CONTEXT False).")
+    if cfg.MODEL.TSD.ENABLED:
+        _collect(problems, check_tsd_config, cfg)
     if cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED:
         _collect(problems, check_period, cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD)
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:

@@ -15,6 +15,7 @@ from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.losses import ProgressiveConstraintLoss
 from seesaw_ecm.modeling import TSDOutputLayers
 from seesaw_ecm.modeling.roi_pooling import RoIFeatures, deformable_roi_align
+from seesaw_ecm.validation import config_problems
 from test_cascade import build, small_cfg
 from test_htc_lite import batch  # two 64x64 images with 2 and 1 objects (box-shaped masks)
 
@@ -247,6 +248,15 @@ def test_tsd_on_changes_inference():
         with torch.no_grad():
             outputs.append(model(batch())[0]["instances"].pred_boxes.tensor)
     assert outputs[0].shape != outputs[1].shape or not torch.allclose(*outputs)
+
+
+def test_bad_values_are_named_before_building():
+    cfg = small_cfg(MASK, "MODEL.TSD.SAMPLING_RATIO", 0, "MODEL.TSD.PC_LOC_MARGIN", 1.5,
+                    "DATASETS.TRAIN", "('x',)")
+    problems = " ".join(config_problems(cfg))
+    assert "MODEL.TSD.SAMPLING_RATIO 0" in problems
+    with pytest.raises(SeesawEcmError, match="PC_LOC_MARGIN 1.5"):
+        build(MASK, "MODEL.TSD.PC_LOC_MARGIN", 1.5)
 
 
 def test_unsupported_combinations_are_named():

@@ -88,6 +88,7 @@ class TSDOutputLayers(LongTailOutputLayers):
 
     @classmethod
     def from_config(cls, cfg, pooled_shape, sibling, cls_loss=None):
+        check_config(cfg)
         tsd = cfg.MODEL.TSD
         cls_tower, reg_tower = build_box_head(cfg, pooled_shape), build_box_head(cfg, pooled_shape)
         # the TSD classifier's own loss (Seesaw counts its own samples), as each cascade stage's
@@ -172,6 +173,22 @@ class TSDOutputLayers(LongTailOutputLayers):
             deltas = deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas)), classes]
         pred = predictor.box2box_transform.apply_deltas(deltas, boxes[fg])
         return matched_pairwise_iou(Boxes(pred), Boxes(gt_boxes[fg]))
+
+
+def check_config(cfg):
+    """Raise SeesawEcmError for MODEL.TSD values TSD cannot run (also called by
+    seesaw_ecm.validation before anything is built)."""
+    tsd = cfg.MODEL.TSD
+    if tsd.SAMPLING_RATIO < 1:
+        raise SeesawEcmError(f"MODEL.TSD.SAMPLING_RATIO {tsd.SAMPLING_RATIO}: samples per bin "
+                             "side, at least 1 (the official op: 4).")
+    for key in ("PC_CLS_MARGIN", "PC_LOC_MARGIN"):
+        if not 0 <= tsd[key] <= 1:
+            raise SeesawEcmError(f"MODEL.TSD.{key} {tsd[key]}: a margin of probabilities / "
+                                 "IoUs, in [0, 1] (the official configs: 0.3).")
+    for key in ("OFFSET_SCALE", "PC_LOSS_WEIGHT"):
+        if tsd[key] < 0:
+            raise SeesawEcmError(f"MODEL.TSD.{key} {tsd[key]} is negative; use 0 or more.")
 
 
 def build_box_predictor(cfg, box_head_shape, pooled_shape, **kwargs):
