@@ -164,10 +164,10 @@ def add_seesaw_ecm_config(cfg):
     # the grid_sample version grows with its square).
     cfg.MODEL.TSD.SAMPLING_RATIO = 2
     cfg.MODEL.TSD.OFFSET_FC_DIM = 256  # width of the FC layers that predict the offsets
-    # Progressive constraint margins m_c (true-class probability) and m_r (IoU with the gt box):
-    # TSD must beat the sibling head by them (the official configs: 0.3, 0.3).
-    cfg.MODEL.TSD.PC_CLS_MARGIN = 0.3
-    cfg.MODEL.TSD.PC_LOC_MARGIN = 0.3
+    # Progressive constraint: TSD must beat the sibling head by these margins (in [0, 1]; the
+    # official configs: 0.3, 0.3), each clipped at 1 - the sibling's value.
+    cfg.MODEL.TSD.PC_CLS_MARGIN = 0.3  # m_c, on the probability of the RoI's label
+    cfg.MODEL.TSD.PC_LOC_MARGIN = 0.3  # m_r, on the IoU of the regressed box with its gt box
     cfg.MODEL.TSD.PC_LOSS_WEIGHT = 1.0  # weight of loss_pc_cls and loss_pc_loc; 0 = no PC
 
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
