@@ -48,6 +48,9 @@ class FPG(Backbone):
         """
         super().__init__()
         shapes = bottom_up.output_shape()
+        if set(in_features) - set(shapes):
+            raise SeesawEcmError(f"MODEL.FPG.IN_FEATURES {list(in_features)}: the bottom-up "
+                                 f"network outputs {list(shapes)} (set its OUT_FEATURES).")
         strides = [shapes[f].stride for f in in_features]
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise SeesawEcmError(f"MODEL.FPG.IN_FEATURES {list(in_features)} must have strides "
@@ -110,7 +113,6 @@ class FPG(Backbone):
                 nodes.append(y)
             prev = nodes
         return {f: conv(p) for f, conv, p in zip(self._out_features, self.output_convs, prev)}
-
 
 
 @BACKBONE_REGISTRY.register()
