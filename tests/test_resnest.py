@@ -7,6 +7,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
+from safetensors.torch import save_file
 from torch import nn
 
 from seesaw_ecm import add_seesaw_ecm_config
@@ -117,6 +118,12 @@ def test_weights_file_is_loaded_also_into_the_deformable_convs(tmp_path):
         if "conv_offset" not in key:
             assert torch.equal(value, state[key]), key  # includes layer3.*.conv2.conv.weight
     assert isinstance(model.body.layer3[0].conv2.conv, ModulatedDeformConvPack)
+    hub_format = str(tmp_path / "model.safetensors")  # as timm's files on the hub
+    save_file(state, hub_format)
+    loaded = ResNeSt(14, norm="BN", weights=hub_format).body.layer4[0].conv3.weight
+    assert torch.equal(loaded, state["layer4.0.conv3.weight"])
+    with pytest.raises(SeesawEcmError, match="does not fit timm's resnest26d"):
+        ResNeSt(26, weights=path)
 
 
 def test_missing_weights_file_and_bad_values_are_named(tmp_path):

@@ -3,8 +3,8 @@ backbone: timm's implementation (`timm.create_model(name, features_only=True)`),
 
 Outputs res2..res5 (strides 4, 8, 16, 32), so detectron2's FPN and this project's FPG take it as
 they take detectron2's ResNet. What the wrapper adds to timm's network, in this order:
-- pretrained weights from a local file (timm's `pretrained_cfg_overlay={"file": ...}` loader;
-  the hubs timm downloads from are unreachable here);
+- pretrained weights from a local file (read by timm, checked strictly: the hubs timm downloads
+  from are unreachable here);
 - DCNv2 in chosen stages, where mmdetection's ResNeSt puts it (`SplitAttentionConv2d.conv` with
   `stage_with_dcn`): in every block of such a stage the grouped 3x3 conv inside the
   split-attention module (timm: `blockN.conv2.conv`, radix x cardinality groups, the block's
@@ -48,9 +48,20 @@ def _create_timm_model(name, out_indices, weights):
             f"MODEL.RESNEST.WEIGHTS: no file {weights!r}. Copy timm's ImageNet weights of {name} "
             f"(e.g. model.safetensors of timm/{name}.in1k on the Hugging Face hub) to this "
             "machine and give its path, or set MODEL.RESNEST.WEIGHTS \"\" (random init).")
-    overlay = {"file": weights} if weights else None
-    return timm.create_model(name, features_only=True, out_indices=out_indices,
-                             pretrained=bool(weights), pretrained_cfg_overlay=overlay)
+    body = timm.create_model(name, features_only=True, out_indices=out_indices)
+    if weights:
+        # timm's reader (.safetensors, .pth / .bin, EMA or wrapped state dicts). Not timm's
+        # pretrained= path: with features_only it loads non-strictly and only logs missing keys.
+        # Here every tensor of the backbone must come from the file (its classifier and the
+        # stages after the last output are left over).
+        try:
+            missing = body.load_state_dict(timm.models.load_state_dict(weights), strict=False)[0]
+        except RuntimeError as e:  # shapes differ
+            missing = [str(e)[:500]]
+        if missing:
+            raise SeesawEcmError(f"MODEL.RESNEST.WEIGHTS {weights!r} does not fit timm's {name} "
+                                 f"(MODEL.RESNEST.DEPTH); missing or different: {missing[:5]}")
+    return body
 
 
 class ResNeSt(Backbone):
