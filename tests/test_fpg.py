@@ -90,3 +90,29 @@ def test_on_resnest_and_bad_values():
         build_backbone(_cfg("MODEL.RESNETS.OUT_FEATURES", ["res4"]))
     with pytest.raises(SeesawEcmError, match="strides doubling"):
         build_backbone(_cfg("MODEL.FPG.IN_FEATURES", ["res2", "res4", "res5"]))
+
+
+def test_htc_lite_trains_on_fpg_over_resnest_with_dcn():
+    """The entry's combination (HTC-Lite, FPG, ResNeSt + DCNv2): one training step's losses and
+    gradients."""
+    pytest.importorskip("timm")
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+    from test_htc_lite import batch, htc_cfg
+
+    torch.manual_seed(0)
+    model = build_model(htc_cfg(
+        "MODEL.BACKBONE.NAME", "build_fpg_backbone", "MODEL.FPG.BOTTOM_UP",
+        "build_resnest_backbone", "MODEL.RESNEST.DEPTH", 14, "MODEL.RESNEST.NORM", "BN",
+        "MODEL.RESNEST.DEFORM_ON_PER_STAGE", [False, True, True, True],
+        "MODEL.FPG.OUT_CHANNELS", C, "MODEL.FPG.STACK_TIMES", 5))
+    for m in model.backbone.modules():  # timm starts each block's last BN scale at 0
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+    with EventStorage():
+        losses = model(batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    fpg, resnest = model.backbone, model.backbone.bottom_up.body
+    assert fpg.stacks[4][0]["lateral"][1].weight.grad.abs().sum() > 0
+    assert resnest.layer3[0].conv2.conv.conv_offset.weight.grad.abs().sum() > 0
