@@ -250,3 +250,33 @@ def add_seesaw_ecm_config(cfg):
     # Also evaluate the "boundary" task (boundary AP: IoU = min(mask IoU, boundary IoU), the
     # boundary 2% of the image diagonal deep); needs masks. With AP_FIXED it gets AP-fixed too.
     cfg.TEST.BOUNDARY_AP = False
+
+    # ResNeSt backbones (seesaw_ecm/modeling/resnest.py, timm's networks; the LVIS 2020 entry's
+    # ResNeSt-200 + DCNv2): MODEL.BACKBONE.NAME "build_resnest_fpn_backbone" (detectron2's FPN
+    # and its MODEL.FPN keys) or "build_resnest_backbone"; MODEL.BACKBONE.FREEZE_AT as for ResNet.
+    # timm's weights expect RGB input normalized by ImageNet mean / std (README "ResNeSt").
+    cfg.MODEL.RESNEST = CN()
+    # 50 (timm resnest50d), 101 (resnest101e), 200 (resnest200e, the entry's); also 14, 26, 269.
+    cfg.MODEL.RESNEST.DEPTH = 50
+    cfg.MODEL.RESNEST.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32
+    # Every BatchNorm of the network becomes: "FrozenBN" (detectron2's default with pretrained
+    # weights), "BN" or "SyncBN"; the stages MODEL.BACKBONE.FREEZE_AT fixes are FrozenBN anyway.
+    cfg.MODEL.RESNEST.NORM = "FrozenBN"
+    # DCNv2 per stage (res2..res5): the 3x3 split-attention conv of every block of the stage
+    # becomes a modulated deformable conv (mmdetection's ResNeSt DCN configs: [False, True, True,
+    # True], i.e. mmdetection's stage_with_dcn; the entry's own config is not public).
+    cfg.MODEL.RESNEST.DEFORM_ON_PER_STAGE = [False, False, False, False]
+    # timm state dict file (.pth / .bin / .safetensors) of the same network, e.g. timm's
+    # ImageNet weights copied from a machine with hub access; "" = random initialisation.
+    cfg.MODEL.RESNEST.WEIGHTS = ""
+
+    # Feature Pyramid Grids (seesaw_ecm/modeling/fpg.py; MODEL.BACKBONE.NAME
+    # "build_fpg_backbone"), the neck of mmdetection's FPG configs: outputs p2..p6.
+    cfg.MODEL.FPG = CN()
+    # BACKBONE_REGISTRY name of the bottom-up network, e.g. "build_resnest_backbone".
+    cfg.MODEL.FPG.BOTTOM_UP = "build_resnet_backbone"
+    cfg.MODEL.FPG.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # strides must double
+    cfg.MODEL.FPG.OUT_CHANNELS = 256  # channels of every grid node and output
+    # Bottom-up pathways (the published FPG: 9); at least the number of output levels (5).
+    cfg.MODEL.FPG.STACK_TIMES = 9
+    cfg.MODEL.FPG.NORM = "BN"  # after every grid transition conv (published: BN); "" = none

@@ -9,8 +9,10 @@ the G deformable groups, and mask (N, G * kh * kw, Ho, Wo). The classes below su
 so constructor arguments, attributes and state_dict keys are unchanged and checkpoints load both
 ways; only `forward` differs.
 """
+import torch
 from detectron2.layers import deform_conv as d2_deform_conv
 from detectron2.modeling.backbone import resnet as d2_resnet
+from torch import nn
 from torchvision.ops import deform_conv2d
 
 
@@ -44,6 +46,45 @@ class ModulatedDeformConv(d2_deform_conv.ModulatedDeformConv):
 
     def forward(self, x, offset, mask):
         return _forward(self, x, offset, mask)
+
+
+class ModulatedDeformConvPack(ModulatedDeformConv):
+    """DCNv2 that predicts its own offsets: a drop-in for a plain conv (as mmcv's
+    ModulatedDeformConv2dPack, and the conv2_offset / conv2 pair of detectron2's
+    DeformBottleneckBlock, whose offset split this follows).
+
+    `conv_offset` (same kernel, stride, padding and dilation) predicts from x the offsets and
+    the modulation logits, 3 * G * kh * kw channels. It starts at zero, as in mmcv and
+    detectron2: a new pack samples the regular grid with modulation sigmoid(0) = 0.5.
+    forward(x (N, C, H, W)) -> (N, out_channels, Ho, Wo).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        taps = self.deformable_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(self.in_channels, 3 * taps, self.kernel_size,
+                                     stride=self.stride, padding=self.padding,
+                                     dilation=self.dilation)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    @classmethod
+    def from_conv(cls, conv, deformable_groups=1):
+        """A pack with the geometry, weight and bias of `conv` (an nn.Conv2d), on its device."""
+        pack = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                   padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                   deformable_groups=deformable_groups, bias=conv.bias is not None)
+        pack.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            pack.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                pack.bias.copy_(conv.bias)
+        return pack
+
+    def forward(self, x):
+        # detectron2's split; conv_offset learns whichever channel order the op reads
+        first, second, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
+        return super().forward(x, torch.cat((first, second), dim=1), mask.sigmoid())
 
 
 def compiled_deform_conv_available():
