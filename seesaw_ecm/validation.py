@@ -4,7 +4,7 @@ built and before anything is written to OUTPUT_DIR: every problem found, in one 
 - Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
   MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
   statistics), MODEL.CASCADE for the cascade heads, GRADIENT_BALANCE.PERIOD, HTC-Lite's context
-  with its meta-architecture.
+  with its meta-architecture, test-time augmentation (TEST.AUG).
 - Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
   weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
   file: fields, references, unique ids), unique image ids, class count equal to
@@ -37,6 +37,7 @@ from .gradient_balance import check_period
 from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
 from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
 from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+from .modeling.test_time_augmentation import check_tta_config
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def config_problems(cfg, eval_only=False):
     problems = []
     _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
     _collect(problems, check_lvis_metrics_config, cfg)
+    _collect(problems, check_tta_config, cfg)
     arch = _collect(problems, _registered, META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
                     cfg.MODEL.META_ARCHITECTURE)
     heads = _collect(problems, _registered, ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME",
