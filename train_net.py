@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import register_from_cfg
-from seesaw_ecm.distributed import report_error
+from seesaw_ecm.distributed import report_error, sync_bn_on_cpu
 from seesaw_ecm.engine import Trainer, format_summary, per_dataset
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.validation import validate_run
@@ -44,6 +44,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("No GPU available: running on the CPU.")
         cfg.MODEL.DEVICE = "cpu"
+    sync_bn_on_cpu(cfg)
     cfg.freeze()
     register_from_cfg(cfg)
     # every dataset and the config checked before anything is built or written to OUTPUT_DIR
