@@ -6,6 +6,8 @@
     python train_net.py --config-file ... --num-gpus 2          # 2 processes (GLOO on CPU)
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
         TEST.AP_FIXED.ENABLED True TEST.AP_POOL True TEST.BOUNDARY_AP True  # more LVIS metrics
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
+        TEST.AUG.ENABLED True TEST.AUG.MIN_SIZES "(400, 500, 600)" TEST.AUG.FLIP True  # + TTA
     python train_net.py --config-file ... --dataset mine=/data/mine.json:/data/images \\
         DATASETS.TRAIN "('mine',)" DATASETS.TEST "('mine',)"
 """
@@ -24,8 +26,8 @@ from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import register_from_cfg
-from seesaw_ecm.distributed import report_error
-from seesaw_ecm.engine import Trainer, format_summary
+from seesaw_ecm.distributed import report_error, sync_bn_on_cpu
+from seesaw_ecm.engine import Trainer, format_summary, per_dataset
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.validation import validate_run
 
@@ -42,6 +44,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("No GPU available: running on the CPU.")
         cfg.MODEL.DEVICE = "cpu"
+    sync_bn_on_cpu(cfg)
     cfg.freeze()
     register_from_cfg(cfg)
     # every dataset and the config checked before anything is built or written to OUTPUT_DIR
@@ -63,14 +66,15 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:  # as detectron2's tools/train_net.py (in training: a hook)
+            results = {**per_dataset(cfg, results), **Trainer.test_with_TTA(cfg, model)}
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process() and results:
-        if set(results) <= {"bbox", "segm", "boundary"}:  # detectron2 unwraps a single dataset
-            results = {cfg.DATASETS.TEST[0]: results}
-        logging.getLogger("seesaw_ecm").info("Summary:\n" + format_summary(results))
+        logging.getLogger("seesaw_ecm").info(
+            "Summary:\n" + format_summary(per_dataset(cfg, results)))
     return results
 
 

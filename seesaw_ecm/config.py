@@ -280,3 +280,28 @@ def add_seesaw_ecm_config(cfg):
     # Bottom-up pathways (the published FPG: 9); at least the number of output levels (5).
     cfg.MODEL.FPG.STACK_TIMES = 9
     cfg.MODEL.FPG.NORM = "BN"  # after every grid transition conv (published: BN); "" = none
+    # Training augmentation of the LVIS 2020 entry (seesaw_ecm/data/augmentation.py,
+    # instaboost.py), read by the training mapper (seesaw_ecm/data/mapper.py). The entry: long
+    # edge 768-1792, random crop 1280 x 1280, InstaBoost.
+    # (min, max): resize so that the longer edge is drawn uniformly from [min, max], aspect kept
+    # (the entry: (768, 1792)), in place of MIN_SIZE_TRAIN / MAX_SIZE_TRAIN; () = off.
+    cfg.INPUT.LONG_EDGE_TRAIN = ()
+    # True: detectron2's INPUT.CROP runs after the resize (mmdetection's order; the entry:
+    # TYPE "absolute", SIZE (1280, 1280)); False: before it (detectron2). Either way boxes are
+    # recomputed from the cropped masks.
+    cfg.INPUT.CROP_AFTER_RESIZE = False
+    # InstaBoost (PyPI instaboostfast, as mmdetection's InstaBoost step; defaults are its).
+    cfg.INPUT.INSTABOOST = CN()
+    cfg.INPUT.INSTABOOST.ENABLED = False  # augment training images (needs polygon masks)
+    cfg.INPUT.INSTABOOST.AUG_RATIO = 0.5  # probability that an image is augmented
+    # What may happen to each instance: "normal" (moved, scaled, rotated), "horizontal" (the same,
+    # flipped), "skip" (left where it is).
+    cfg.INPUT.INSTABOOST.ACTION_CANDIDATE = ("normal", "horizontal", "skip")
+    cfg.INPUT.INSTABOOST.ACTION_PROB = (1.0, 0.0, 0.0)  # probabilities of ACTION_CANDIDATE
+    cfg.INPUT.INSTABOOST.SCALE = (0.8, 1.2)  # range of each instance's scale factor
+    cfg.INPUT.INSTABOOST.DX = 15.0  # largest shift, in pixels, along x
+    cfg.INPUT.INSTABOOST.DY = 15.0  # largest shift, in pixels, along y
+    cfg.INPUT.INSTABOOST.THETA = (-1.0, 1.0)  # range of the rotation, in degrees
+    cfg.INPUT.INSTABOOST.COLOR_PROB = 0.5  # probability of a colour jitter of the image
+    # Place instances by the heatmap of likely positions (slower) instead of at random.
+    cfg.INPUT.INSTABOOST.HEATMAP = False

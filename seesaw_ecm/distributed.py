@@ -1,6 +1,9 @@
-"""Work done once, on the main process, whose outcome every rank shares."""
+"""Work done once, on the main process, whose outcome every rank shares; synchronized
+BatchNorm on several CPU processes."""
 import sys
 
+import torch
+import torch.distributed as dist
 from detectron2.utils import comm
 
 from .errors import SeesawEcmError
@@ -44,3 +47,36 @@ def report_error(error):
         print(f"ERROR: {error}", file=sys.stderr, flush=True)
     if all_ranks:
         comm.synchronize()
+
+
+# The config keys naming the norm of a model part that detectron2's get_norm builds (backbone,
+# FPN, box-head convs, mask-head convs).
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
+             "MODEL.ROI_MASK_HEAD.NORM")
+
+
+def sync_bn_on_cpu(cfg):
+    """Make NORM "SyncBN" work on several CPU processes (in place, before cfg.freeze()).
+
+    detectron2 builds "SyncBN" as torch's nn.SyncBatchNorm, which refuses CPU tensors as soon as
+    a process group exists, and is BatchNorm without one (one process: detectron2's launch
+    starts no process group). On CPU in a process group each such key becomes "naiveSyncBN_N":
+    detectron2's NaiveSyncBatchNorm, which all-reduces the statistics with any backend (GLOO),
+    weighted by each process's batch (RoI counts differ between processes) and safe for empty
+    inputs. Returns the keys changed."""
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu" or not (
+            dist.is_available() and dist.is_initialized()):
+        return []
+    changed = []
+    for key in NORM_KEYS:
+        *path, name = key.split(".")
+        node = cfg
+        for part in path:
+            node = node[part]
+        if node[name] == "SyncBN":
+            node[name] = "naiveSyncBN_N"
+            changed.append(key)
+    if changed and comm.is_main_process():  # before the loggers are set up, as train_net.py's
+        print(f"SyncBN on {comm.get_world_size()} CPU processes: {', '.join(changed)} use "
+              "detectron2's naiveSyncBN_N (torch's SyncBatchNorm needs GPU tensors).")
+    return changed

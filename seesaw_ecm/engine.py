@@ -23,6 +23,7 @@ from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 from .modeling.decoupled import freeze_all_but
+from .modeling.test_time_augmentation import LongTailRCNNWithTTA
 from .modeling.topk_inference import TopKPerClassHeads
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
@@ -141,9 +142,28 @@ class Trainer(DefaultTrainer):
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
-        TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`)."""
+        TEST.EXPECTED_RESULTS is set; its EvalHook keeps them in `_last_eval_results`), per
+        dataset, with those of test-time augmentation (TEST.AUG.ENABLED) as "<dataset>_TTA"."""
         super().train()
-        return getattr(self, "_last_eval_results", None)
+        results = getattr(self, "_last_eval_results", None)
+        tta = getattr(self, "_last_tta_results", None)
+        return {**per_dataset(self.cfg, results or {}), **tta} if tta else results
+
+    def _test_with_tta_and_keep_results(self):
+        self._last_tta_results = self.test_with_TTA(self.cfg, self.model)
+        return self._last_tta_results
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate `model` with test-time augmentation (TEST.AUG), as detectron2's
+        tools/train_net.py: results {"<dataset>_TTA": {task: metrics}}, files under
+        OUTPUT_DIR/inference_TTA."""
+        logging.getLogger(__name__).info("Running inference with test-time augmentation ...")
+        out = os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+        evaluators = [cls.build_evaluator(cfg, name, os.path.join(out, name))
+                      for name in cfg.DATASETS.TEST]
+        results = per_dataset(cfg, cls.test(cfg, LongTailRCNNWithTTA(cfg, model), evaluators))
+        return {f"{name}_TTA": per_task for name, per_task in results.items()}
 
     @classmethod
     def build_model(cls, cfg):
@@ -170,6 +190,9 @@ class Trainer(DefaultTrainer):
                                                save_to_disk=old.save_to_disk,
                                                **old.checkpointables)
         ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:  # after the plain evaluation, as detectron2's train_net.py
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
+            ret.insert(at, hooks.EvalHook(0, self._test_with_tta_and_keep_results))
         schedule = self.epoch_schedule
         ret.insert(0, EpochProgressHook(self.cfg.SOLVER.IMS_PER_BATCH,
                                         schedule.epoch_size if schedule else None))
@@ -242,6 +265,14 @@ def lvis_evaluator_class(backend):
             f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
             f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
     return LVIS_EVALUATORS[backend]
+
+
+def per_dataset(cfg, results):
+    """Results of DefaultTrainer.test as {dataset: {task: metrics}} (detectron2 unwraps a
+    single test dataset's results to {task: metrics})."""
+    if results and len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        return {cfg.DATASETS.TEST[0]: results}
+    return results
 
 
 def _sampler_of(data_loader):

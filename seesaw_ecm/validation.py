@@ -4,7 +4,8 @@ built and before anything is written to OUTPUT_DIR: every problem found, in one 
 - Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
   MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
   statistics), MODEL.CASCADE for the cascade heads, MODEL.TSD, GRADIENT_BALANCE.PERIOD,
-  HTC-Lite's context with its meta-architecture.
+  HTC-Lite's context with its meta-architecture, test-time augmentation (TEST.AUG), training
+  augmentation (INPUT.LONG_EDGE_TRAIN, CROP_AFTER_RESIZE, INSTABOOST).
 - Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
   weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
   file: fields, references, unique ids), unique image ids, class count equal to
@@ -27,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
 
+from .data.augmentation import check_train_augmentation_config
 from .data.datasets import read_lvis_json
+from .data.instaboost import import_instaboostfast
 from .data.statistics import STATISTICS
 from .distributed import on_main_process
 from .engine import check_lvis_metrics_config, lvis_evaluator_class
@@ -38,6 +41,7 @@ from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
 from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
 from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 from .modeling.tsd import check_config as check_tsd_config
+from .modeling.test_time_augmentation import check_tta_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,10 @@ def config_problems(cfg, eval_only=False):
     problems = []
     _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
     _collect(problems, check_lvis_metrics_config, cfg)
+    _collect(problems, check_tta_config, cfg)
+    _collect(problems, check_train_augmentation_config, cfg)
+    if cfg.INPUT.INSTABOOST.ENABLED:
+        _collect(problems, import_instaboostfast)
     arch = _collect(problems, _registered, META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
                     cfg.MODEL.META_ARCHITECTURE)
     heads = _collect(problems, _registered, ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME",

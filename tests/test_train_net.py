@@ -46,6 +46,12 @@ def seesaw_run(small_synthetic, tmp_path_factory):
     return out, proc
 
 
+def eval_seesaw_run(out, data, tmp_path, *opts):
+    """train_net.py --eval-only of the seesaw_run fixture's final model, with `opts`."""
+    return run_train_net(data, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+                         "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only", *opts)
+
+
 def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
     out, proc = seesaw_run
     table = summary(proc.stdout)
@@ -63,9 +69,7 @@ def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
 
 def test_eval_only_reproduces_the_final_evaluation(seesaw_run, small_synthetic, tmp_path):
     out, proc = seesaw_run
-    again = run_train_net(small_synthetic, tmp_path,
-                          "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
-                          "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only")
+    again = eval_seesaw_run(out, small_synthetic, tmp_path)
     assert summary(again.stdout) == summary(proc.stdout)
 
 
@@ -74,11 +78,9 @@ def test_eval_only_with_ap_fixed_pool_and_boundary(seesaw_run, small_synthetic, 
     columns and a boundary row, the standard AP is unchanged (each image's best are still
     kept, with their masks), and lvis_fast_eval.json has per-category AP-fixed."""
     out, proc = seesaw_run
-    again = run_train_net(small_synthetic, tmp_path,
-                          "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
-                          "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only",
-                          "TEST.AP_FIXED.ENABLED", "True", "TEST.AP_FIXED.TOPK_PER_CLASS", "20",
-                          "TEST.AP_POOL", "True", "TEST.BOUNDARY_AP", "True")
+    again = eval_seesaw_run(out, small_synthetic, tmp_path, "TEST.AP_FIXED.ENABLED", "True",
+                            "TEST.AP_FIXED.TOPK_PER_CLASS", "20", "TEST.AP_POOL", "True",
+                            "TEST.BOUNDARY_AP", "True")
     lines = again.stdout[again.stdout.index("Summary:"):].splitlines()
     header = lines[1].split()
     assert header[1:] == ["task", "AP", "AP50", "APr", "APc", "APf", "AP-fixed", "APr-fixed",
@@ -91,6 +93,22 @@ def test_eval_only_with_ap_fixed_pool_and_boundary(seesaw_run, small_synthetic, 
     report = json.loads((tmp_path / "inference" / "small_val" / "lvis_fast_eval.json").read_text())
     assert set(report) == {"bbox", "segm", "boundary"}
     assert "AP_fixed" in report["segm"]["per_category_ap"][0] and "pooled" in report["segm"]
+
+
+def test_eval_only_with_test_time_augmentation(seesaw_run, small_synthetic, tmp_path):
+    """TEST.AUG from the command line: the plain evaluation as before, then a "small_val_TTA"
+    block (files under inference_TTA)."""
+    out, proc = seesaw_run
+    again = eval_seesaw_run(out, small_synthetic, tmp_path, "TEST.AUG.ENABLED", "True",
+                            "TEST.AUG.MIN_SIZES", "(96, 128)", "TEST.AUG.MAX_SIZE", "256",
+                            "TEST.AUG.FLIP", "True")
+    text = again.stdout[again.stdout.index("Summary:"):]
+    plain, tta = text.split("small_val_TTA")
+    assert summary(plain) == summary(proc.stdout), text
+    assert "bbox" in summary(tta) and set(summary(tta)) == set(summary(plain)), text
+    report = json.loads((tmp_path / "inference_TTA" / "small_val" / "lvis_fast_eval.json")
+                        .read_text())
+    assert set(report) == {"bbox", "segm"}  # masks averaged over the augmented images
 
 
 def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic):

@@ -136,6 +136,12 @@ from detectron2 import model_zoo
 from detectron2.engine import DefaultTrainer  # noqa: F401
 from detectron2.export import TracingAdapter  # noqa: F401
 import seesaw_ecm  # noqa: F401
+import shapely  # noqa: F401  (detectron2's crop of polygons)
+from importlib.metadata import distributions
+from seesaw_ecm.data.instaboost import import_instaboostfast
+import_instaboostfast()  # InstaBoost and what it imports at runtime
+opencv = sorted(d.metadata["Name"] for d in distributions() if d.metadata["Name"].startswith("opencv"))
+assert opencv == ["opencv-python-headless"], f"one OpenCV expected, found {opencv}"
 assert numpy.__version__.startswith("2."), numpy.__version__
 model_zoo.get_config_file("Base-RCNN-FPN.yaml")
 torchvision.ops.roi_align(torch.rand(1, 1, 8, 8), [torch.tensor([[0.0, 0, 4, 4]])], 2)
