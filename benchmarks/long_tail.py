@@ -9,6 +9,8 @@ APc, APf, s/iter; mean ± std over seeds) and plot per-class AP against training
         mine_val=/d/val.json:/d/img --train mine --test mine_val \\
         --opts MODEL.ROI_HEADS.NUM_CLASSES 37
     python benchmarks/long_tail.py --collect output/synthetic/* --output-dir output/benchmark
+    python benchmarks/long_tail.py --config-dir configs/Demo --losses ce seesaw ecm \\
+        --seeds 1 2 3 --baseline ce --output-dir output/demo_3seeds    # the main job's proof
 
 A thin command line over seesaw_ecm.benchmark (docs/BENCHMARKS.md).
 """
@@ -38,6 +40,13 @@ def main(argv=None):
                         help="DATASETS.TEST (default: synthetic_lt_val)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides for every run, KEY VALUE ... (last option)")
+    parser.add_argument("--config-dir", default=benchmark.CONFIG_DIR,
+                        help="where <arch>_R18_FPN_<loss>.yaml are (configs/Demo: the main job)")
+    parser.add_argument("--baseline", metavar="LOSS",
+                        help="also show every metric's change against this loss (e.g. ce), "
+                             "paired by seed, with how many seed standard deviations it is")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained side by side (CPU: each with cores / jobs threads)")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
     parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
@@ -52,9 +61,10 @@ def main(argv=None):
         folders = args.collect or benchmark.train_all(
             args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
             datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
-            num_gpus=args.num_gpus)
+            num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
         runs = [benchmark.read_run(f, per_class=not args.no_per_class) for f in folders]
-        _, table = benchmark.write_report(runs, args.output_dir, command=sys.argv)
+        _, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,
+                                          baseline=args.baseline)
     except SeesawEcmError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

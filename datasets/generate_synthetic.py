@@ -13,7 +13,7 @@ import json
 import time
 
 from seesaw_ecm.data.datasets import synthetic_root
-from seesaw_ecm.data.synthetic_lt import DEFAULTS, generate
+from seesaw_ecm.data.synthetic_lt import DEFAULTS, RARE_SHARE, RARE_TARGETS, generate
 
 
 def main():
@@ -30,6 +30,11 @@ def main():
     parser.add_argument("--val-images", type=int, default=DEFAULTS["val_images"])
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="side, px")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--rare-share", type=float, default=RARE_SHARE,
+                        help="share of the classes that are rare (default 0.2)")
+    parser.add_argument("--rare-images", type=int, nargs=2, default=RARE_TARGETS,
+                        metavar=("FIRST", "LAST"),
+                        help="training images of the first and last rare class (default 10 1)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args()
 
@@ -42,6 +47,8 @@ def main():
         image_size=args.image_size,
         seed=args.seed,
         force=args.force,
+        rare_share=args.rare_share,
+        rare_images=tuple(args.rare_images),
     )
     print(json.dumps(paths, indent=2))
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -17,6 +17,8 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import yaml
@@ -74,10 +76,12 @@ def run_dir(output_dir, loss, arch, seed):
     return os.path.join(output_dir, f"{arch}_{loss}", f"seed{seed}")
 
 
-def train_command(loss, arch, seed, out, datasets=(), train=(), test=(), opts=(), num_gpus=1):
+def train_command(loss, arch, seed, out, datasets=(), train=(), test=(), opts=(), num_gpus=1,
+                  config_dir=CONFIG_DIR):
     """The train_net.py command line of one run (list of str). A decoupled loss starts from
-    the DECOUPLED_FROM run of the same arch and seed, beside `out`."""
-    config, extra = config_for(loss, arch)
+    the DECOUPLED_FROM run of the same arch and seed, beside `out`. Configs come from
+    `config_dir` (configs/Demo: the main job's)."""
+    config, extra = config_for(loss, arch, config_dir)
     if loss in DECOUPLED_FROM:
         base = os.path.join(os.path.dirname(os.path.dirname(out)),
                             f"{arch}_{DECOUPLED_FROM[loss]}", f"seed{seed}", "model_final.pth")
@@ -111,35 +115,78 @@ def is_finished(folder, cmd=None):
     return os.path.isfile(stored) and json.load(open(stored)) == cmd[1:]
 
 
-def train_all(losses, archs, seeds, output_dir, force=False, **kwargs):
-    """Run train_net.py for every (arch, loss, seed) in turn; skip finished runs unless
-    `force`. kwargs: as :func:`train_command`. Returns the run folders."""
+def train_all(losses, archs, seeds, output_dir, force=False, jobs=1, **kwargs):
+    """Run train_net.py for every (arch, loss, seed); skip finished runs unless `force`.
+    `jobs` runs train side by side, each with OMP_NUM_THREADS = cores // jobs (at least 1;
+    kept when already set); decoupled losses start after every other run. On a 2-core
+    machine 2-3 single-thread runs side by side do ~30% more iterations per second in all
+    than one 2-thread run (docs/BENCHMARKS.md "The main job"). kwargs: as
+    :func:`train_command`. Returns the run folders."""
     for loss in losses:  # before any training: a decoupled loss needs its base run first
         base = DECOUPLED_FROM.get(loss)
         if base and base not in losses[: list(losses).index(loss)] and not all(
                 is_finished(run_dir(output_dir, base, a, s)) for a in archs for s in seeds):
             raise SeesawEcmError(f"{loss!r} is trained from the {base!r} run of the same "
                                  f"architecture and seed: list {base!r} before it in --losses.")
-    folders = []
-    for arch in archs:
-        for loss in losses:
-            for seed in seeds:
+    folders, waves = [], ([], [])
+    for arch in archs:  # seed by seed: with jobs = len(losses) each wave is one seed's set
+        for seed in seeds:
+            for loss in losses:
                 out = run_dir(output_dir, loss, arch, seed)
                 cmd = train_command(loss, arch, seed, out, **kwargs)
                 folders.append(out)
                 if not force and is_finished(out, cmd):
                     print(f"[skip] {out}: finished", flush=True)
                     continue
-                os.makedirs(out, exist_ok=True)
-                print(f"[train] {arch} {loss} seed {seed} -> {out}", flush=True)
-                with open(os.path.join(out, "harness_stdout.txt"), "w") as log:
-                    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-                if proc.returncode != 0:
-                    tail = open(os.path.join(out, "harness_stdout.txt")).read()[-3000:]
-                    raise SeesawEcmError(f"Training {arch} {loss} seed {seed} failed "
-                                         f"(exit {proc.returncode}):\n{tail}")
-                write_atomic(os.path.join(out, "harness_command.json"), json.dumps(cmd[1:]))
+                waves[loss in DECOUPLED_FROM].append((f"{arch} {loss} seed {seed}", out, cmd))
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    for wave in waves:
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for _ in pool.map(lambda run: _train_one(*run, env), wave):
+                pass  # re-raises the first failure
     return folders
+
+
+def _train_one(label, out, cmd, env):
+    os.makedirs(out, exist_ok=True)
+    print(f"[train] {label} -> {out}", flush=True)
+    with open(os.path.join(out, "harness_stdout.txt"), "w") as log:
+        returncode = _run_logged(cmd, log, f"  {label}:", env)
+    if returncode != 0:
+        tail = open(os.path.join(out, "harness_stdout.txt")).read()[-3000:]
+        raise SeesawEcmError(f"Training {label} failed (exit {returncode}):\n{tail}")
+    write_atomic(os.path.join(out, "harness_command.json"), json.dumps(cmd[1:]))
+
+
+# lines of a run's log echoed to the console as it trains: detectron2's progress with ETA
+# ("eta:" every 20 iterations, "Inference done" every 5 s of evaluation), at most one line per
+# run and kind every PROGRESS_EVERY seconds, and errors
+PROGRESS_MARKS = (" eta: ", "Inference done", "ERROR")
+PROGRESS_EVERY = 30.0
+
+
+def _run_logged(cmd, log, prefix, env=None):
+    """Run `cmd`, its output into `log`; echo the PROGRESS_MARKS lines, shortened, after
+    `prefix`. Returns the exit status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    last = {}
+    for line in proc.stdout:
+        log.write(line)
+        mark = next((m for m in PROGRESS_MARKS if m in line), None)
+        now = time.monotonic()
+        if mark is None or (mark != "ERROR" and now - last.get(mark, -1e9) < PROGRESS_EVERY):
+            continue
+        last[mark] = now
+        text = line.split("]: ", 1)[-1].strip()
+        if mark == " eta: ":  # eta and iteration only
+            text = " ".join(text.split()[:4])
+        elif mark == "Inference done":
+            text = text.split(". Dataloading")[0] + " (evaluation)"
+        print(prefix, text, flush=True)
+    return proc.wait()
 
 
 def _dataset_json(name, specs):
@@ -147,7 +194,7 @@ def _dataset_json(name, specs):
     detectron2's registry (built-in synthetic set, builtin LVIS)."""
     from detectron2.data import MetadataCatalog
 
-    import seesaw_ecm  # noqa: F401  (registers the built-in datasets)
+    from .data import datasets as _registers_builtin  # noqa: F401  (synthetic, demo sets)
 
     from .data.datasets import parse_dataset_spec
 
@@ -326,17 +373,71 @@ def _cell(mean, std, digits=2):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def format_table(groups):
+def format_table(groups, baseline=None):
     """Markdown table: one row per (arch, loss); box and mask AP, AP50, APr, APc, APf and
-    seconds per iteration, as mean ± std over seeds (std only with several seeds)."""
+    seconds per iteration, as mean ± std over seeds (std only with several seeds). With
+    `baseline` (a loss, e.g. "ce"), each metric of another loss also shows its change against
+    that loss's mean on the same arch, e.g. "2.64 (+2.63)"."""
     head = (["arch", "loss", "seeds"] + [f"box {m}" for m in METRICS]
             + [f"mask {m}" for m in METRICS] + ["s/iter"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {g["arch"]: g["mean"] for g in groups if g["loss"] == baseline}
     for g in groups:
         cells = [g["arch"], g["loss"], str(len(g["seeds"]))]
-        cells += [_cell(g["mean"][f"{t}/{m}"], g["std"][f"{t}/{m}"])
-                  for t in TASKS for m in METRICS]
+        for key in [f"{t}/{m}" for t in TASKS for m in METRICS]:
+            cell = _cell(g["mean"][key], g["std"][key])
+            ref = base.get(g["arch"], {}).get(key) if g["loss"] != baseline else None
+            if ref is not None and g["mean"][key] is not None:
+                cell += f" ({g['mean'][key] - ref:+.2f})"
+            cells.append(cell)
         cells.append(_cell(g["mean"]["sec_per_iter"], g["std"]["sec_per_iter"], 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gaps(runs, baseline="ce"):
+    """Paired changes against `baseline`: for every (arch, loss) other than it, the per-seed
+    difference (loss run - baseline run of the same arch and seed) of every metric, and over
+    the seeds they share its mean, sample std (ddof 1) and mean / std ("sigmas": how many
+    seed standard deviations the change is). Returns a list of dicts, in aggregate's order."""
+    base = {(r["arch"], r["seed"]): r for r in runs if r["loss"] == baseline}
+    out = []
+    for g in aggregate([r for r in runs if r["loss"] != baseline]):
+        members = [r for r in runs if (r["arch"], r["loss"]) == (g["arch"], g["loss"])]
+        paired = [(r, base[(r["arch"], r["seed"])]) for r in members
+                  if (r["arch"], r["seed"]) in base]
+        if not paired:
+            continue
+        row = {"arch": g["arch"], "loss": g["loss"], "baseline": baseline,
+               "seeds": [r["seed"] for r, _ in paired], "mean": {}, "std": {}, "sigmas": {}}
+        for key in [f"{t}/{m}" for t in TASKS for m in METRICS]:
+            diffs = [r["metrics"][key] - b["metrics"][key] for r, b in paired
+                     if r["metrics"][key] is not None and b["metrics"][key] is not None]
+            mean, std = _mean_std(diffs)
+            row["mean"][key], row["std"][key] = mean, std
+            row["sigmas"][key] = (abs(mean) / std if mean is not None and std else None)
+        out.append(row)
+    return out
+
+
+def format_gap_table(rows):
+    """Markdown table of `gaps`: per (arch, loss), the change against the baseline of box and
+    mask AP, APr, APc, APf (mean ± std over paired seeds), and for APr how many standard
+    deviations the change is."""
+    metrics = ("AP", "APr", "APc", "APf")
+    head = ["arch", "loss", "vs", "seeds"] + [f"Δ {'box' if t == 'bbox' else 'mask'} {m}"
+                                              for t in TASKS for m in metrics]
+    head += ["box APr Δ / std", "mask APr Δ / std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["arch"], row["loss"], row["baseline"], str(len(row["seeds"]))]
+        for key in [f"{t}/{m}" for t in TASKS for m in metrics]:
+            mean, std = row["mean"][key], row["std"][key]
+            cells.append("n/a" if mean is None else f"{mean:+.2f}"
+                         + (f" ± {std:.2f}" if std is not None else ""))
+        for task in TASKS:
+            sig = row["sigmas"][f"{task}/APr"]
+            cells.append("n/a" if sig is None else f"{sig:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -381,14 +482,20 @@ def plot_per_class(groups, out_png):
     return out_png
 
 
-def write_report(runs, output_dir, command=None):
+def write_report(runs, output_dir, command=None, baseline=None):
     """Aggregate `runs`, write OUTPUT/long_tail_benchmark.json and .png (atomically); return
-    (groups, markdown table)."""
+    (groups, markdown table). With `baseline` (a loss) the table shows each metric's change
+    against it and, below it, the paired per-seed changes (`gaps`)."""
     groups = aggregate(runs)
-    table = format_table(groups)
+    table = format_table(groups, baseline)
+    changes = gaps(runs, baseline) if baseline else []
+    if changes:
+        table += "\n\nChange against " + baseline + ", paired by seed:\n\n" + format_gap_table(
+            changes)
     os.makedirs(output_dir, exist_ok=True)
     write_atomic(os.path.join(output_dir, "long_tail_benchmark.json"), json.dumps(
-        {"command": command, "groups": groups, "runs": runs, "table": table}, indent=1))
+        {"command": command, "groups": groups, "gaps": changes, "runs": runs, "table": table},
+        indent=1))
     if any(g.get("per_class_ap") for g in groups):
         plot_per_class(groups, os.path.join(output_dir, "long_tail_per_class_ap.png"))
     return groups, table

@@ -124,3 +124,16 @@ def test_builtin_lvis_loaders_give_contiguous_negatives():
     MetadataCatalog.get("t_cocofied").set(thing_dataset_id_to_contiguous_id={5: 0, 9: 1})
     load = _contiguous_negatives("t_cocofied", lambda: [{"neg_category_ids": [9]}])
     assert load() == [{"neg_category_ids": [1]}]
+
+
+def test_builtin_synthetic_sets_have_their_annotation_files_in_metadata():
+    import os
+
+    from seesaw_ecm.data.datasets import DEMO_NAMES, SYNTHETIC_NAMES, synthetic_root
+
+    for names, folder in ((SYNTHETIC_NAMES, "synthetic_lt"), (DEMO_NAMES, "synthetic_lt_demo")):
+        for name, split in zip(names, ("train", "val")):
+            meta = MetadataCatalog.get(name)
+            assert meta.json_file == os.path.join(
+                synthetic_root(folder), "annotations", f"lvis_v1_{split}.json")
+            assert meta.evaluator_type == "lvis" and name in DatasetCatalog.list()

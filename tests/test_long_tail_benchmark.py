@@ -228,3 +228,88 @@ def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
     # refused before any training when its base run is neither listed first nor finished
     with pytest.raises(SeesawEcmError, match="list 'ce' before it"):
         benchmark.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))
+
+
+def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
+    ce_ap, seesaw_ap = [8.0, 9.0, 7.0], [12.0, 15.0, 10.0]
+    folders = [fake_run(tiny_lvis, tmp_path / f"ce{s}", "ce", s, ap, [1.0],
+                        heads="StandardROIHeads") for s, ap in zip((1, 2, 3), ce_ap)]
+    folders += [fake_run(tiny_lvis, tmp_path / f"ss{s}", "seesaw", s, ap, [1.0])
+                for s, ap in zip((1, 2, 3), seesaw_ap)]
+    # an unpaired seed (no CE run with seed 4) is left out of the paired changes
+    folders.append(fake_run(tiny_lvis, tmp_path / "ss4", "seesaw", 4, 40.0, [1.0]))
+    runs = [benchmark.read_run(f, per_class=False) for f in folders]
+    (row,) = benchmark.gaps(runs, "ce")
+    diffs = np.subtract(seesaw_ap, ce_ap)  # fake_run: every metric = bbox_ap + offset
+    assert row["loss"] == "seesaw" and row["seeds"] == [1, 2, 3]
+    assert row["mean"]["segm/APr"] == pytest.approx(diffs.mean())
+    assert row["std"]["segm/APr"] == pytest.approx(np.std(diffs, ddof=1))
+    assert row["sigmas"]["segm/APr"] == pytest.approx(diffs.mean() / np.std(diffs, ddof=1))
+    assert row["mean"]["bbox/APr"] is None  # -100 ("no rare category") in both runs
+    gap_line = benchmark.format_gap_table([row]).splitlines()[2].split(" | ")
+    assert gap_line[1:4] == ["seesaw", "ce", "3"]
+    assert gap_line[-1].rstrip(" |") == "2.8"  # 4.33 / 1.53
+    table = benchmark.format_table(benchmark.aggregate(runs), baseline="ce")
+    seesaw_line = next(line for line in table.splitlines() if "| seesaw |" in line)
+    # box AP over the four seesaw seeds: mean 19.25 against CE's 8.0
+    assert f"({np.mean(seesaw_ap + [40.0]) - np.mean(ce_ap):+.2f})" in seesaw_line.split(" | ")[3]
+    assert "(" not in next(line for line in table.splitlines() if "| ce |" in line)
+
+
+def test_parallel_jobs_run_side_by_side_with_a_thread_share(tmp_path, monkeypatch):
+    # Each fake run marks that it started, then waits for the other one's mark: they can both
+    # finish only if they run at the same time.
+    script = (
+        "import os, sys, time, json\n"
+        "out = sys.argv[1]; open(os.path.join(out, 'started'), 'w').close()\n"
+        "other = os.path.join(os.path.dirname(os.path.dirname(out)), sys.argv[2], 'seed1')\n"
+        "for _ in range(600):\n"
+        "    if os.path.exists(os.path.join(other, 'started')): break\n"
+        "    time.sleep(0.1)\n"
+        "else: sys.exit(3)\n"
+        "row = {'bbox/AP': 1.0, 'threads': os.environ.get('OMP_NUM_THREADS')}\n"
+        "open(os.path.join(out, 'metrics.json'), 'w').write(json.dumps(row))\n"
+    )
+    other = {"ce": "mask_rcnn_seesaw", "seesaw": "mask_rcnn_ce"}
+    monkeypatch.setattr(benchmark, "train_command", lambda loss, arch, seed, out, **kw: [
+        sys.executable, "-c", script, out, other[loss]])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    folders = benchmark.train_all(["ce", "seesaw"], ["mask_rcnn"], [1], str(tmp_path), jobs=2)
+    for folder in folders:
+        row = json.loads(open(os.path.join(folder, "metrics.json")).read())
+        assert row["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
+        assert os.path.isfile(os.path.join(folder, "harness_command.json"))
+
+
+def test_demo_configs_differ_from_each_other_only_in_the_loss():
+    """The main job's three runs share data, model, schedule and seed; CE is stock detectron2;
+    each long-tail config equals its configs/Synthetic counterpart's loss keys."""
+    cfgs = {loss: load(benchmark.config_for(loss, "mask_rcnn", "configs/Demo")[0])
+            for loss in ("ce", "seesaw", "ecm")}
+    assert cfgs["ce"].MODEL.ROI_HEADS.NAME == "StandardROIHeads"
+    assert cfgs["ce"].DATASETS.TRAIN == ("synthetic_lt_demo_train",)
+    for loss in ("seesaw", "ecm"):
+        synthetic = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml")
+        assert cfgs[loss].MODEL.LONG_TAIL == synthetic.MODEL.LONG_TAIL
+        assert cfgs[loss].MODEL.ROI_MASK_HEAD.NAME == synthetic.MODEL.ROI_MASK_HEAD.NAME
+        cfg = cfgs[loss].clone()
+        # what a long-tail config may change: the heads, the loss, and (ECM) warm-up + clip
+        for key in ("MODEL.ROI_HEADS.NAME", "MODEL.ROI_MASK_HEAD.NAME", "MODEL.LONG_TAIL",
+                    "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", "OUTPUT_DIR"):
+            node, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+            src = cfgs["ce"]
+            for part in filter(None, node.split(".")):
+                src = src[part]
+            dst = cfg
+            for part in filter(None, node.split(".")):
+                dst = dst[part]
+            dst[leaf] = src[leaf]
+        assert cfg == cfgs["ce"], loss
+    assert cfgs["ecm"].SOLVER.WARMUP_ITERS == cfgs["ecm"].SOLVER.MAX_ITER // 2
+    # the main job's cascades are these configs plus exactly the harness's cascade keys
+    for loss, cfg in cfgs.items():
+        derived = load(f"configs/Demo/mask_rcnn_R18_FPN_{loss}.yaml", benchmark.CASCADE_OPTS)
+        shipped = load(f"configs/Demo/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
+        derived.OUTPUT_DIR = shipped.OUTPUT_DIR
+        assert derived == shipped, loss
+    assert "--archs cascade" in open("tools/run_main.sh").read()

@@ -266,3 +266,28 @@ def test_command_line_entry(tmp_path):
         cwd=REPO,
     )
     assert _load(out / "params.json") == dict(TINY, seed=3, version=synthetic.GENERATOR_VERSION)
+
+
+def test_demo_tail_design_and_its_generated_counts(tmp_path):
+    d = synthetic.DEMO
+    targets = train_image_targets(d["num_classes"], d["train_images"], d["seed"],
+                                  rare_share=d["rare_share"], rare_images=d["rare_images"])
+    rare = np.sort(targets[targets <= 10])[::-1]
+    # 30 % of the 30 classes, log-spaced from 10 down to 5 training images
+    assert rare.tolist() == np.round(np.geomspace(10, 5, 9)).astype(int).tolist()
+    default = train_image_targets(d["num_classes"], d["train_images"], d["seed"])
+    assert (default <= 10).sum() == 6 and default[default <= 10].min() == 1
+    with pytest.raises(ValueError, match="rare_images"):
+        train_image_targets(10, 200, 0, rare_images=(12, 5))
+    # generated: the design is met, and only a non-default tail is written to params.json
+    small = dict(SMALL, rare_share=0.3, rare_images=(10, 6))
+    paths = generate(str(tmp_path / "demo"), **small)
+    cats = _load(paths["train_json"])["categories"]
+    assert [c["image_count"] for c in cats] == train_image_targets(
+        10, 200, 0, rare_share=0.3, rare_images=(10, 6)).tolist()
+    assert sorted(c["image_count"] for c in cats if c["frequency"] == "r") == [6, 8, 10]
+    params = _load(os.path.join(tmp_path, "demo", "params.json"))
+    assert params["rare_share"] == 0.3 and params["rare_images"] == [10, 6]
+    plain = generate(str(tmp_path / "plain"), **TINY)
+    assert "rare_share" not in _load(os.path.join(tmp_path, "plain", "params.json"))
+    assert plain["image_root"].endswith("plain" + os.sep)

@@ -21,6 +21,8 @@ from ..errors import SeesawEcmError
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_NAMES = ("synthetic_lt_train", "synthetic_lt_val")
+# the main job's variant (synthetic_lt.DEMO), at $DETECTRON2_DATASETS/synthetic_lt_demo
+DEMO_NAMES = ("synthetic_lt_demo_train", "synthetic_lt_demo_val")
 
 
 class DatasetFormatError(SeesawEcmError):
@@ -259,28 +261,33 @@ def register_from_cfg(cfg):
     register_openimages_from_cfg(cfg)
 
 
-def synthetic_root():
-    """Where the built-in synthetic set lives: $DETECTRON2_DATASETS/synthetic_lt."""
-    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic_lt")
+def synthetic_root(folder="synthetic_lt"):
+    """Where a built-in synthetic set lives: $DETECTRON2_DATASETS/<folder> (synthetic_lt: the
+    default set; synthetic_lt_demo: the main job's)."""
+    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), folder)
 
 
-def _load_synthetic(split, name):
-    from .synthetic_lt import ensure_generated  # generated on first use, then cached
+def _load_synthetic(split, name, folder):
+    from .synthetic_lt import DEMO, ensure_generated  # generated on first use, then cached
 
-    paths = ensure_generated(synthetic_root())
+    params = DEMO if folder == "synthetic_lt_demo" else {}
+    paths = ensure_generated(synthetic_root(folder), **params)
     return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"], name)
 
 
 def register_synthetic():
-    """Register the built-in synthetic long-tailed set (default generator settings)."""
-    root = synthetic_root()
-    for name, split in zip(SYNTHETIC_NAMES, ("train", "val")):
-        DatasetCatalog.register(name, lambda s=split, n=name: _load_synthetic(s, n))
-        MetadataCatalog.get(name).set(
-            json_file=os.path.join(root, "annotations", f"lvis_v1_{split}.json"),
-            image_root=root + os.sep,
-            evaluator_type="lvis",
-        )
+    """Register the built-in synthetic long-tailed sets: the default generator settings
+    (synthetic_lt_*) and the main job's (synthetic_lt_demo_*, synthetic_lt.DEMO)."""
+    for names, folder in ((SYNTHETIC_NAMES, "synthetic_lt"), (DEMO_NAMES, "synthetic_lt_demo")):
+        root = synthetic_root(folder)
+        for name, split in zip(names, ("train", "val")):
+            DatasetCatalog.register(
+                name, lambda s=split, n=name, f=folder: _load_synthetic(s, n, f))
+            MetadataCatalog.get(name).set(
+                json_file=os.path.join(root, "annotations", f"lvis_v1_{split}.json"),
+                image_root=root + os.sep,
+                evaluator_type="lvis",
+            )
 
 
 register_synthetic()

@@ -24,6 +24,13 @@ import numpy as np
 
 GENERATOR_VERSION = 1
 DEFAULTS = dict(num_classes=60, train_images=2000, val_images=250, image_size=160, seed=0)
+# The main job's set (tools/run_main.sh, datasets/README.md "The demo set"): the same kind of
+# scenes, half the classes, a short epoch (800 training images), a longer rare group whose
+# classes all have 5-10 training images (learnable in a few hundred iterations once not
+# suppressed), 96 px images (the demo model's input size: no resize), 300 validation images
+# (~45 instances per class: less evaluation noise on APr).
+DEMO = dict(num_classes=30, train_images=800, val_images=300, image_size=96, seed=0,
+            rare_share=0.3, rare_images=(10, 5))
 
 COLOURS = {  # RGB
     "red": (215, 45, 40),
@@ -37,8 +44,8 @@ TEXTURES = ("solid", "striped", "dotted")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "crescent", "arrow")
 
 RARE_MAX, COMMON_MAX = 10, 100  # LVIS: r = 1-10 training images, c = 11-100, f = more
-RARE_SHARE, COMMON_SHARE = 0.2, 0.38  # of the classes; the rest are frequent
-RARE_TARGETS = (10, 1)  # training images per class, first and last rank of the group
+RARE_SHARE, COMMON_SHARE = 0.2, 0.38  # of the classes; the rest are frequent (default)
+RARE_TARGETS = (10, 1)  # training images per class, first and last rank of the group (default)
 COMMON_TARGETS = (95, 12)  # margins from the group boundaries
 FREQUENT_MIN_TARGET = 130  # smallest head target; the largest one fills the budget (below)
 DISTINCT_CLASSES_PER_TRAIN_IMAGE = 3.8  # mean; sets the training budget of class-image pairs
@@ -81,21 +88,21 @@ def class_attributes(num_classes):
     return chosen
 
 
-def group_sizes(num_classes):
+def group_sizes(num_classes, rare_share=RARE_SHARE):
     """Designed (rare, common, frequent) numbers of classes."""
-    n_rare = round(RARE_SHARE * num_classes)
+    n_rare = round(rare_share * num_classes)
     n_common = round(COMMON_SHARE * num_classes)
     return n_rare, n_common, num_classes - n_rare - n_common
 
 
-def class_ranks(num_classes, seed):
+def class_ranks(num_classes, seed, rare_share=RARE_SHARE):
     """Rank of each class in the long tail (0 = most frequent), shape (C,), by class id - 1.
 
     A seeded permutation, redrawn until every attribute value of a rare class also occurs
     in a frequent class (so tail classes are spread over shapes / colours / textures and
     always share attributes with the head).
     """
-    n_rare, _, n_freq = group_sizes(num_classes)
+    n_rare, _, n_freq = group_sizes(num_classes, rare_share)
     attrs = class_attributes(num_classes)
     rng = np.random.default_rng([seed, 1])
     for _ in range(1000):
@@ -127,17 +134,22 @@ def _head_targets(n, budget, cap):
     return np.geomspace(hi, FREQUENT_MIN_TARGET, n)
 
 
-def train_image_targets(num_classes, train_images, seed):
+def train_image_targets(num_classes, train_images, seed, rare_share=RARE_SHARE,
+                        rare_images=RARE_TARGETS):
     """Designed number of training images containing each class, int array (C,), by id - 1.
 
     Pure (no rendering). By rank: frequent classes from a few hundred down to
     FREQUENT_MIN_TARGET (they take what the budget of DISTINCT_CLASSES_PER_TRAIN_IMAGE
-    class-image pairs per image leaves), common 95 -> 12, rare 10 -> 1, log-spaced in each
-    group. Non-increasing with rank; every target is at most `train_images`. With too few
+    class-image pairs per image leaves), common 95 -> 12, rare `rare_images` (10 -> 1),
+    log-spaced in each group; `rare_share` of the classes are rare. Non-increasing with
+    rank; every target is at most `train_images`. With too few
     images for a head above COMMON_MAX, the head shares the budget equally (no "f" group).
     """
-    n_rare, n_common, n_freq = group_sizes(num_classes)
-    common, rare = np.geomspace(*COMMON_TARGETS, n_common), np.geomspace(*RARE_TARGETS, n_rare)
+    if not (RARE_MAX >= rare_images[0] >= rare_images[1] >= 1 and 0 <= rare_share < 0.62):
+        raise ValueError(f"need 10 >= rare_images[0] >= rare_images[1] >= 1 and rare_share in "
+                         f"[0, 0.62), got {rare_images}, {rare_share}")
+    n_rare, n_common, n_freq = group_sizes(num_classes, rare_share)
+    common, rare = np.geomspace(*COMMON_TARGETS, n_common), np.geomspace(*rare_images, n_rare)
     tail = np.concatenate([common, rare])
     budget = DISTINCT_CLASSES_PER_TRAIN_IMAGE * train_images - tail.sum()
     if budget < n_freq:
@@ -147,7 +159,7 @@ def train_image_targets(num_classes, train_images, seed):
         )
     by_rank = np.concatenate([_head_targets(n_freq, budget, train_images), tail])
     by_rank = np.minimum(np.round(np.sort(by_rank)[::-1]).astype(np.int64), train_images)
-    return by_rank[class_ranks(num_classes, seed)]
+    return by_rank[class_ranks(num_classes, seed, rare_share)]
 
 
 def frequency_group(image_count):
@@ -187,13 +199,14 @@ def _allocate(targets, capacities, rng):
     return [np.array(sorted(m), dtype=np.int64) for m in members]
 
 
-def _scene_plans(split, num_classes, n_images, seed):
+def _scene_plans(split, num_classes, n_images, seed, tail=None):
     """Per image, the class index of every object to draw (duplicates allowed), in draw order
-    before placement: list of int arrays. Train: long tail; val: balanced."""
+    before placement: list of int arrays. Train: long tail (`tail`: train_image_targets'
+    rare_share / rare_images); val: balanced."""
     rng = np.random.default_rng([seed, 2, int(split == "val")])
     n_objects = rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1, n_images)
     if split == "train":
-        targets = train_image_targets(num_classes, n_images, seed)
+        targets = train_image_targets(num_classes, n_images, seed, **(tail or {}))
         distinct = _adjust(n_objects, targets.sum(), 1, OBJECTS_PER_IMAGE[1], rng)
         n_objects = np.maximum(n_objects, distinct)
     else:
@@ -494,7 +507,7 @@ def _build(root, params):
     splits = {}
     layout = (("train", n_train, 1), ("val", n_val, n_train + 1))  # split, images, first id
     for key, (split, n, first_id) in enumerate(layout):
-        plans = _scene_plans(split, num_classes, n, seed)
+        plans = _scene_plans(split, num_classes, n, seed, _tail(params))
         splits[split] = _write_split(root, split, plans, first_id, params, 3 + key)
     cats = _categories(num_classes, splits["train"][1])
     for split, (images, annotations) in splits.items():
@@ -508,6 +521,12 @@ def _build(root, params):
             annotations=annotations,
         )
         _dump(dataset, os.path.join(root, "annotations", f"lvis_v1_{split}.json"))
+
+
+def _tail(params):
+    """The long-tail keywords of train_image_targets in `params` (absent: the defaults)."""
+    return {k: (tuple(params[k]) if k == "rare_images" else params[k])
+            for k in ("rare_share", "rare_images") if k in params}
 
 
 def _read_params(out_dir):
@@ -539,6 +558,8 @@ def generate(
     image_size=DEFAULTS["image_size"],
     seed=DEFAULTS["seed"],
     force=False,
+    rare_share=RARE_SHARE,
+    rare_images=RARE_TARGETS,
 ):
     """Generate (or reuse the cached) dataset; returns {"train_json", "val_json", "image_root"}.
 
@@ -548,10 +569,16 @@ def generate(
     """
     params = dict(num_classes=num_classes, train_images=train_images, val_images=val_images,
                   image_size=image_size, seed=seed, version=GENERATOR_VERSION)
+    # the tail keys only when not the defaults: a default set's params.json stays as it was
+    if rare_share != RARE_SHARE:
+        params["rare_share"] = rare_share
+    if tuple(rare_images) != RARE_TARGETS:
+        params["rare_images"] = list(rare_images)
     if force or _read_params(os.path.realpath(out_dir)) != params:
         if image_size < 64 or train_images < 1 or val_images < 1:
             raise ValueError(f"need image_size >= 64 and >= 1 train and val image: {params}")
-        train_image_targets(num_classes, train_images, seed)  # raises early for infeasible sizes
+        # raises early for infeasible sizes
+        train_image_targets(num_classes, train_images, seed, **_tail(params))
     return _paths(build_cached(out_dir, params, _build, force))
 
 
