@@ -194,9 +194,7 @@ def _dataset_json(name, specs):
     detectron2's registry (built-in synthetic set, builtin LVIS)."""
     from detectron2.data import MetadataCatalog
 
-    from .data import datasets as _registers_builtin  # noqa: F401  (synthetic, demo sets)
-
-    from .data.datasets import parse_dataset_spec
+    from .data.datasets import parse_dataset_spec  # importing it registers the built-in sets
 
     for spec in specs:
         spec_name, json_file, _ = parse_dataset_spec(spec)
