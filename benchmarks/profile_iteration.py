@@ -48,6 +48,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from seesaw_ecm import add_seesaw_ecm_config  # noqa: E402
 from seesaw_ecm.data.datasets import register_from_cfg  # noqa: E402
 from seesaw_ecm.engine import Trainer  # noqa: E402
+from benchmarks.train_speed import round_robin  # noqa: E402
 
 TRAIN_PARTS = ("data", "backbone", "rpn", "box head", "mask head", "roi other", "model other",
                "backward", "step")
@@ -178,22 +179,15 @@ class Case:
 
 
 def profile(cases, warmup, iters):
-    """Per case: median seconds of each part over the timed rounds; and per case the median
-    of per-round (total / total of cases[0])."""
-    rows = {c.name: defaultdict(list) for c in cases}
-    for rnd in range(warmup + iters):
-        order = cases[rnd % len(cases):] + cases[: rnd % len(cases)]
-        for case in order:
-            parts = case.step()
-            if rnd >= warmup:
-                for k, v in parts.items():
-                    rows[case.name][k].append(v)
-    base = rows[cases[0].name]["total"]
+    """Per case: median seconds of each part over the timed rounds (train_speed.round_robin's);
+    and per case the median of per-round (total / total of cases[0])."""
+    rows = round_robin(cases, warmup, iters)
+    base = [parts["total"] for parts in rows[cases[0].name]]
     out = {}
     for c in cases:
         r = rows[c.name]
-        out[c.name] = {k: statistics.median(v) for k, v in r.items()}
-        out[c.name]["ratio"] = statistics.median(t / b for t, b in zip(r["total"], base))
+        out[c.name] = {k: statistics.median(parts[k] for parts in r) for k in r[0]}
+        out[c.name]["ratio"] = statistics.median(p["total"] / b for p, b in zip(r, base))
     return out
 
 

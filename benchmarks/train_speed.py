@@ -174,19 +174,27 @@ def case_specs(archs, losses, gradient_balance):
     return specs
 
 
-def time_cases(cases, warmup, repeats, stock_of, deadline=None):
-    """Median seconds per iteration of each case and median of per-round ratios to its stock.
-    With `deadline` (a time.monotonic() value), no new round starts after it once one round has
-    been timed."""
-    times = {c.name: [] for c in cases}
+def round_robin(cases, warmup, repeats, deadline=None):
+    """{case name: [what case.step() returned in each timed round]}: every round steps each
+    case once, the order rotated every round so that drifts of the machine hit all cases
+    alike; the `warmup` rounds are not kept. With `deadline` (a time.monotonic() value), no new
+    round starts after it once one round has been timed."""
+    results = {c.name: [] for c in cases}
     for rnd in range(warmup + repeats):
         if deadline is not None and rnd > warmup and time.monotonic() > deadline:
             break
         order = cases[rnd % len(cases):] + cases[: rnd % len(cases)]
         for case in order:
-            t = case.step()
+            result = case.step()
             if rnd >= warmup:
-                times[case.name].append(t)
+                results[case.name].append(result)
+    return results
+
+
+def time_cases(cases, warmup, repeats, stock_of, deadline=None):
+    """Median seconds per iteration of each case and median of per-round ratios to its stock
+    (rounds as round_robin's)."""
+    times = round_robin(cases, warmup, repeats, deadline)
     out = {}
     for c in cases:
         ratios = [t / s for t, s in zip(times[c.name], times[stock_of[c.name]])]

@@ -255,8 +255,9 @@ def read_run(folder, per_class=True):
         cfg = yaml.safe_load(f)
     heads = cfg["MODEL"]["ROI_HEADS"]["NAME"]
     long_tail = cfg["MODEL"].get("LONG_TAIL", {})
-    # the stock heads (StandardROIHeads, CascadeROIHeads) ignore MODEL.LONG_TAIL
-    long_tail_heads = heads.startswith("LongTail") or heads == "HTCLiteROIHeads"
+    # the stock heads (StandardROIHeads, CascadeROIHeads) ignore MODEL.LONG_TAIL; the project's
+    # (LongTail*, HTCLiteROIHeads, LOCEROIHeads) read it
+    long_tail_heads = heads not in ("StandardROIHeads", "CascadeROIHeads")
     loss = long_tail.get("LOSS", "ce") if long_tail_heads else "ce"
     if long_tail.get("OBJECTNESS") and loss != "seesaw" and long_tail_heads:
         loss += "+objectness"

@@ -52,7 +52,7 @@ def report_error(error):
 # The config keys naming the norm of a model part that detectron2's get_norm builds (backbone,
 # FPN, box-head convs, mask-head convs).
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
-             "MODEL.ROI_MASK_HEAD.NORM")
+             "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RESNEST.NORM", "MODEL.FPG.NORM")
 
 
 def sync_bn_on_cpu(cfg):

@@ -3,6 +3,7 @@ seconds per iteration, per-class AP against hand-computed values), aggregation o
 and one short end-to-end run."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,6 +155,8 @@ def test_read_run_metrics_time_and_per_class_ap(tiny_lvis, tmp_path):
     stock = fake_run(tiny_lvis, tmp_path / "d", "seesaw", 1, 1.0, [1.0], heads="StandardROIHeads")
     assert benchmark.read_run(cascade, per_class=False)["arch"] == "cascade"
     assert benchmark.read_run(stock, per_class=False)["loss"] == "ce"
+    loce = fake_run(tiny_lvis, tmp_path / "e", "loce", 1, 1.0, [1.0], heads="LOCEROIHeads")
+    assert benchmark.read_run(loce, per_class=False)["loss"] == "loce"  # not taken for stock CE
 
 
 def test_collect_aggregates_mean_and_std_over_seeds(tiny_lvis, tmp_path):
@@ -313,3 +316,35 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
         assert derived == shipped, loss
     assert "--archs cascade" in open("tools/run_main.sh").read()
+
+
+def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
+    """Every loss of the harness runs on the demo set (issue 18's benchmark); each equals its
+    configs/Synthetic counterpart except the thresholds stated per training image, which keep
+    their image count on the 800-image demo set (2,000 synthetic images), and LOCE's schedule,
+    a quarter of the demo's as of the synthetic's."""
+    base = load("configs/Demo/Base-Demo.yaml")
+    for loss in benchmark.LOSSES:
+        demo, _ = benchmark.config_for(loss, "cascade", "configs/Demo")
+        demo = load(demo, _)
+        synthetic = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml")
+        assert demo.DATASETS.TRAIN == ("synthetic_lt_demo_train",), loss
+        assert demo.MODEL.LONG_TAIL.LOSS == synthetic.MODEL.LONG_TAIL.LOSS, loss
+        assert demo.MODEL.LONG_TAIL.TRAINABLE == synthetic.MODEL.LONG_TAIL.TRAINABLE or (
+            loss == "bags"), loss  # BaGS: the cascade's three classifiers too
+        for key, images in (("EQL", 110), ("DROPLOSS", 177)):
+            if loss == key.lower():
+                assert demo.MODEL.LONG_TAIL[key].LAMBDA_ * 800 == pytest.approx(images)
+                assert synthetic.MODEL.LONG_TAIL[key].LAMBDA_ * 2000 == pytest.approx(images)
+        if loss == "federated":
+            assert demo.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES / 30 == pytest.approx(
+                synthetic.MODEL.LONG_TAIL.FEDERATED.NUM_CLASSES / 60)
+        if loss == "loce":
+            assert demo.SOLVER.MAX_ITER * 4 == pytest.approx(base.SOLVER.MAX_ITER, abs=3)
+            assert synthetic.SOLVER.MAX_ITER * 4 == load(
+                "configs/Synthetic/Base-Synthetic-R18-FPN.yaml").SOLVER.MAX_ITER
+        else:
+            assert demo.SOLVER.MAX_ITER == base.SOLVER.MAX_ITER, loss
+    bags = load(*benchmark.config_for("bags", "cascade", "configs/Demo"))
+    assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.2.cls_score.weight")
+    assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.cls_score.weight")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import build_backbone
 from safetensors.torch import save_file
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.modeling.deform_conv import ModulatedDeformConvPack
-from seesaw_ecm.modeling.resnest import ResNeSt
+from seesaw_ecm.modeling.resnest import NORM_CONVERSIONS, ResNeSt
 
 timm = pytest.importorskip("timm")
 CHANNELS = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
@@ -136,6 +136,30 @@ def test_missing_weights_file_and_bad_values_are_named(tmp_path):
         ResNeSt(14, norm="GN")
     with pytest.raises(SeesawEcmError, match="OUT_FEATURES"):
         ResNeSt(14, out_features=["res6"])
+
+
+def test_naive_sync_bn_keeps_the_values_and_is_batch_norm_in_one_process():
+    """NORM "naiveSyncBN_N" (what sync_bn_on_cpu makes of "SyncBN" on CPU process groups):
+    every BatchNorm becomes detectron2's NaiveSyncBatchNorm with its values; without a process
+    group it normalizes as BatchNorm (training mode: batch statistics)."""
+    torch.manual_seed(0)
+    plain = _live(ResNeSt(14, norm="BN"))
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-1, 1)
+    expected = plain(_image())
+    state = plain.state_dict()
+    naive = NORM_CONVERSIONS["naiveSyncBN_N"](plain)
+    norms = [m for m in naive.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is NaiveSyncBatchNorm and m._stats_mode == "N" for m in norms)
+    for key, value in naive.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    out = naive(_image())
+    for name in expected:
+        torch.testing.assert_close(out[name], expected[name])
+    assert type(ResNeSt(14, norm="naiveSyncBN_N").body.bn1) is NaiveSyncBatchNorm
 
 
 def test_resnest_fpn_from_config():

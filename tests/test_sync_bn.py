@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
+from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.distributed import NORM_KEYS, sync_bn_on_cpu
 from test_cascade import small_cfg
 from test_htc_lite import batch
@@ -23,10 +24,14 @@ SYNC_BN_RECIPE = "configs/LVISv1/htc_lite_R_50_FPN_2x_seesaw_normed_mask_syncbn_
 HTC = "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml"
 
 
+# the keys of detectron2's ResNet, FPN and heads (the others: ResNeSt and FPG, the entry's)
+D2_NORM_KEYS = [k for k in NORM_KEYS if not k.startswith(("MODEL.RESNEST.", "MODEL.FPG."))]
+
+
 def recipe_norms():
     """The NORM keys of the SyncBN recipe, as config overrides."""
     cfg = resolve(SYNC_BN_RECIPE)
-    return [item for key in NORM_KEYS for item in (key, lookup(cfg, key))]
+    return [item for key in D2_NORM_KEYS for item in (key, lookup(cfg, key))]
 
 
 def test_recipe_puts_every_normalized_part_on_sync_bn_and_one_process_trains():
@@ -34,7 +39,7 @@ def test_recipe_puts_every_normalized_part_on_sync_bn_and_one_process_trains():
     SyncBatchNorm (the box head has FCs only), and without a process group the model trains
     (torch's SyncBatchNorm is BatchNorm there)."""
     norms = recipe_norms()
-    assert norms[1::2] == ["SyncBN"] * len(NORM_KEYS)
+    assert norms[1::2] == ["SyncBN"] * len(D2_NORM_KEYS)
     # FREEZE_AT 0 as the synthetic configs (the recipe freezes the stem and res2: FrozenBN)
     torch.manual_seed(0)
     model = build_model(small_cfg(HTC, *norms))
@@ -86,9 +91,9 @@ def _sync_bn_worker(rank, port, out_dir, norm):
                             world_size=2)
     try:
         cfg = get_cfg()
+        add_seesaw_ecm_config(cfg)
         cfg.MODEL.DEVICE = "cpu"
-        for key in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
-            cfg.MODEL[key].NORM = norm
+        cfg.merge_from_list([item for key in NORM_KEYS for item in (key, norm)])
         changed = sync_bn_on_cpu(cfg)
         conv, bn = _layer(cfg.MODEL.FPN.NORM)
         x = _halves()[rank].requires_grad_()
@@ -125,3 +130,11 @@ def test_two_cpu_processes_normalize_with_the_statistics_of_both_batches(tmp_pat
         torch.testing.assert_close(r["y"], outputs[rank], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r["x_grad"], grads[rank], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r["running_mean"], bn.running_mean)
+
+
+def test_the_entry_recipe_is_sync_bn_everywhere_sync_bn_on_cpu_converts():
+    """The full LVIS 2020 entry recipe normalizes ResNeSt, FPG and the heads with SyncBN: every
+    key sync_bn_on_cpu converts for a CPU process group."""
+    cfg = resolve("configs/LVISv1/htc_lite_ResNeSt_200_FPG_2x_seesaw_normed_mask_"
+                  "lvis2020_entry_rfs.yaml")
+    assert [lookup(cfg, key) for key in NORM_KEYS] == ["SyncBN"] * len(NORM_KEYS)

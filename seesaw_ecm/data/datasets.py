@@ -267,10 +267,9 @@ def synthetic_root(folder="synthetic_lt"):
     return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), folder)
 
 
-def _load_synthetic(split, name, folder):
-    from .synthetic_lt import DEMO, ensure_generated  # generated on first use, then cached
+def _load_synthetic(split, name, folder, params):
+    from .synthetic_lt import ensure_generated  # generated on first use, then cached
 
-    params = DEMO if folder == "synthetic_lt_demo" else {}
     paths = ensure_generated(synthetic_root(folder), **params)
     return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"], name)
 
@@ -278,11 +277,14 @@ def _load_synthetic(split, name, folder):
 def register_synthetic():
     """Register the built-in synthetic long-tailed sets: the default generator settings
     (synthetic_lt_*) and the main job's (synthetic_lt_demo_*, synthetic_lt.DEMO)."""
-    for names, folder in ((SYNTHETIC_NAMES, "synthetic_lt"), (DEMO_NAMES, "synthetic_lt_demo")):
+    from .synthetic_lt import DEMO
+
+    for names, folder, params in ((SYNTHETIC_NAMES, "synthetic_lt", {}),
+                                  (DEMO_NAMES, "synthetic_lt_demo", DEMO)):
         root = synthetic_root(folder)
         for name, split in zip(names, ("train", "val")):
             DatasetCatalog.register(
-                name, lambda s=split, n=name, f=folder: _load_synthetic(s, n, f))
+                name, lambda s=split, n=name, f=folder, p=params: _load_synthetic(s, n, f, p))
             MetadataCatalog.get(name).set(
                 json_file=os.path.join(root, "annotations", f"lvis_v1_{split}.json"),
                 image_root=root + os.sep,

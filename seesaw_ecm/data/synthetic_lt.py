@@ -145,9 +145,10 @@ def train_image_targets(num_classes, train_images, seed, rare_share=RARE_SHARE,
     rank; every target is at most `train_images`. With too few
     images for a head above COMMON_MAX, the head shares the budget equally (no "f" group).
     """
-    if not (RARE_MAX >= rare_images[0] >= rare_images[1] >= 1 and 0 <= rare_share < 0.62):
-        raise ValueError(f"need 10 >= rare_images[0] >= rare_images[1] >= 1 and rare_share in "
-                         f"[0, 0.62), got {rare_images}, {rare_share}")
+    max_rare = 1 - COMMON_SHARE  # the common classes keep their share; frequent ones remain
+    if not (RARE_MAX >= rare_images[0] >= rare_images[1] >= 1 and 0 <= rare_share < max_rare):
+        raise ValueError(f"need {RARE_MAX} >= rare_images[0] >= rare_images[1] >= 1 and rare_share "
+                         f"in [0, {max_rare:g}), got {rare_images}, {rare_share}")
     n_rare, n_common, n_freq = group_sizes(num_classes, rare_share)
     common, rare = np.geomspace(*COMMON_TARGETS, n_common), np.geomspace(*rare_images, n_rare)
     tail = np.concatenate([common, rare])

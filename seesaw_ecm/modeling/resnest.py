@@ -15,7 +15,7 @@ timm is imported when a ResNeSt is built, so the rest of seesaw_ecm works withou
 """
 import os
 
-from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
@@ -28,11 +28,28 @@ from .deform_conv import ModulatedDeformConvPack
 TIMM_RESNEST = {14: "resnest14d", 26: "resnest26d", 50: "resnest50d", 101: "resnest101e",
                 200: "resnest200e", 269: "resnest269e"}
 STAGES = ("res2", "res3", "res4", "res5")  # timm's layer1..layer4
+
+
+def _to_naive_sync_bn(module):
+    """Every BatchNorm2d of `module` -> detectron2's NaiveSyncBatchNorm(stats_mode="N"), values
+    kept: "SyncBN" on CPU process groups (seesaw_ecm.distributed.sync_bn_on_cpu), as
+    detectron2's get_norm("naiveSyncBN_N") for its own layers."""
+    if isinstance(module, nn.BatchNorm2d):
+        naive = NaiveSyncBatchNorm(module.num_features, eps=module.eps, momentum=module.momentum,
+                                   affine=module.affine, stats_mode="N")
+        naive.load_state_dict(module.state_dict())
+        return naive
+    for name, child in module.named_children():
+        setattr(module, name, _to_naive_sync_bn(child))
+    return module
+
+
 # MODEL.RESNEST.NORM -> conversion of the BatchNorm2d layers timm builds (keeping their values)
 NORM_CONVERSIONS = {
     "BN": lambda module: module,
     "FrozenBN": FrozenBatchNorm2d.convert_frozen_batchnorm,
     "SyncBN": nn.SyncBatchNorm.convert_sync_batchnorm,
+    "naiveSyncBN_N": _to_naive_sync_bn,
 }
 
 
