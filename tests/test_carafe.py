@@ -70,6 +70,25 @@ def test_pack_kernels_are_normalized_and_content_aware():
     torch.testing.assert_close(fresh(x)[..., ::2, ::2], box, atol=2e-2, rtol=0)
 
 
+def test_pack_kernels_equal_pixel_shuffle_and_an_empty_batch_backpropagates():
+    """The kernels' pixel shuffle (written as view + permute) equals torch's, and an empty batch
+    (a mask head on a batch without foreground RoIs) runs forward and backward: torch's own
+    pixel_shuffle backward fails there with a wrongly shaped gradient."""
+    torch.manual_seed(3)
+    pack = CARAFEPack(6, scale=2, up_kernel=3, up_group=2, compressed_channels=4)
+    torch.nn.init.normal_(pack.content_encoder.weight)
+    x = torch.randn(2, 6, 4, 5)
+    shuffled = torch.nn.functional.pixel_shuffle(
+        pack.content_encoder(pack.channel_compressor(x)), 2)
+    expected = shuffled.view(2, 2, 9, 8, 10).softmax(dim=2).view(2, 18, 8, 10)
+    torch.testing.assert_close(pack.kernels(x), expected)
+    empty = torch.zeros(0, 6, 14, 14, requires_grad=True)
+    out = pack(empty)
+    assert out.shape == (0, 6, 28, 28)
+    (out.sum() + sum(p.sum() * 0 for p in pack.parameters())).backward()
+    assert empty.grad.shape == empty.shape
+
+
 def _cfg(name):
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)

@@ -85,10 +85,17 @@ class CARAFEPack(nn.Module):
 
     def kernels(self, x):
         """(N, C, H, W) -> softmax-normalized kernels (N, G * k * k, scale * H, scale * W)."""
-        kernels = F.pixel_shuffle(self.content_encoder(self.channel_compressor(x)), self.scale)
-        n, gk, h, w = kernels.shape
+        encoded = self.content_encoder(self.channel_compressor(x))
+        # F.pixel_shuffle as a view + permute: torch's pixel_shuffle backward returns a wrongly
+        # shaped gradient for an empty batch (a mask head on an image batch without foreground)
+        n, gks, h, w = encoded.shape
+        s = self.scale
+        gk = gks // (s * s)
+        kernels = encoded.view(n, gk, s, s, h, w).permute(0, 1, 4, 2, 5, 3).reshape(
+            n, gk, h * s, w * s)
         k2 = self.up_kernel * self.up_kernel
-        return kernels.view(n, gk // k2, k2, h, w).softmax(dim=2).view(n, gk, h, w)
+        return kernels.view(n, gk // k2, k2, h * s, w * s).softmax(dim=2).view(
+            n, gk, h * s, w * s)
 
     def forward(self, x):
         return carafe(x, self.kernels(x), self.up_kernel, self.scale, self.chunk_bytes)
