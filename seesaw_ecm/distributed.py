@@ -50,7 +50,7 @@ def report_error(error):
 
 
 # The config keys naming the norm of a model part that detectron2's get_norm builds (backbone,
-# FPN, box-head convs, mask-head convs).
+# FPN, box-head convs, mask-head convs, FPG), and ResNeSt's (which converts timm's BatchNorms).
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RESNEST.NORM", "MODEL.FPG.NORM")
 

@@ -325,8 +325,7 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
     a quarter of the demo's as of the synthetic's."""
     base = load("configs/Demo/Base-Demo.yaml")
     for loss in benchmark.LOSSES:
-        demo, _ = benchmark.config_for(loss, "cascade", "configs/Demo")
-        demo = load(demo, _)
+        demo = load(*benchmark.config_for(loss, "cascade", "configs/Demo"))
         synthetic = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml")
         assert demo.DATASETS.TRAIN == ("synthetic_lt_demo_train",), loss
         assert demo.MODEL.LONG_TAIL.LOSS == synthetic.MODEL.LONG_TAIL.LOSS, loss

@@ -13,6 +13,7 @@ from detectron2.utils.events import EventStorage
 from test_cascade import small_cfg
 from test_htc_lite import batch
 from test_recipes import resolve
+from test_resnest import _live
 
 PREFIX = "configs/LVISv1/htc_lite_R_50_FPN_2x_seesaw_normed_mask_"
 BASE = PREFIX + "rfs.yaml"
@@ -98,9 +99,7 @@ def test_the_full_entry_model_trains_and_infers_at_toy_scale():
                     "TEST.AUG.ENABLED", False, "MODEL.BACKBONE.FREEZE_AT", 0)
     torch.manual_seed(0)
     model = build_model(cfg)
-    for m in model.backbone.modules():  # timm starts each block's last BN scale at 0 (no
-        if isinstance(m, torch.nn.SyncBatchNorm):  # gradient before it), as test_resnest._live
-            torch.nn.init.ones_(m.weight)
+    _live(model.backbone)  # timm starts each block's last BN scale at 0: no gradient before it
     model.train()
     with EventStorage():
         losses = model(batch())

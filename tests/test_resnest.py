@@ -22,9 +22,10 @@ STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 def _live(model):
     """timm starts each block's last BN scale at 0 (the residual branch adds nothing, and gets
-    no gradient but there): set every BN scale to 1, as pretrained weights would."""
+    no gradient but there): set every BN scale to 1 (SyncBN's too), as pretrained weights
+    would."""
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             nn.init.ones_(m.weight)
     return model
 
