@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Long-tail benchmark: train each selected loss and architecture with the same schedule and
-seed(s), or collect finished runs; write one JSON, print one table (box / mask AP, AP50, APr,
-APc, APf, s/iter; mean ± std over seeds) and plot per-class AP against training count.
+seed(s), or collect finished runs, or pool earlier reports; write one JSON, print one table
+(box / mask AP, AP50, APr, APc, APf, s/iter; mean ± std over seeds) and plot per-class AP
+against training count.
 
     python benchmarks/long_tail.py --losses ce seesaw ecm --archs mask_rcnn --seeds 1 2 3 \\
         --output-dir output/benchmark [--opts SOLVER.MAX_ITER 600]
@@ -9,6 +10,8 @@ APc, APf, s/iter; mean ± std over seeds) and plot per-class AP against training
         mine_val=/d/val.json:/d/img --train mine --test mine_val \\
         --opts MODEL.ROI_HEADS.NUM_CLASSES 37
     python benchmarks/long_tail.py --collect output/synthetic/* --output-dir output/benchmark
+    python benchmarks/long_tail.py --pool vm1/long_tail_benchmark.json \\
+        vm2/long_tail_benchmark.json --baseline ce --output-dir output/pooled
     python benchmarks/long_tail.py --config-dir configs/Demo --losses ce seesaw ecm \\
         --seeds 1 2 3 --baseline ce --output-dir output/demo_3seeds    # the main job's proof
 
@@ -51,6 +54,10 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
     parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="aggregate these finished train_net.py output folders; no training")
+    parser.add_argument("--pool", nargs="+", metavar="REPORT_JSON",
+                        help="aggregate the runs of these earlier long_tail_benchmark.json files "
+                             "(the same configs run on other machines: each report's seeds "
+                             "count as seeds of their own); no training")
     parser.add_argument("--no-per-class", action="store_true",
                         help="skip the per-class AP (an LVIS evaluation per run) and its plot")
     parser.add_argument("--output-dir", default="output/benchmark")
@@ -58,19 +65,23 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lvis").setLevel(logging.ERROR)  # "Assuming user provided the results..."
     try:
-        folders = args.collect or benchmark.train_all(
-            args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
-            datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
-            num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
-        runs = [benchmark.read_run(f, per_class=not args.no_per_class) for f in folders]
-        _, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,
-                                          baseline=args.baseline)
+        if args.pool:
+            runs = benchmark.pool_reports(args.pool)
+        else:
+            folders = args.collect or benchmark.train_all(
+                args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
+                datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
+                num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
+            runs = [benchmark.read_run(f, per_class=not args.no_per_class) for f in folders]
+        groups, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,
+                                               baseline=args.baseline)
     except SeesawEcmError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     print(table)
     print(f"Wrote {os.path.join(args.output_dir, 'long_tail_benchmark.json')}"
-          + ("" if args.no_per_class else " and long_tail_per_class_ap.png"))
+          + (" and long_tail_per_class_ap.png" if any(g.get("per_class_ap") for g in groups)
+             else ""))
     return 0
 
 

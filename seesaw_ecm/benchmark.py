@@ -481,6 +481,27 @@ def plot_per_class(groups, out_png):
     return out_png
 
 
+def pool_reports(paths):
+    """The runs of several earlier reports (each a long_tail_benchmark.json) as one set of runs.
+
+    For the same configs and seeds trained on other machines: a run repeats exactly on one CPU
+    but not on another (floating-point order), so each (report, seed) counts as a seed of its
+    own, labelled "<k>:<seed>" (k: the report's position, from 1), and a run pairs with the
+    baseline run of its own report and seed. Returns the runs as read_run gives them.
+    """
+    runs = []
+    for k, path in enumerate(paths, 1):
+        try:
+            with open(path) as f:
+                report_runs = json.load(f)["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SeesawEcmError(
+                f"--pool {path}: not a long_tail_benchmark.json with its runs ({e!r}); give the "
+                "files that benchmarks/long_tail.py wrote into its --output-dir.") from None
+        runs += [dict(run, seed=f"{k}:{run['seed']}") for run in report_runs]
+    return runs
+
+
 def write_report(runs, output_dir, command=None, baseline=None):
     """Aggregate `runs`, write OUTPUT/long_tail_benchmark.json and .png (atomically); return
     (groups, markdown table). With `baseline` (a loss) the table shows each metric's change

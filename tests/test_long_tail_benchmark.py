@@ -259,6 +259,37 @@ def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
     assert "(" not in next(line for line in table.splitlines() if "| ce |" in line)
 
 
+def test_pool_counts_each_reports_seeds_as_seeds_of_their_own(tiny_lvis, tmp_path):
+    # the same two seeds on two "machines": four CE / Seesaw pairs, each paired in its report
+    aps = {"a": ([8.0, 9.0], [12.0, 15.0]), "b": ([7.0, 10.0], [10.0, 18.0])}
+    reports = []
+    for vm, (ce_ap, ss_ap) in aps.items():
+        folders = [fake_run(tiny_lvis, tmp_path / vm / f"ce{s}", "ce", s, ap, [1.0],
+                            heads="StandardROIHeads") for s, ap in zip((1, 2), ce_ap)]
+        folders += [fake_run(tiny_lvis, tmp_path / vm / f"ss{s}", "seesaw", s, ap, [1.0])
+                    for s, ap in zip((1, 2), ss_ap)]
+        benchmark.write_report([benchmark.read_run(f, per_class=False) for f in folders],
+                               str(tmp_path / vm / "report"))
+        reports.append(str(tmp_path / vm / "report" / "long_tail_benchmark.json"))
+    with pytest.raises(SeesawEcmError, match="same seed"):  # without pooling they collide
+        benchmark.aggregate([r for p in reports for r in json.load(open(p))["runs"]])
+    out = tmp_path / "pooled"
+    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--pool", *reports,
+                           "--baseline", "ce", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((out / "long_tail_benchmark.json").read_text())["gaps"]
+    diffs = [4.0, 6.0, 3.0, 8.0]  # Seesaw - CE of the same report and seed
+    assert row["seeds"] == ["1:1", "1:2", "2:1", "2:2"]
+    assert row["mean"]["segm/APr"] == pytest.approx(np.mean(diffs))
+    assert row["std"]["segm/APr"] == pytest.approx(np.std(diffs, ddof=1))
+    assert "Wrote" in proc.stdout and "png" not in proc.stdout  # no per-class AP was read
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SeesawEcmError, match="not a long_tail_benchmark.json"):
+        benchmark.pool_reports([str(bad)])
+
+
 def test_parallel_jobs_run_side_by_side_with_a_thread_share(tmp_path, monkeypatch):
     # Each fake run marks that it started, then waits for the other one's mark: they can both
     # finish only if they run at the same time.
