@@ -12,6 +12,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.utils import comm
+from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
@@ -213,7 +214,7 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         """detectron2's optimizer; with SOLVER.CLIP_GRADIENTS_GLOBAL_NORM > 0 its step first
         clips the gradient norm over all parameters together (detectron2 0.6 only clips per
-        parameter)."""
+        parameter) and, inside training, logs the norm before clipping as `grad_norm`."""
         optimizer = super().build_optimizer(cfg, model)
         max_norm = cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM
         if max_norm <= 0:
@@ -223,7 +224,9 @@ class Trainer(DefaultTrainer):
         class GlobalNormClipped(base):
             def step(self, closure=None):
                 params = [p for group in self.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if _CURRENT_STORAGE_STACK:  # an EventStorage is open (training)
+                    get_event_storage().put_scalar("grad_norm", norm.item())
                 return super().step(closure)
 
         optimizer.__class__ = GlobalNormClipped

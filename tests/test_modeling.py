@@ -366,7 +366,9 @@ def test_global_norm_clipping():
     grads = [p.grad.clone() for p in model.parameters()]
     total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
     assert total > 2.0
-    opt.step()
+    with EventStorage() as storage:
+        opt.step()
+    assert storage.history("grad_norm").latest() == pytest.approx(total.item(), rel=1e-5)
     # SGD with lr 1: the step is the gradient scaled to global norm 2, in the same direction
     steps = [b - p.detach() for b, p in zip(before, model.parameters())]
     for s, g in zip(steps, grads):
