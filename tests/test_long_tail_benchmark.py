@@ -327,9 +327,9 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
         assert cfgs[loss].MODEL.LONG_TAIL == synthetic.MODEL.LONG_TAIL
         assert cfgs[loss].MODEL.ROI_MASK_HEAD.NAME == synthetic.MODEL.ROI_MASK_HEAD.NAME
         cfg = cfgs[loss].clone()
-        # what a long-tail config may change: the heads, the loss, and (ECM) the clip
+        # what a long-tail config may change: the heads, the loss, and (ECM) warm-up + clip
         for key in ("MODEL.ROI_HEADS.NAME", "MODEL.ROI_MASK_HEAD.NAME", "MODEL.LONG_TAIL",
-                    "SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", "OUTPUT_DIR"):
+                    "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", "OUTPUT_DIR"):
             node, leaf = key.rsplit(".", 1) if "." in key else ("", key)
             src = cfgs["ce"]
             for part in filter(None, node.split(".")):
@@ -339,12 +339,16 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
                 dst = dst[part]
             dst[leaf] = src[leaf]
         assert cfg == cfgs["ce"], loss
-    assert cfgs["ecm"].SOLVER.CLIP_GRADIENTS_GLOBAL_NORM == 35.0
-    # the main job's cascades are these configs plus exactly the harness's cascade keys
+    assert cfgs["ecm"].SOLVER.WARMUP_ITERS == cfgs["ecm"].SOLVER.MAX_ITER // 2
+    # the main job's cascades are these configs plus exactly the harness's cascade keys; ECM's
+    # also takes CE's warm-up and a clip of 35 (configs/Demo/cascade_mask_rcnn_R18_FPN_ecm.yaml)
     for loss, cfg in cfgs.items():
         derived = load(f"configs/Demo/mask_rcnn_R18_FPN_{loss}.yaml", benchmark.CASCADE_OPTS)
         shipped = load(f"configs/Demo/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
+        if loss == "ecm":
+            derived.SOLVER.WARMUP_ITERS = cfgs["ce"].SOLVER.WARMUP_ITERS
+            derived.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 35.0
         assert derived == shipped, loss
     assert "--archs cascade" in open("tools/run_main.sh").read()
 
