@@ -14,6 +14,8 @@ against training count.
         vm2/long_tail_benchmark.json --baseline ce --output-dir output/pooled
     python benchmarks/long_tail.py --config-dir configs/Demo --losses ce seesaw ecm \\
         --seeds 1 2 3 --baseline ce --output-dir output/demo_3seeds    # the main job's proof
+    python benchmarks/long_tail.py --collect output/demo_3seeds/cascade_*/seed* --baseline ce \
+        --bootstrap 100 --output-dir output/demo_noise    # how much of the spread is the test set
 
 A thin command line over seesaw_ecm.benchmark (docs/BENCHMARKS.md).
 """
@@ -60,6 +62,11 @@ def main(argv=None):
                              "count as seeds of their own); no training")
     parser.add_argument("--no-per-class", action="store_true",
                         help="skip the per-class AP (an LVIS evaluation per run) and its plot")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="evaluation noise: also evaluate every run on N test sets drawn "
+                             "from its own with replacement (the same draws for every run) and "
+                             "show, beside each change's seed std, the std the test set's size "
+                             "alone gives it (with --baseline; e.g. 100)")
     parser.add_argument("--output-dir", default="output/benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -72,7 +79,11 @@ def main(argv=None):
                 args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
                 datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
                 num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
-            runs = [benchmark.read_run(f, per_class=not args.no_per_class) for f in folders]
+            if args.bootstrap and args.no_per_class:
+                raise SeesawEcmError("--bootstrap needs the per-class evaluation; drop "
+                                     "--no-per-class.")
+            runs = [benchmark.read_run(f, per_class=not args.no_per_class,
+                                       bootstrap=args.bootstrap) for f in folders]
         groups, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,
                                                baseline=args.baseline)
     except SeesawEcmError as e:

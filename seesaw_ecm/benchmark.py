@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from .errors import SeesawEcmError
-from .evaluation import lvis_fast
+from .evaluation import lvis_bootstrap, lvis_fast
 from .fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
@@ -208,8 +208,9 @@ def _dataset_json(name, specs):
     return json_file
 
 
-def per_class_ap(gt, results, iou_type, max_dets=300):
-    """Per-category AP (in %, nan for a category without ground truth) and the overall AP.
+def per_class_ap(gt, results, iou_type, max_dets=300, bootstrap=0):
+    """Per-category AP (in %, nan for a category without ground truth), the overall AP and,
+    with `bootstrap` > 0, the metrics on that many resampled test sets.
 
     Args:
         gt: the test set as `lvis_fast.LvisGroundTruth`.
@@ -217,17 +218,24 @@ def per_class_ap(gt, results, iou_type, max_dets=300):
             score, bbox and segmentation); for "segm" the boxes are dropped first, as
             detectron2 does, so areas are mask areas.
         iou_type: "bbox" or "segm".
+        bootstrap: number of test sets drawn from gt's images with replacement
+            (`lvis_bootstrap.draws(num_images, bootstrap)`, the same for every run).
     Returns:
-        ({category id: AP}, overall AP), computed by the project's exact LVIS backend
-        (`seesaw_ecm.evaluation.lvis_fast`, equal to `lvis.LVISEval`).
+        ({category id: AP}, overall AP, {metric of METRICS: [bootstrap values in %]} or None),
+        computed by the project's exact LVIS backend (`seesaw_ecm.evaluation.lvis_fast`, equal
+        to `lvis.LVISEval`).
     """
     if not results:
-        return {c: float("nan") for c in gt.cat_ids.tolist()}, float("nan")
+        return {c: float("nan") for c in gt.cat_ids.tolist()}, float("nan"), None
     if iou_type == "segm":
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     result = lvis_fast.evaluate(gt, results, iou_type, max_dets)
     ap = {c: float(a * 100) for c, a in zip(result.cat_ids.tolist(), result.per_category_ap)}
-    return ap, float(result.metrics["AP"] * 100)
+    draws = None
+    if bootstrap > 0:
+        values = lvis_bootstrap.bootstrap(gt, result.records, bootstrap, max_dets=max_dets)
+        draws = {m: [float(v * 100) if v >= 0 else None for v in values[m]] for m in METRICS}
+    return ap, float(result.metrics["AP"] * 100), draws
 
 
 _GT_CACHE = {}
@@ -243,11 +251,13 @@ def _load_gt(path):
     return _GT_CACHE[path]
 
 
-def read_run(folder, per_class=True):
+def read_run(folder, per_class=True, bootstrap=0):
     """Everything the benchmark needs from one finished run folder, as a JSON-able dict:
     loss, arch, seed, final metrics {"bbox/AP": ...} (None for "n/a"), sec_per_iter (median
     of the last training's metrics.json "time" rows), and with `per_class`,
-    per-class AP {"bbox"|"segm": {category id: AP}} and training counts {category id: n}."""
+    per-class AP {"bbox"|"segm": {category id: AP}} and training counts {category id: n};
+    with `bootstrap` > 0 (needs `per_class`) also "bootstrap": {"bbox/APr": [the metric on
+    each of `bootstrap` resampled test sets], ...} (`per_class_ap`)."""
     config = os.path.join(folder, "config.yaml")
     if not os.path.isfile(config):
         raise SeesawEcmError(f"{folder}: no config.yaml; not a train_net.py output folder.")
@@ -299,9 +309,11 @@ def read_run(folder, per_class=True):
     for task in TASKS:
         if task == "segm" and results and "segmentation" not in results[0]:
             continue
-        ap, overall = per_class_ap(gt, results, task, max_dets)
+        ap, overall, draws = per_class_ap(gt, results, task, max_dets, bootstrap)
         run["per_class_ap"][task] = {str(k): (None if np.isnan(v) else v) for k, v in ap.items()}
         run["ap_check"][task] = overall
+        if draws:
+            run.setdefault("bootstrap", {}).update({f"{task}/{m}": v for m, v in draws.items()})
     run["class_names"] = {str(k): v for k, v in class_names.items()}
     run["train_counts"] = {str(k): v for k, v in _train_counts(folder, cfg, gt).items()}
     return run
@@ -394,11 +406,29 @@ def format_table(groups, baseline=None):
     return "\n".join(lines)
 
 
+def _draw_std(run, base, key):
+    """Sample std over the bootstrap draws of run - base (the same draws), None if either run
+    has no draws of `key` or fewer than two draws define it."""
+    a, b = run.get("bootstrap", {}).get(key), base.get("bootstrap", {}).get(key)
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        raise SeesawEcmError(
+            f"{run['path']} and {base['path']} were evaluated on {len(a)} and {len(b)} resampled "
+            "test sets; read both with the same --bootstrap.")
+    diff = np.array(a, np.float64) - np.array(b, np.float64)  # None -> nan
+    diff = diff[~np.isnan(diff)]
+    return float(np.std(diff, ddof=1)) if len(diff) > 1 else None
+
+
 def gaps(runs, baseline="ce"):
     """Paired changes against `baseline`: for every (arch, loss) other than it, the per-seed
     difference (loss run - baseline run of the same arch and seed) of every metric, and over
     the seeds they share its mean, sample std (ddof 1) and mean / std ("sigmas": how many
-    seed standard deviations the change is). Returns a list of dicts, in aggregate's order."""
+    seed standard deviations the change is). Where the runs were read with a bootstrap
+    (`read_run`), also "eval_std": the part of that spread the test set's size alone gives,
+    the root mean square over the seeds of the change's std over the resampled test sets.
+    Returns a list of dicts, in aggregate's order."""
     base = {(r["arch"], r["seed"]): r for r in runs if r["loss"] == baseline}
     out = []
     for g in aggregate([r for r in runs if r["loss"] != baseline]):
@@ -415,6 +445,9 @@ def gaps(runs, baseline="ce"):
             mean, std = _mean_std(diffs)
             row["mean"][key], row["std"][key] = mean, std
             row["sigmas"][key] = (abs(mean) / std if mean is not None and std else None)
+            draw_stds = [v for v in (_draw_std(r, b, key) for r, b in paired) if v is not None]
+            if draw_stds:
+                row.setdefault("eval_std", {})[key] = float(np.sqrt(np.mean(np.square(draw_stds))))
         out.append(row)
     return out
 
@@ -422,11 +455,15 @@ def gaps(runs, baseline="ce"):
 def format_gap_table(rows):
     """Markdown table of `gaps`: per (arch, loss), the change against the baseline of box and
     mask AP, APr, APc, APf (mean ± std over paired seeds), and for APr how many standard
-    deviations the change is."""
+    deviations the change is and, if the runs were bootstrapped, its evaluation noise
+    (`gaps` "eval_std")."""
     metrics = ("AP", "APr", "APc", "APf")
     head = ["arch", "loss", "vs", "seeds"] + [f"Δ {'box' if t == 'bbox' else 'mask'} {m}"
                                               for t in TASKS for m in metrics]
     head += ["box APr Δ / std", "mask APr Δ / std"]
+    noise = any("eval_std" in row for row in rows)
+    if noise:
+        head += ["box APr Δ eval std", "mask APr Δ eval std"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["arch"], row["loss"], row["baseline"], str(len(row["seeds"]))]
@@ -437,6 +474,10 @@ def format_gap_table(rows):
         for task in TASKS:
             sig = row["sigmas"][f"{task}/APr"]
             cells.append("n/a" if sig is None else f"{sig:.1f}")
+        if noise:
+            for task in TASKS:
+                std = row.get("eval_std", {}).get(f"{task}/APr")
+                cells.append("n/a" if std is None else f"{std:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

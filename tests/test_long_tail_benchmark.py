@@ -259,6 +259,37 @@ def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
     assert "(" not in next(line for line in table.splitlines() if "| ce |" in line)
 
 
+def test_bootstrap_eval_noise_of_the_changes(tiny_lvis, tmp_path):
+    folders = [fake_run(tiny_lvis, tmp_path / f"{loss}{s}", loss, s, 10.0 + s, [1.0])
+               for loss in ("ce", "seesaw") for s in (1, 2)]
+    runs = [benchmark.read_run(f, bootstrap=4) for f in folders]
+    # one test image: every draw is the whole set (AP 50; APr 0: the rare category 3 is missed)
+    assert runs[0]["bootstrap"]["bbox/AP"] == pytest.approx([50.0] * 4)
+    assert runs[0]["bootstrap"]["segm/APr"] == [0.0] * 4 and "bootstrap" not in (
+        benchmark.read_run(folders[0]))
+    # the change's eval std: root mean square over seeds of its std over the paired draws
+    rng = np.random.default_rng(0)
+    for run in runs:
+        run["bootstrap"]["segm/APr"] = rng.normal(size=6).tolist()
+    runs[0]["bootstrap"]["segm/APr"][2] = None  # undefined in one draw: left out of that pair
+    (row,) = benchmark.gaps(runs, "ce")
+    ce, ss = ([np.array(r["bootstrap"]["segm/APr"], float) for r in runs if r["loss"] == loss]
+              for loss in ("ce", "seesaw"))
+    stds = [np.std(np.delete(ss[0] - ce[0], 2), ddof=1), np.std(ss[1] - ce[1], ddof=1)]
+    assert row["eval_std"]["segm/APr"] == pytest.approx(np.sqrt(np.mean(np.square(stds))))
+    assert row["eval_std"]["bbox/AP"] == 0  # the same single image in every draw
+    head, _, line = benchmark.format_gap_table([row]).splitlines()
+    assert head.endswith("box APr Δ eval std | mask APr Δ eval std |")
+    assert line.split(" | ")[-1].rstrip(" |") == f"{row['eval_std']['segm/APr']:.2f}"
+    runs[0]["bootstrap"]["segm/APr"] = [0.0] * 3
+    with pytest.raises(SeesawEcmError, match="same --bootstrap"):
+        benchmark.gaps(runs, "ce")
+    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--collect", *folders,
+                           "--bootstrap", "3", "--no-per-class"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--bootstrap needs the per-class" in proc.stderr
+
+
 def test_pool_counts_each_reports_seeds_as_seeds_of_their_own(tiny_lvis, tmp_path):
     # the same two seeds on two "machines": four CE / Seesaw pairs, each paired in its report
     aps = {"a": ([8.0, 9.0], [12.0, 15.0]), "b": ([7.0, 10.0], [10.0, 18.0])}

@@ -728,7 +728,8 @@ def per_category_ap(precision):
 
 class LvisEvalResult:
     """metrics (OrderedDict, LVISEval.results), precision (T, R, K, A), recall (T, K, A),
-    per_category_ap (K,), cat_ids (K,); `pooled` (OrderedDict of pooled_ap) if asked for.
+    per_category_ap (K,), cat_ids (K,), records (the MatchRecords it was computed from, e.g. for
+    `lvis_bootstrap`); `pooled` (OrderedDict of pooled_ap) if asked for.
     max_dets names the AR keys, as lvis does with its params.max_dets (-1 for AP-fixed)."""
 
     def __init__(self, gt, records, max_dets=300, pooled=False):
@@ -736,6 +737,7 @@ class LvisEvalResult:
         self.metrics = summarize(gt, self.precision, self.recall, max_dets)
         self.per_category_ap = per_category_ap(self.precision)
         self.cat_ids = gt.cat_ids
+        self.records = records
         self.pooled = pooled_ap(gt, records) if pooled else None
 
 
