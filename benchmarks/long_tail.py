@@ -14,7 +14,7 @@ against training count.
         vm2/long_tail_benchmark.json --baseline ce --output-dir output/pooled
     python benchmarks/long_tail.py --config-dir configs/Demo --losses ce seesaw ecm \\
         --seeds 1 2 3 --baseline ce --output-dir output/demo_3seeds    # the main job's proof
-    python benchmarks/long_tail.py --collect output/demo_3seeds/cascade_*/seed* --baseline ce \
+    python benchmarks/long_tail.py --collect output/demo_3seeds/cascade_*/seed* --baseline ce \\
         --bootstrap 100 --output-dir output/demo_noise    # how much of the spread is the test set
 
 A thin command line over seesaw_ecm.benchmark (docs/BENCHMARKS.md).
@@ -69,6 +69,10 @@ def main(argv=None):
                              "alone gives it (with --baseline; e.g. 100)")
     parser.add_argument("--output-dir", default="output/benchmark")
     args = parser.parse_args(argv)
+    if args.bootstrap and args.no_per_class:  # refused before any training
+        print("ERROR: --bootstrap needs the per-class evaluation; drop --no-per-class.",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lvis").setLevel(logging.ERROR)  # "Assuming user provided the results..."
     try:
@@ -79,9 +83,6 @@ def main(argv=None):
                 args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
                 datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
                 num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
-            if args.bootstrap and args.no_per_class:
-                raise SeesawEcmError("--bootstrap needs the per-class evaluation; drop "
-                                     "--no-per-class.")
             runs = [benchmark.read_run(f, per_class=not args.no_per_class,
                                        bootstrap=args.bootstrap) for f in folders]
         groups, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,

@@ -59,10 +59,9 @@ def resample(gt, records, sel):
     new_img = np.repeat(np.arange(len(sel)), lens)
     within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
     rows = order[start[sel][new_img] + within]
-    out = MatchRecords(*(getattr(records, f)[rows] for f in MatchRecords.FIELDS[:-1]),
-                       np.arange(len(sel), dtype=np.int32))
-    out.img = new_img.astype(records.img.dtype)
-    return out_gt, out
+    fields = {f: getattr(records, f)[rows] for f in MatchRecords.FIELDS[:-1] if f != "img"}
+    return out_gt, MatchRecords(**fields, img=new_img.astype(records.img.dtype),
+                                images=np.arange(len(sel), dtype=np.int32))
 
 
 def bootstrap(gt, records, samples, seed=0, max_dets=300):
