@@ -69,13 +69,12 @@ def main(argv=None):
                              "alone gives it (with --baseline; e.g. 100)")
     parser.add_argument("--output-dir", default="output/benchmark")
     args = parser.parse_args(argv)
-    if args.bootstrap and args.no_per_class:  # refused before any training
-        print("ERROR: --bootstrap needs the per-class evaluation; drop --no-per-class.",
-              file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lvis").setLevel(logging.ERROR)  # "Assuming user provided the results..."
     try:
+        if args.bootstrap and args.no_per_class:  # refused before any training
+            raise SeesawEcmError("--bootstrap needs the per-class evaluation; drop "
+                                 "--no-per-class.")
         if args.pool:
             runs = benchmark.pool_reports(args.pool)
         else:
