@@ -178,6 +178,12 @@ def add_seesaw_ecm_config(cfg):
     # detectron2 0.6's SOLVER.CLIP_GRADIENTS clips each parameter separately. 0 = off.
     cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 0.0
 
+    # True: the RoI poolers' backward on CPU is seesaw_ecm/roi_align.py's vectorized one (the
+    # same gradient to float rounding, 2-5x faster than torchvision's CPU kernel); the forward,
+    # GPU training and inference are unchanged. False: torchvision's (every recorded result
+    # before 2026-12-03). The demo configs (configs/Demo) turn it on.
+    cfg.MODEL.ROI_ALIGN_VECTORIZED_BACKWARD = False
+
     # Repeat-factor sampling (DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler") rounding of
     # r_i: "stochastic" = detectron2's sampler (floor(r_i) + 1 with probability frac(r_i)), "ceil"
     # = mmdetection's ClassBalancedDataset (exactly ceil(r_i) copies per epoch, resumable).

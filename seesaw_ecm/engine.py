@@ -26,6 +26,7 @@ from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_clas
 from .modeling.decoupled import freeze_all_but
 from .modeling.test_time_augmentation import LongTailRCNNWithTTA
 from .modeling.topk_inference import TopKPerClassHeads
+from .roi_align import use_vectorized_roi_align_backward
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
 LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
@@ -169,13 +170,17 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         """detectron2's model; with MODEL.LONG_TAIL.TRAINABLE all of it frozen but the
-        parameters it names (decoupled training from MODEL.WEIGHTS)."""
+        parameters it names (decoupled training from MODEL.WEIGHTS); with
+        MODEL.ROI_ALIGN_VECTORIZED_BACKWARD its RoIAlign layers take the vectorized CPU
+        backward (seesaw_ecm/roi_align.py)."""
         patterns = cfg.MODEL.LONG_TAIL.TRAINABLE
         if patterns and not cfg.MODEL.WEIGHTS:
             raise SeesawEcmError(
                 "MODEL.LONG_TAIL.TRAINABLE trains parts of a trained model: set MODEL.WEIGHTS to "
                 "its checkpoint (e.g. the first stage's model_final.pth).")
         model = super().build_model(cfg)
+        if cfg.MODEL.ROI_ALIGN_VECTORIZED_BACKWARD:
+            use_vectorized_roi_align_backward(model)
         if patterns:
             trainable = freeze_all_but(model, patterns)
             logging.getLogger(__name__).info(f"Trainable parameters only: {trainable}")
