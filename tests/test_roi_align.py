@@ -136,3 +136,15 @@ def test_model_gradients_equal_with_and_without_the_switch():
         # summation order only: ~1e-6 of the largest entry (2026-12-03)
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4,
                                    atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+def test_benchmark_prints_each_case_with_a_rounding_level_difference(capsys):
+    from benchmarks.roi_align_backward import CASES, main
+    main(["--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(CASES)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0
+        assert float(cells[3]) == pytest.approx(float(cells[2]) / float(cells[1]), rel=0.05)
+        assert float(cells[4]) < 1e-5
