@@ -179,9 +179,10 @@ def add_seesaw_ecm_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 0.0
 
     # True: the RoI poolers' backward on CPU is seesaw_ecm/roi_align.py's vectorized one (the
-    # same gradient to float rounding, 2-5x faster than torchvision's CPU kernel); the forward,
-    # GPU training and inference are unchanged. False: torchvision's (every recorded result
-    # before 2026-12-03). The demo configs (configs/Demo) turn it on.
+    # same gradient to float rounding, 6-7x faster than torchvision's CPU kernel at the demo's
+    # sizes: benchmarks/roi_align_backward.py); the forward, GPU training and inference are
+    # unchanged. False: torchvision's (every recorded result before 2026-12-03). The demo
+    # configs (configs/Demo) turn it on.
     cfg.MODEL.ROI_ALIGN_VECTORIZED_BACKWARD = False
 
     # Repeat-factor sampling (DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler") rounding of
