@@ -39,11 +39,11 @@ def _axis_weights(start, bin_size, grid, n_bins, size):
     inside = (samples[None, None, :] < grid[:, None, None]) & (pos >= -1) & (pos <= size)
     pos = pos.clamp(min=0)
     low = pos.floor()
-    last = low >= size - 1
-    low = torch.where(last, torch.full_like(low, size - 1), low)
-    frac = torch.where(last, torch.zeros_like(pos), pos - low)
-    high = torch.where(last, low, low + 1)
+    last = low >= size - 1  # the kernel puts both corners on the last cell, weight 1
+    low = low.clamp(max=size - 1)
+    high = (low + 1).clamp(max=size - 1)
     zero = torch.zeros_like(pos)
+    frac = torch.where(last, zero, pos - low)
     weights = pos.new_zeros(len(start), n_bins, size)
     weights.scatter_add_(2, low.long(), torch.where(inside, 1 - frac, zero))
     weights.scatter_add_(2, high.long(), torch.where(inside, frac, zero))
@@ -122,6 +122,7 @@ class ROIAlignVectorizedBackward(ROIAlign):
     """
 
     def forward(self, input, rois):
+        # detectron2's ROIAlign.forward written out: TorchScript cannot call super().forward
         assert rois.dim() == 2 and rois.size(1) == 5
         if input.is_quantized:
             input = input.dequantize()
