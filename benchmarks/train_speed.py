@@ -52,6 +52,9 @@ from seesaw_ecm.engine import Trainer  # noqa: E402
 from seesaw_ecm.gradient_balance import GradientBalance, attach, box_predictors  # noqa: E402
 
 STOCK = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
+# Losses that need ROI heads of their own: LOCE's replay memory (Mask R-CNN only; it has no
+# cascade heads, so case_specs leaves out its cascade row).
+HEADS_OF = {"loce": "LOCEROIHeads"}
 DATASET = "train_speed_synthetic"
 
 
@@ -66,7 +69,8 @@ def make_cfg(arch, loss, device, data, base=STOCK, opts=()):
         cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
     if loss is not None:
         cascade = cfg.MODEL.ROI_HEADS.NAME == "CascadeROIHeads"
-        cfg.MODEL.ROI_HEADS.NAME = "LongTailCascadeROIHeads" if cascade else "LongTailROIHeads"
+        cfg.MODEL.ROI_HEADS.NAME = HEADS_OF.get(loss) or (
+            "LongTailCascadeROIHeads" if cascade else "LongTailROIHeads")
         cfg.MODEL.LONG_TAIL.LOSS = loss
         cfg.MODEL.LONG_TAIL.OBJECTNESS = loss == "seesaw"
     cfg.MODEL.DEVICE = device
@@ -167,6 +171,8 @@ def case_specs(archs, losses, gradient_balance):
     specs = []
     for arch in archs:
         for loss in [None] + list(losses):
+            if loss in HEADS_OF and arch != "mask_rcnn":
+                continue
             name = f"{arch} {'stock' if loss is None else loss}"
             specs.append((name, arch, loss, False))
             if gradient_balance:

@@ -95,6 +95,24 @@ def test_bad_export_or_load_requests_are_clear_errors(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_differences_name_each_field_with_its_shape_or_largest_difference():
+    fields = ("pred_boxes", "scores", "pred_classes", "pred_masks")
+    expected = (torch.zeros(2, 4), torch.tensor([0.5, 0.25]), torch.tensor([1, 2]),
+                torch.full((2, 3, 3), 0.5))
+    same = tuple(t.clone() for t in expected)
+    assert export._differences(expected, same, fields) == []
+    off = (expected[0] + 5e-5, expected[1], torch.tensor([1, 3]), expected[3].clone())
+    off[3][1, 2, 0] = 0.5 + 3e-3
+    # within tol only for floats; the class change and the mask's 3e-3 are named
+    assert export._differences(expected, off, fields, tol=1e-4) == [
+        "pred_classes (largest difference 1)", "pred_masks (largest difference 0.003)"]
+    assert export._differences(expected, off, fields)[0] == "pred_boxes (largest difference 5e-05)"
+    fewer = (expected[0][:1], expected[1], expected[2].float(), expected[3])
+    assert export._differences(expected, fewer, fields) == [
+        "pred_boxes (torch.float32 (2, 4) vs torch.float32 (1, 4))",
+        "pred_classes (torch.int64 (2,) vs torch.float32 (2,))"]
+
+
 def test_table_rows_are_added_then_replaced(tmp_path):
     table = tmp_path / "docs" / "MODEL_ZOO.md"
 
