@@ -41,3 +41,17 @@ def test_every_model_gets_the_same_workload(train_speed, tmp_path, monkeypatch):
     assert len(sizes["stock"]) == 5 and sizes["stock"] == sizes["seesaw"]
     assert set(result) == {"stock", "seesaw"}
     assert result["stock"][1] == 1.0 and result["seesaw"][0] > 0
+
+
+def test_loce_is_timed_with_its_own_heads_on_mask_rcnn_only(train_speed, monkeypatch):
+    """LOCE needs LOCEROIHeads (no cascade version): the first GPU run stopped at it."""
+    monkeypatch.chdir(ROOT)
+    names = [s[0] for s in train_speed.case_specs(("mask_rcnn", "cascade"), ("seesaw", "loce"),
+                                                  False)]
+    assert names == ["mask_rcnn stock", "mask_rcnn seesaw", "mask_rcnn loce", "cascade stock",
+                     "cascade seesaw"]
+    data = {"num_classes": 60, "dataset": "unused"}
+    heads = {loss: train_speed.make_cfg("mask_rcnn", loss, "cpu", data).MODEL.ROI_HEADS.NAME
+             for loss in (None, "seesaw", "loce")}
+    assert heads == {None: "StandardROIHeads", "seesaw": "LongTailROIHeads",
+                     "loce": "LOCEROIHeads"}
