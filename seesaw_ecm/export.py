@@ -72,7 +72,7 @@ def _differences(expected, actual, fields, tol=None):
             bad.append(f"{field} ({e.dtype} {tuple(e.shape)} vs {a.dtype} {tuple(a.shape)})")
         elif not (torch.equal(e, a) or (
                 tol is not None and e.is_floating_point() and torch.allclose(e, a, tol, tol))):
-            diff = (e.double() - a.double()).abs().max().item() if e.numel() else 0.0
+            diff = (e.double() - a.double()).abs().max().item()  # same shape, not empty
             bad.append(f"{field} (largest difference {diff:.3g})")
     return bad
 
