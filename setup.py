@@ -11,6 +11,9 @@ setup(
     name="seesaw_ecm",
     version="0.1.0",
     description="Seesaw Loss and ECM loss for long-tailed instance segmentation (Detectron2)",
+    # the library only: benchmarks/ and tools/ stay in the checkout and run from its root
+    # (python -m benchmarks.long_tail, python -m tools.export_model, ...), importing seesaw_ecm
+    # like any user; detectron2's wheel already installs a top-level `tools` package
     packages=find_packages(include=["seesaw_ecm", "seesaw_ecm.*"]),
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -1,19 +1,16 @@
-#!/usr/bin/env python
 """Peak memory and time of one CARAFE upsampling to P2 of a 1333 x 800 image (P3 input
 (1, 256, 100, 168) -> (1, 256, 200, 336)), in one piece vs in row chunks (MODEL.CARAFE.CHUNK_MB),
 for inference (no grad) and training (forward + backward). Each case runs in its own process
 (peak RSS cannot be reset); the table gives ratios against the one-piece case.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/carafe_memory.py [--chunk-mb 64] [--device cpu]
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.carafe_memory [--chunk-mb 64] [--device cpu]
 """
 import argparse
 import multiprocessing as mp
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tabulate import tabulate
 
 
 def _case(chunk_mb, train, device, queue):
@@ -48,7 +45,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
-    print(f"{'case':<22}{'peak MiB':>10}{'x one piece':>13}{'s':>8}{'x one piece':>13}")
+    rows = []
     for train in (False, True):
         base = None
         for chunk in (0, args.chunk_mb):
@@ -60,8 +57,9 @@ def main():
             base = base or (mib, seconds)
             name = ("train " if train else "infer ") + (
                 f"chunks {chunk} MB" if chunk else "one piece")
-            print(f"{name:<22}{mib:>10.0f}{mib / base[0]:>13.2f}{seconds:>8.2f}"
-                  f"{seconds / base[1]:>13.2f}")
+            rows.append([name, mib, mib / base[0], seconds, seconds / base[1]])
+    print(tabulate(rows, headers=["case", "peak MiB", "x one piece", "s", "x one piece"],
+                   floatfmt=("", ".0f", ".2f", ".2f", ".2f")))
     print(f"output shape {shape}, device {args.device}")
 
 

@@ -1,41 +1,40 @@
-#!/usr/bin/env python
 """Long-tail benchmark: train each selected loss and architecture with the same schedule and
 seed(s), or collect finished runs, or pool earlier reports; write one JSON, print one table
 (box / mask AP, AP50, APr, APc, APf, s/iter; mean ± std over seeds) and plot per-class AP
 against training count.
 
-    python benchmarks/long_tail.py --losses ce seesaw ecm --archs mask_rcnn --seeds 1 2 3 \\
+    python -m benchmarks.long_tail --losses ce seesaw ecm --archs mask_rcnn --seeds 1 2 3 \\
         --output-dir output/benchmark [--opts SOLVER.MAX_ITER 600]
-    python benchmarks/long_tail.py --dataset mine=/d/train.json:/d/img --dataset \\
+    python -m benchmarks.long_tail --dataset mine=/d/train.json:/d/img --dataset \\
         mine_val=/d/val.json:/d/img --train mine --test mine_val \\
         --opts MODEL.ROI_HEADS.NUM_CLASSES 37
-    python benchmarks/long_tail.py --collect output/synthetic/* --output-dir output/benchmark
-    python benchmarks/long_tail.py --pool vm1/long_tail_benchmark.json \\
+    python -m benchmarks.long_tail --collect output/synthetic/* --output-dir output/benchmark
+    python -m benchmarks.long_tail --pool vm1/long_tail_benchmark.json \\
         vm2/long_tail_benchmark.json --baseline ce --output-dir output/pooled
-    python benchmarks/long_tail.py --config-dir configs/Demo --losses ce seesaw ecm \\
+    python -m benchmarks.long_tail --config-dir configs/Demo --losses ce seesaw ecm \\
         --seeds 1 2 3 --baseline ce --output-dir output/demo_3seeds    # the main job's proof
-    python benchmarks/long_tail.py --collect output/demo_3seeds/cascade_*/seed* --baseline ce \\
+    python -m benchmarks.long_tail --collect output/demo_3seeds/cascade_*/seed* --baseline ce \\
         --bootstrap 100 --output-dir output/demo_noise    # how much of the spread is the test set
 
-A thin command line over seesaw_ecm.benchmark (docs/BENCHMARKS.md).
+A thin command line over benchmarks.harness (docs/BENCHMARKS.md); run from the repository
+root.
 """
 import argparse
 import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from seesaw_ecm.errors import SeesawEcmError
 
-from seesaw_ecm import benchmark  # noqa: E402
-from seesaw_ecm.errors import SeesawEcmError  # noqa: E402
+from benchmarks import harness
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--losses", nargs="+", default=list(benchmark.LOSSES),
-                        choices=benchmark.LOSSES)
-    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=benchmark.ARCHS)
+    parser.add_argument("--losses", nargs="+", default=list(harness.LOSSES),
+                        choices=harness.LOSSES)
+    parser.add_argument("--archs", nargs="+", default=["mask_rcnn"], choices=harness.ARCHS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:ROOT",
                         help="LVIS-format dataset, passed to train_net.py --dataset (repeatable)")
@@ -45,7 +44,7 @@ def main(argv=None):
                         help="DATASETS.TEST (default: synthetic_lt_val)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides for every run, KEY VALUE ... (last option)")
-    parser.add_argument("--config-dir", default=benchmark.CONFIG_DIR,
+    parser.add_argument("--config-dir", default=harness.CONFIG_DIR,
                         help="where <arch>_R18_FPN_<loss>.yaml are (configs/Demo: the main job)")
     parser.add_argument("--baseline", metavar="LOSS",
                         help="also show every metric's change against this loss (e.g. ce), "
@@ -76,16 +75,16 @@ def main(argv=None):
             raise SeesawEcmError("--bootstrap needs the per-class evaluation; drop "
                                  "--no-per-class.")
         if args.pool:
-            runs = benchmark.pool_reports(args.pool)
+            runs = harness.pool_reports(args.pool)
         else:
-            folders = args.collect or benchmark.train_all(
+            folders = args.collect or harness.train_all(
                 args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
                 datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
                 num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
-            runs = [benchmark.read_run(f, per_class=not args.no_per_class,
-                                       bootstrap=args.bootstrap) for f in folders]
-        groups, table = benchmark.write_report(runs, args.output_dir, command=sys.argv,
-                                               baseline=args.baseline)
+            runs = [harness.read_run(f, per_class=not args.no_per_class,
+                                     bootstrap=args.bootstrap) for f in folders]
+        groups, table = harness.write_report(runs, args.output_dir, command=sys.argv,
+                                             baseline=args.baseline)
     except SeesawEcmError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

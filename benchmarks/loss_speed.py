@@ -5,7 +5,7 @@ update included); ECM and CE get logits (N, C + 1). Labels are random, ~25% fore
 cases run in this one process, interleaved repeat by repeat, after a warm-up; the table gives
 the median time and its ratio to CE.
 
-    python benchmarks/loss_speed.py [--device cuda] [--sizes 1024 4096 8192] [--repeats 20]
+    python -m benchmarks.loss_speed [--device cuda] [--sizes 1024 4096 8192] [--repeats 20]
 """
 import argparse
 import statistics
@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
 
 from seesaw_ecm.losses import ECMLoss, SeesawLoss
 
@@ -77,12 +78,14 @@ def main():
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {name}, C = {args.num_classes}, median of {args.repeats}")
-    print(f"{'N':>6} | {'CE ms':>8} | {'Seesaw ms':>9} {'x CE':>5} | {'ECM ms':>8} {'x CE':>5}")
+    rows = []
     for n in args.sizes:
         cases, inputs = make_cases(n, args.num_classes, device)
         ms = measure(cases, inputs, device, args.warmup, args.repeats)
-        print(f"{n:>6} | {ms['CE']:8.2f} | {ms['Seesaw']:9.2f} {ms['Seesaw'] / ms['CE']:5.2f} | "
-              f"{ms['ECM']:8.2f} {ms['ECM'] / ms['CE']:5.2f}")
+        rows.append([n, ms["CE"], ms["Seesaw"], ms["Seesaw"] / ms["CE"], ms["ECM"],
+                     ms["ECM"] / ms["CE"]])
+    print(tabulate(rows, headers=["N", "CE ms", "Seesaw ms", "x CE", "ECM ms", "x CE"],
+                   floatfmt=".2f"))
 
 
 if __name__ == "__main__":

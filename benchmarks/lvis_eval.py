@@ -1,6 +1,6 @@
 """Time and peak memory of LVIS evaluation: official `lvis` against seesaw_ecm's `lvis_fast`.
 
-Synthetic LVIS-scale data (seesaw_ecm.evaluation.lvis_scale_synthetic: 1,203 classes in r/c/f
+Synthetic LVIS-scale data (benchmarks.lvis_scale_synthetic: 1,203 classes in r/c/f
 groups, negative and not-exhaustive lists, polygon ground truth, 300 detections per image with
 RLE masks) is generated once per size and cached under --data-dir. Each (size, task, backend)
 runs in its own child process, which loads the ground truth and results json (as detectron2
@@ -12,7 +12,7 @@ index is built before the clock starts); lvis_fast's counts building its ground-
 and the whole evaluation. The parent prints a table with the ratios, checks that both backends
 give the same metrics and per-category AP, and writes a JSON report.
 
-    python benchmarks/lvis_eval.py [--sizes 1000 5000] [--tasks bbox segm]
+    python -m benchmarks.lvis_eval [--sizes 1000 5000] [--tasks bbox segm]
         [--data-dir /tmp/lvis_eval_bench] [--out benchmarks/lvis_eval.json]
 
 With --lvis-metrics, lvis_fast only: standard AP (300 per image) against AP-fixed + AP-pool
@@ -28,18 +28,12 @@ import sys
 import time
 
 import numpy as np
+from tabulate import tabulate
+
+from benchmarks.memory import bare_library, peak_rss_gib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 LVIS_V1_VAL_IMAGES = 19809
-
-
-def _peak_rss_gib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20
-    return float("nan")
 
 
 def child(backend, task, gt_path, res_path, topk="0"):
@@ -58,26 +52,19 @@ def child(backend, task, gt_path, res_path, topk="0"):
         from lvis import LVIS, LVISEval, LVISResults
 
         gt = LVIS(gt_path)
-        loaded = _peak_rss_gib()
+        loaded = peak_rss_gib()
         start = time.perf_counter()
         ev = LVISEval(gt, LVISResults(gt, results, max_dets=300), task)
         ev.run()
         seconds = time.perf_counter() - start
         metrics, precision = dict(ev.results), ev.eval["precision"]
     else:
-        # lvis_fast needs numpy + pycocotools only; importing it through a bare `seesaw_ecm`
-        # package skips seesaw_ecm/__init__.py, which loads torch and detectron2 (~0.6 GiB
-        # that the lvis child does not pay either)
-        import types
-
-        pkg = types.ModuleType("seesaw_ecm")
-        pkg.__path__ = [os.path.join(ROOT, "seesaw_ecm")]
-        sys.modules["seesaw_ecm"] = pkg
+        bare_library()  # lvis_fast needs numpy + pycocotools only, as the lvis child
         from seesaw_ecm.evaluation import lvis_fast
 
         with open(gt_path) as f:
             dataset = json.load(f)
-        loaded = _peak_rss_gib()
+        loaded = peak_rss_gib()
         start = time.perf_counter()
         res = lvis_fast.evaluate(lvis_fast.LvisGroundTruth(dataset), results, task, 300,
                                  topk_per_class=int(topk))
@@ -87,16 +74,17 @@ def child(backend, task, gt_path, res_path, topk="0"):
     valid = p > -1
     per_cat = np.where(valid.any(axis=(0, 1)), np.where(valid, p, 0).sum(axis=(0, 1))
                        / np.maximum(valid.sum(axis=(0, 1)), 1), -1)
-    print(json.dumps({"seconds": seconds, "peak_gib": _peak_rss_gib(), "loaded_gib": loaded,
+    print(json.dumps({"seconds": seconds, "peak_gib": peak_rss_gib(), "loaded_gib": loaded,
                       "metrics": {k: float(v) for k, v in metrics.items()},
                       "per_category_ap": per_cat.tolist()}))
 
 
 def run_child(backend, task, gt_path, res_path, topk=0):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, task, gt_path, res_path,
-           str(topk)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    cmd = [sys.executable, "-m", "benchmarks.lvis_eval", "--child", backend, task, gt_path,
+           res_path, str(topk)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env,
+                         cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -120,12 +108,11 @@ def main():
         return lvis_metrics(args)
     args.out = args.out or os.path.join(ROOT, "benchmarks", "lvis_eval.json")
 
-    from seesaw_ecm.evaluation import lvis_scale_synthetic as synthetic
     from seesaw_ecm.fileio import write_atomic
 
-    rows = []
-    print(f"{'images':>7} {'task':<5} {'lvis s':>8} {'fast s':>8} {'speed-up':>8} "
-          f"{'lvis GiB':>9} {'fast GiB':>9} {'mem ratio':>9} {'max |diff|':>10}", flush=True)
+    from benchmarks import lvis_scale_synthetic as synthetic
+
+    rows, table = [], []
     for n in args.sizes:
         gt_path, res_path = synthetic.write(os.path.join(args.data_dir, str(n)), n)
         for task in args.tasks:
@@ -140,20 +127,27 @@ def main():
             for result in (lv, fa):  # compared above; too long for the report
                 del result["per_category_ap"]
             rows.append(row)
-            print(f"{n:>7} {task:<5} {lv['seconds']:>8.1f} {fa['seconds']:>8.1f} "
-                  f"{row['speedup']:>7.1f}x {lv['peak_gib']:>9.2f} {fa['peak_gib']:>9.2f} "
-                  f"{row['memory_ratio']:>8.1f}x {diff:>10.1e}", flush=True)
+            table.append([n, task, lv["seconds"], fa["seconds"], f"{row['speedup']:.1f}x",
+                          lv["peak_gib"], fa["peak_gib"], f"{row['memory_ratio']:.1f}x", diff])
+            print(f"done: {n} images, {task}", flush=True)
+    print(tabulate(table, headers=["images", "task", "lvis s", "fast s", "speed-up", "lvis GiB",
+                                   "fast GiB", "mem ratio", "max |diff|"],
+                   floatfmt=("", "", ".1f", ".1f", "", ".2f", ".2f", "", ".1e")))
     # linear extrapolation from the two largest sizes (time and memory grow ~linearly)
     print(f"\nExtrapolated to LVIS v1 val ({LVIS_V1_VAL_IMAGES} images), linear in images "
           "from the two largest sizes:")
+    table = []
     for task in args.tasks:
         for backend in ("lvis", "fast"):
-            ext = _extrapolate([(r["images"], r[backend]) for r in rows if r["task"] == task])
+            ext = _extrapolate([(r["images"], r[backend]) for r in rows
+                                if r["task"] == task and backend in r])
             if ext is None:
                 continue
-            print(f"  {task:<5} {backend:<5} ~{ext['seconds']:7.0f} s  ~{ext['peak_gib']:6.1f} GiB")
+            table.append([task, backend, ext["seconds"], ext["peak_gib"]])
             rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "backend": backend,
                          "extrapolated": ext})
+    print(tabulate(table, headers=["task", "backend", "~s", "~GiB"],
+                   floatfmt=("", "", ".0f", ".1f")))
     write_atomic(args.out, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"\nwritten {args.out}")
 
@@ -171,14 +165,13 @@ def _extrapolate(points):
 
 def lvis_metrics(args):
     """lvis_fast: standard AP against AP-fixed + AP-pool and boundary AP, same data."""
-    from seesaw_ecm.evaluation import synthetic
     from seesaw_ecm.fileio import write_atomic
+
+    from benchmarks import lvis_scale_synthetic as synthetic
 
     variants = [("bbox", 0), ("bbox", args.topk), ("segm", 0), ("segm", args.topk),
                 ("boundary", 0)]
-    rows = []
-    print(f"{'images':>7} {'task':<9} {'metric':<15} {'s':>8} {'GiB':>6} {'x time':>7} "
-          f"{'AP':>6} {'APr':>6} {'pooled':>6}", flush=True)
+    rows, table = [], []
     for n in args.sizes:
         gt_path, res_path = synthetic.write(os.path.join(args.data_dir, str(n)), n)
         base = {}
@@ -191,20 +184,25 @@ def lvis_metrics(args):
             ratio = out["seconds"] / base["segm" if task == "boundary" else task]
             rows.append({"images": n, "task": task, "topk": topk, "ratio": ratio, **out})
             m = out["metrics"]
-            print(f"{n:>7} {task:<9} {metric:<15} {out['seconds']:>8.1f} "
-                  f"{out['peak_gib']:>6.2f} {ratio:>6.2f}x {m['AP'] * 100:>6.2f} "
-                  f"{m['APr'] * 100:>6.2f} {m.get('AP-pooled-all', -0.01) * 100:>6.2f}",
-                  flush=True)
+            table.append([n, task, metric, out["seconds"], out["peak_gib"], f"{ratio:.2f}x",
+                          m["AP"] * 100, m["APr"] * 100, m.get("AP-pooled-all", -0.01) * 100])
+            print(f"done: {n} images, {task} {metric}", flush=True)
+    print(tabulate(table, headers=["images", "task", "metric", "s", "GiB", "x time", "AP", "APr",
+                                   "pooled"],
+                   floatfmt=("", "", "", ".1f", ".2f", "", ".2f", ".2f", ".2f")))
     print(f"\nExtrapolated to LVIS v1 val ({LVIS_V1_VAL_IMAGES} images), linear in images "
           "from the two largest sizes (300 detections per image):")
+    table = []
     for task, topk in variants:
         ext = _extrapolate([(r["images"], r) for r in rows
                             if r["task"] == task and r["topk"] == topk])
         if ext:
-            print(f"  {task:<9} {'AP-fixed' if topk else 'standard':<9} ~{ext['seconds']:7.0f} s"
-                  f"  ~{ext['peak_gib']:5.1f} GiB")
+            table.append([task, "AP-fixed" if topk else "standard", ext["seconds"],
+                          ext["peak_gib"]])
             rows.append({"images": LVIS_V1_VAL_IMAGES, "task": task, "topk": topk,
                          "extrapolated": ext})
+    print(tabulate(table, headers=["task", "metric", "~s", "~GiB"],
+                   floatfmt=("", "", ".0f", ".1f")))
     out = args.out or os.path.join(ROOT, "benchmarks", "lvis_metrics.json")
     write_atomic(out, json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"\nwritten {out}")

@@ -13,31 +13,24 @@ distributed evaluation holds); its peak resident memory (VmHWM) is reported, tor
 detectron2 not loaded.
 
 Baseline, in the same process: the literal loop re-implementation of the official per-image
-rules (tests/openimages_reference.py, which has the official code's structure: a loop over all
+rules (benchmarks/openimages_reference.py, which has the official code's structure: a loop over all
 classes per image and over detections per class) on the first --reference-images images,
 against openimages_fast on the same images, in CPU seconds (equal per-class AP is checked).
 
-    python benchmarks/openimages_eval.py [--images 41620] [--dets 300] [--reference-images 400]
+    python -m benchmarks.openimages_eval [--images 41620] [--dets 300] [--reference-images 400]
 """
 import argparse
 import json
-import os
-import sys
 import time
-import types
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-# the modules used need numpy (+ pycocotools) only; a bare `seesaw_ecm` package skips
-# seesaw_ecm/__init__.py, which loads torch and detectron2 (~0.6 GiB) into the measured memory
-_pkg = types.ModuleType("seesaw_ecm")
-_pkg.__path__ = [os.path.join(ROOT, "seesaw_ecm")]
-sys.modules["seesaw_ecm"] = _pkg
+from benchmarks.memory import bare_library, peak_rss_gib
+from benchmarks.openimages_reference import reference_ap
 
-from lvis_eval import _peak_rss_gib  # noqa: E402  (benchmarks/, the script's folder)
-from openimages_reference import reference_ap  # noqa: E402
+# the modules used need numpy (+ pycocotools) only: imported without seesaw_ecm/__init__.py,
+# which loads torch and detectron2 (~0.6 GiB) into the measured memory
+bare_library()
 from seesaw_ecm.data.openimages_hierarchy import LabelHierarchy  # noqa: E402
 from seesaw_ecm.evaluation.openimages_fast import (OpenImagesEvalResult,  # noqa: E402
                                                    OpenImagesGroundTruth, OpenImagesMatcher,
@@ -187,7 +180,7 @@ def main():
     report["reference"] = compare_with_reference(records, args.reference_images, args.dets)
     print(json.dumps(report["reference"]), flush=True)
     result, timings = run_fast(records, args.dets)
-    report.update(timings, peak_rss_gib=_peak_rss_gib(),
+    report.update(timings, peak_rss_gib=peak_rss_gib(),
                   metrics={k: round(v * 100, 3) for k, v in result.metrics.items()})
     print(json.dumps(report, indent=1))
     if args.out:

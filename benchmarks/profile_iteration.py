@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Where the CPU time of one training iteration goes, and the per-iteration speed of a config
 against a baseline config, both trained in this one process.
 
@@ -21,7 +20,7 @@ With --eval-images N the first N test images are also run through inference (bac
 ROI heads timed the same way) and the config's evaluator (process + evaluate); the table gives
 seconds per image, and the evaluate call on those N images.
 
-    python benchmarks/profile_iteration.py \\
+    python -m benchmarks.profile_iteration \\
         --config-file configs/Demo/mask_rcnn_R18_FPN_seesaw.yaml \\
         --baseline configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml [--iters 20] [--warmup 3] \\
         [--eval-images 40] [--json out.json]
@@ -39,16 +38,15 @@ import time
 from collections import defaultdict
 
 import torch
+from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.data.datasets import register_from_cfg
+from seesaw_ecm.engine import Trainer
 
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-from seesaw_ecm import add_seesaw_ecm_config  # noqa: E402
-from seesaw_ecm.data.datasets import register_from_cfg  # noqa: E402
-from seesaw_ecm.engine import Trainer  # noqa: E402
-from benchmarks.train_speed import round_robin  # noqa: E402
+from benchmarks.train_speed import round_robin
 
 TRAIN_PARTS = ("data", "backbone", "rpn", "box head", "mask head", "roi other", "model other",
                "backward", "step")
@@ -192,17 +190,16 @@ def profile(cases, warmup, iters):
 
 
 def format_table(result):
+    """Markdown table: per part (rows) the median ms of each case, and the part's share of the
+    last case's total; a last row with each case's ratio to the first."""
     names = list(result)
-    lines = ["| part | " + " | ".join(f"{n} (ms)" for n in names) + " | share of "
-             + names[-1] + " |", "|---|" + "---|" * (len(names) + 1)]
     last = result[names[-1]]
-    for part in TRAIN_PARTS + ("total",):
-        cells = [f"{1000 * result[n].get(part, 0.0):.0f}" for n in names]
-        lines.append(f"| {part} | " + " | ".join(cells)
-                     + f" | {100 * last.get(part, 0.0) / last['total']:.0f}% |")
-    lines.append("| ratio to " + names[0] + " | "
-                 + " | ".join(f"{result[n]['ratio']:.3f}" for n in names) + " | |")
-    return "\n".join(lines)
+    rows = [[part] + [f"{1000 * result[n].get(part, 0.0):.0f}" for n in names]
+            + [f"{100 * last.get(part, 0.0) / last['total']:.0f}%"]
+            for part in TRAIN_PARTS + ("total",)]
+    rows.append([f"ratio to {names[0]}"] + [f"{result[n]['ratio']:.3f}" for n in names] + [""])
+    head = ["part"] + [f"{n} (ms)" for n in names] + [f"share of {names[-1]}"]
+    return tabulate(rows, headers=head, tablefmt="github", disable_numparse=True)
 
 
 def main(argv=None):

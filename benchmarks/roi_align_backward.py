@@ -1,7 +1,7 @@
 """RoIAlign's backward on CPU: torchvision's kernel against seesaw_ecm/roi_align.py's, timed
 alternately in one process on the demo's pooler shapes, with the largest difference.
 
-    python benchmarks/roi_align_backward.py [--rounds 20] [--threads 1]
+    python -m benchmarks.roi_align_backward [--rounds 20] [--threads 1]
 
 Cases (batch 4, 64 channels, 96 px images; RoIs of 4-60 px, random): the box pooler (7 x 7,
 128 RoIs) and the mask pooler (14 x 14, 32 RoIs) on the stride-4 map (24 x 24), and the box
@@ -10,16 +10,14 @@ the median ms of each and the ratio (vectorized / torchvision); asserts nothing
 (docs/BENCHMARKS.md "RoIAlign's CPU backward" records the output).
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from tabulate import tabulate
 from torchvision.ops import roi_align
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from seesaw_ecm.roi_align import roi_align_backward  # noqa: E402
+from seesaw_ecm.roi_align import roi_align_backward
 
 # name, feature map side, spatial scale, RoIs, output side
 CASES = (("box pooler, stride 4", 24, 0.25, 128, 7),
@@ -35,8 +33,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"torch threads: {args.threads}; median of {args.rounds} rounds after 3 warm-up")
-    print("| case | torchvision (ms) | vectorized (ms) | ratio | largest difference / largest "
-          "gradient |\n|---|---:|---:|---:|---:|")
+    rows = []
     for name, side, scale, n, out in CASES:
         x = torch.randn(4, 64, side, side, generator=gen, requires_grad=True)
         xy = torch.rand(n, 2, generator=gen) * 80
@@ -58,8 +55,10 @@ def main(argv=None):
                 times["vectorized"].append(t2 - t1)
         tv, vec = (statistics.median(times[k]) * 1e3 for k in ("torchvision", "vectorized"))
         diff = ((mine - x.grad).abs().max() / x.grad.abs().max()).item()
-        print(f"| {name}, {n} RoIs, {out}x{out} | {tv:.2f} | {vec:.2f} | {vec / tv:.3f} | "
-              f"{diff:.1e} |")
+        rows.append([f"{name}, {n} RoIs, {out}x{out}", tv, vec, vec / tv, diff])
+    print(tabulate(rows, headers=["case", "torchvision (ms)", "vectorized (ms)", "ratio",
+                                  "largest difference / largest gradient"],
+                   tablefmt="github", floatfmt=("", ".2f", ".2f", ".3f", ".1e")))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Seconds per training iteration (forward + backward + optimizer step) of each long-tail loss
 against stock detectron2 Mask R-CNN (StandardROIHeads + FastRCNNOutputLayers, softmax CE),
 measured in one process, plus the peak memory of each.
@@ -23,7 +22,7 @@ on the CPU the peak resident set size (VmHWM) of a fresh subprocess per model ov
 iterations, reset after the model is built (it includes the ~0.8 GiB of Python, torch,
 detectron2, the model and the data), and that peak minus the RSS before training.
 
-    python benchmarks/train_speed.py [--device cuda] [--archs mask_rcnn cascade] \\
+    python -m benchmarks.train_speed [--device cuda] [--archs mask_rcnn cascade] \\
         [--losses ce seesaw ecm] [--repeats 20] [--gradient-balance] [--memory]
 """
 import argparse
@@ -36,21 +35,21 @@ import time
 
 import numpy as np
 import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.data.datasets import register_lvis_format
+from seesaw_ecm.data.synthetic_lt import ensure_generated
+from seesaw_ecm.engine import Trainer
+from seesaw_ecm.gradient_balance import GradientBalance, attach, box_predictors
 
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
+from benchmarks.harness import CASCADE_OPTS, LOSSES
 
-from seesaw_ecm import add_seesaw_ecm_config  # noqa: E402
-from seesaw_ecm.benchmark import CASCADE_OPTS, LOSSES  # noqa: E402
-from seesaw_ecm.data.datasets import register_lvis_format  # noqa: E402
-from seesaw_ecm.data.synthetic_lt import ensure_generated  # noqa: E402
-from seesaw_ecm.engine import Trainer  # noqa: E402
-from seesaw_ecm.gradient_balance import GradientBalance, attach, box_predictors  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOCK = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
 # Losses that need ROI heads of their own: LOCE's replay memory (Mask R-CNN only; it has no
 # cascade heads, so case_specs leaves out its cascade row).
@@ -211,9 +210,9 @@ def time_cases(cases, warmup, repeats, stock_of, deadline=None):
 def peak_memory(spec, args):
     """(peak RSS, peak RSS - RSS before training) in MiB of one case over 3 iterations, in a
     subprocess (see the module docstring)."""
-    cmd = [sys.executable, __file__, "--memory-of", json.dumps(spec), "--data-dir", args.data_dir,
-           "--num-classes", str(args.num_classes)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "benchmarks.train_speed", "--memory-of", json.dumps(spec),
+           "--data-dir", os.path.abspath(args.data_dir), "--num-classes", str(args.num_classes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     before, peak = map(float, proc.stdout.strip().splitlines()[-1].split())
     return peak, peak - before
 
@@ -281,16 +280,14 @@ def main():
           f"{cfg0.INPUT.MIN_SIZE_TRAIN[0]} px, {args.num_classes} classes, "
           f"{cfg0.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE} RoIs/image; median of {args.repeats} "
           f"rounds after {args.warmup} warm-up")
-    mem_head = (" | peak GPU MiB" if args.device == "cuda"
-                else " | peak RSS MiB | of which training MiB")
-    print(f"| model | s/iter | x stock{mem_head if memory else ''} |")
-    print("|---|---|---|" + ("---|" * (1 if args.device == "cuda" else 2) if memory else ""))
-    for name, (sec, ratio) in result.items():
-        mem = ""
-        if memory:
-            peak, delta = memory[name]
-            mem = f" | {peak:.0f}" + (f" | {delta:.0f}" if delta is not None else "")
-        print(f"| {name} | {sec:.4f} | {ratio:.3f}{mem} |")
+    head = ["model", "s/iter", "x stock"]
+    if memory:
+        cuda = args.device == "cuda"
+        head += ["peak GPU MiB"] if cuda else ["peak RSS MiB", "of which training MiB"]
+    rows = [[name, sec, ratio, *memory.get(name, ())][:len(head)]
+            for name, (sec, ratio) in result.items()]
+    print(tabulate(rows, headers=head, tablefmt="github",
+                   floatfmt=("", ".4f", ".3f", ".0f", ".0f")))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """tools/gpu_check: the GPU check's CPU rehearsal end to end (so that it cannot rot between GPU
 draws), its section guard, its comparisons and synthetic LVIS-scale batch, and the lock filter
 that the wheelhouse shares with install.sh."""
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,12 @@ import time
 import pytest
 import torch
 
+from benchmarks.harness import LOSSES
+from tools.gpu_check import correctness, throughput
+from tools.gpu_check import run as gpu_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_CHECK = os.path.join(ROOT, "tools", "gpu_check")
 LOCK = os.path.join(ROOT, "tools", "install", "requirements.lock")
-sys.path.insert(0, GPU_CHECK)
-
-import correctness  # noqa: E402
-import throughput  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("gpu_check_run", os.path.join(GPU_CHECK, "run.py"))
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
 
 
 def filter_lock(*args):
@@ -109,9 +103,9 @@ def test_lvis_scale_batch_has_lvis_like_instance_counts():
 @pytest.mark.slow
 def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "tools/gpu_check/run.py", "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu_check.run", "--tiny", "--out",
+                           str(out), "--work", str(tmp_path / "work")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1500)
     doc = json.loads((out / "gpu_check.json").read_text())
     sections = doc["sections"]
     assert proc.returncode == 0, json.dumps(sections, indent=1)[-6000:]
@@ -135,7 +129,7 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     rows = {r["name"]: r for r in sections["throughput"]["rows"]}
     # every loss on both archs, but LOCE (its heads are Mask R-CNN's only)
     assert set(rows) == {f"{arch} {loss}" for arch in ("mask_rcnn", "cascade")
-                         for loss in ("stock",) + throughput.train_speed().LOSSES
+                         for loss in ("stock",) + LOSSES
                          if (arch, loss) != ("cascade", "loce")}
     assert rows["cascade stock"]["x_stock"] == 1.0
     assert all(r["s_per_iter"] > 0 and r["x_stock"] > 0 for r in rows.values())

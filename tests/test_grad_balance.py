@@ -25,10 +25,12 @@ from seesaw_ecm.engine import Trainer
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.gradient_balance import (
     GradientBalance, GradientBalanceHook, attach, box_predictors, detach, frequency_groups,
-    load_run, plot_ratios, summary_scalars,
+    summary_scalars,
 )
 from seesaw_ecm.losses import CrossEntropyLoss, SeesawLoss
 from seesaw_ecm.modeling import LongTailOutputLayers
+
+from tools.plot_gradient_balance import load_run, plot_ratios
 
 C = 3
 LABELS = [0, 0, 1, 3, 3, 2, 3]  # C = 3 is background
@@ -299,11 +301,11 @@ def test_plot_tool_from_saved_runs(tmp_path):
         tmp_path / "cascade.pth")
     out = tmp_path / "plot.png"
     proc = subprocess.run(
-        [sys.executable, "tools/plot_gradient_balance.py", str(run_dir),
+        [sys.executable, "-m", "tools.plot_gradient_balance", str(run_dir),
          str(tmp_path / "cascade.pth"), "--labels", "json", "ckpt", "--output", str(out)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert_png(out)
-    bad = subprocess.run([sys.executable, "tools/plot_gradient_balance.py", str(tmp_path / "no")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "tools.plot_gradient_balance",
+                          str(tmp_path / "no")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no such file" in bad.stderr

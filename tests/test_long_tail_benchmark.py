@@ -13,8 +13,10 @@ import yaml
 from detectron2.config import get_cfg
 from pycocotools import mask as mask_utils
 
-from seesaw_ecm import add_seesaw_ecm_config, benchmark
+from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
+
+from benchmarks import harness
 
 
 def load(path, opts=()):
@@ -25,36 +27,47 @@ def load(path, opts=()):
     return cfg
 
 
+def cells(line):
+    """The cells of a Markdown table row, stripped."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_row(text, loss):
+    """The cells of the first table row of `loss` (its second column) in `text`."""
+    return next(cells(line) for line in text.splitlines()
+                if line.startswith("|") and cells(line)[1:2] == [loss])
+
+
 def test_config_mapping_reproduces_the_shipped_cascades():
-    assert benchmark.config_for("ce", "mask_rcnn") == (
+    assert harness.config_for("ce", "mask_rcnn") == (
         "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml", [])
-    assert benchmark.config_for("seesaw", "cascade") == (
+    assert harness.config_for("seesaw", "cascade") == (
         "configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", [])
-    path, opts = benchmark.config_for("federated", "cascade")
+    path, opts = harness.config_for("federated", "cascade")
     cfg = load(path, opts)
     assert cfg.MODEL.ROI_HEADS.NAME == "LongTailCascadeROIHeads"
     assert cfg.MODEL.LONG_TAIL.LOSS == "federated" and not cfg.MODEL.LONG_TAIL.OBJECTNESS
     # the rule "Mask R-CNN config + CASCADE_OPTS" gives exactly the shipped cascade configs
     for loss in ("seesaw", "ecm"):
-        derived = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml", benchmark.CASCADE_OPTS)
+        derived = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml", harness.CASCADE_OPTS)
         shipped = load(f"configs/Synthetic/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
         assert derived.dump() == shipped.dump()
     # and "cascade + HTC_LITE_OPTS" the shipped HTC-Lite config
-    assert benchmark.config_for("seesaw", "htc_lite") == (
+    assert harness.config_for("seesaw", "htc_lite") == (
         "configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml", [])
     derived = load("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml",
-                   benchmark.HTC_LITE_OPTS)
+                   harness.HTC_LITE_OPTS)
     shipped = load("configs/Synthetic/htc_lite_R18_FPN_seesaw.yaml")
     derived.OUTPUT_DIR = shipped.OUTPUT_DIR
     assert derived.dump() == shipped.dump()
-    path, opts = benchmark.config_for("ecm", "htc_lite")
+    path, opts = harness.config_for("ecm", "htc_lite")
     cfg = load(path, opts)
     assert cfg.MODEL.ROI_HEADS.NAME == "HTCLiteROIHeads" and cfg.MODEL.LONG_TAIL.LOSS == "ecm"
     with pytest.raises(SeesawEcmError):
-        benchmark.config_for("focal", "mask_rcnn")
-    cmd = benchmark.train_command("ecm", "mask_rcnn", 3, "out/x", datasets=["a=j:r"],
-                                  train=["a"], test=["b"], opts=["SOLVER.MAX_ITER", "6"])
+        harness.config_for("focal", "mask_rcnn")
+    cmd = harness.train_command("ecm", "mask_rcnn", 3, "out/x", datasets=["a=j:r"],
+                                train=["a"], test=["b"], opts=["SOLVER.MAX_ITER", "6"])
     assert cmd[-10:] == ["DATASETS.TRAIN", "('a',)", "DATASETS.TEST", "('b',)",
                          "SOLVER.MAX_ITER", "6", "SEED", "3", "OUTPUT_DIR", "out/x"]
     assert cmd[cmd.index("--dataset") + 1] == "a=j:r"
@@ -116,7 +129,7 @@ def fake_run(tiny, folder, loss, seed, bbox_ap, times, heads="LongTailROIHeads",
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     rows = [{"iteration": 19 + 20 * i, "time": t, "total_loss": 1.0} for i, t in enumerate(times)]
     metrics = {f"{t}/{m}": bbox_ap + (1 if t == "segm" else 0) + j
-               for t in ("bbox", "segm") for j, m in enumerate(benchmark.METRICS)}
+               for t in ("bbox", "segm") for j, m in enumerate(harness.METRICS)}
     metrics["bbox/APr"] = -100.0  # LVISEval's "no category in this group"
     with open(folder / "metrics.json", "w") as f:
         for row in rows + [dict(metrics, iteration=20 * len(times))]:
@@ -137,7 +150,7 @@ def test_read_run_metrics_time_and_per_class_ap(tiny_lvis, tmp_path):
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         f.write(json.dumps({"iteration": 19, "time": 100.0}) + "\n"
                 + json.dumps({"iteration": 39, "time": 100.0}) + "\n" + lines)
-    run = benchmark.read_run(folder)
+    run = harness.read_run(folder)
     assert (run["loss"], run["arch"], run["seed"]) == ("seesaw", "mask_rcnn", 1)
     assert run["sec_per_iter"] == 2.5  # median of 9, 1, 2, 3 (the aborted run's rows skipped)
     assert run["metrics"]["bbox/AP"] == 10.0 and run["metrics"]["segm/APf"] == 15.0
@@ -149,14 +162,14 @@ def test_read_run_metrics_time_and_per_class_ap(tiny_lvis, tmp_path):
         assert run["ap_check"][task] == pytest.approx(50)  # the evaluator's own overall AP
     assert run["train_counts"] == {"1": 10, "2": 5, "3": 2, "4": 1}  # counted in train.json
     stats = fake_run(tiny_lvis, tmp_path / "b", "ecm", 1, 10.0, [1.0], stats=[7, 6, 5, 4])
-    assert benchmark.read_run(stats)["train_counts"] == {"1": 7, "2": 6, "3": 5, "4": 4}
+    assert harness.read_run(stats)["train_counts"] == {"1": 7, "2": 6, "3": 5, "4": 4}
     cascade = fake_run(tiny_lvis, tmp_path / "c", "ecm", 1, 1.0, [1.0],
                        heads="LongTailCascadeROIHeads")
     stock = fake_run(tiny_lvis, tmp_path / "d", "seesaw", 1, 1.0, [1.0], heads="StandardROIHeads")
-    assert benchmark.read_run(cascade, per_class=False)["arch"] == "cascade"
-    assert benchmark.read_run(stock, per_class=False)["loss"] == "ce"
+    assert harness.read_run(cascade, per_class=False)["arch"] == "cascade"
+    assert harness.read_run(stock, per_class=False)["loss"] == "ce"
     loce = fake_run(tiny_lvis, tmp_path / "e", "loce", 1, 1.0, [1.0], heads="LOCEROIHeads")
-    assert benchmark.read_run(loce, per_class=False)["loss"] == "loce"  # not taken for stock CE
+    assert harness.read_run(loce, per_class=False)["loss"] == "loce"  # not taken for stock CE
 
 
 def test_collect_aggregates_mean_and_std_over_seeds(tiny_lvis, tmp_path):
@@ -166,12 +179,10 @@ def test_collect_aggregates_mean_and_std_over_seeds(tiny_lvis, tmp_path):
         fake_run(tiny_lvis, tmp_path / "ce", "ce", 1, 8.0, [0.5], heads="StandardROIHeads"),
     ]
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--collect", *folders,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.long_tail", "--collect", *folders,
                            "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    ce = next(line for line in lines if "| ce |" in line).split(" | ")
-    seesaw = next(line for line in lines if "| seesaw |" in line).split(" | ")
+    ce, seesaw = table_row(proc.stdout, "ce"), table_row(proc.stdout, "seesaw")
     assert ce[1:5] == ["ce", "1", "8.00", "9.00"] and ce[5] == "n/a"
     # bbox/AP 10 and 14: mean 12, sample std sqrt(8) = 2.83; s/iter 1 and 2: 1.5 +- 0.707
     assert seesaw[3] == "12.00 ± 2.83" and seesaw[-1].startswith("1.500 ± 0.707")
@@ -186,23 +197,23 @@ def test_collect_aggregates_mean_and_std_over_seeds(tiny_lvis, tmp_path):
 
     dup = fake_run(tiny_lvis, tmp_path / "s1b", "seesaw", 1, 10.0, [1.0])
     with pytest.raises(SeesawEcmError, match="same seed"):
-        benchmark.aggregate([benchmark.read_run(f, per_class=False) for f in (folders[0], dup)])
+        harness.aggregate([harness.read_run(f, per_class=False) for f in (folders[0], dup)])
 
 
 def test_is_finished_checks_evaluation_and_command(tiny_lvis, tmp_path):
     folder = fake_run(tiny_lvis, tmp_path / "r", "ecm", 1, 1.0, [1.0])
-    assert benchmark.is_finished(folder)
-    assert not benchmark.is_finished(folder, ["python", "train_net.py", "X"])
+    assert harness.is_finished(folder)
+    assert not harness.is_finished(folder, ["python", "train_net.py", "X"])
     (tmp_path / "r" / "harness_command.json").write_text(json.dumps(["train_net.py", "X"]))
-    assert benchmark.is_finished(folder, ["python", "train_net.py", "X"])
-    assert not benchmark.is_finished(str(tmp_path / "none"))
+    assert harness.is_finished(folder, ["python", "train_net.py", "X"])
+    assert not harness.is_finished(str(tmp_path / "none"))
 
 
 @pytest.mark.slow
 def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_path):
     data = small_synthetic
     cmd = [
-        sys.executable, "benchmarks/long_tail.py", "--losses", "ce", "seesaw", "--seeds", "1",
+        sys.executable, "-m", "benchmarks.long_tail", "--losses", "ce", "seesaw", "--seeds", "1",
         "--dataset", f"hs_train={data['train_json']}:{data['image_root']}",
         "--dataset", f"hs_val={data['val_json']}:{data['image_root']}",
         "--train", "hs_train", "--test", "hs_val", "--output-dir", str(tmp_path),
@@ -212,7 +223,8 @@ def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("[train]") == 2 and "| mask_rcnn | seesaw | 1 |" in proc.stdout
+    assert proc.stdout.count("[train]") == 2 and table_row(proc.stdout, "seesaw")[:3] == [
+        "mask_rcnn", "seesaw", "1"]
     report = json.loads((tmp_path / "long_tail_benchmark.json").read_text())
     assert [g["loss"] for g in report["groups"]] == ["ce", "seesaw"]
     run = report["runs"][1]
@@ -224,13 +236,13 @@ def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_
 
 def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
     out = os.path.join("bench", "mask_rcnn_bags", "seed2")
-    cmd = benchmark.train_command("bags", "mask_rcnn", 2, out)
+    cmd = harness.train_command("bags", "mask_rcnn", 2, out)
     assert cmd[cmd.index("MODEL.WEIGHTS") + 1] == os.path.join(
         "bench", "mask_rcnn_ce", "seed2", "model_final.pth")
     assert load(cmd[cmd.index("--config-file") + 1]).MODEL.LONG_TAIL.TRAINABLE
     # refused before any training when its base run is neither listed first nor finished
     with pytest.raises(SeesawEcmError, match="list 'ce' before it"):
-        benchmark.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))
+        harness.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))
 
 
 def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
@@ -241,50 +253,49 @@ def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
                 for s, ap in zip((1, 2, 3), seesaw_ap)]
     # an unpaired seed (no CE run with seed 4) is left out of the paired changes
     folders.append(fake_run(tiny_lvis, tmp_path / "ss4", "seesaw", 4, 40.0, [1.0]))
-    runs = [benchmark.read_run(f, per_class=False) for f in folders]
-    (row,) = benchmark.gaps(runs, "ce")
+    runs = [harness.read_run(f, per_class=False) for f in folders]
+    (row,) = harness.gaps(runs, "ce")
     diffs = np.subtract(seesaw_ap, ce_ap)  # fake_run: every metric = bbox_ap + offset
     assert row["loss"] == "seesaw" and row["seeds"] == [1, 2, 3]
     assert row["mean"]["segm/APr"] == pytest.approx(diffs.mean())
     assert row["std"]["segm/APr"] == pytest.approx(np.std(diffs, ddof=1))
     assert row["sigmas"]["segm/APr"] == pytest.approx(diffs.mean() / np.std(diffs, ddof=1))
     assert row["mean"]["bbox/APr"] is None  # -100 ("no rare category") in both runs
-    gap_line = benchmark.format_gap_table([row]).splitlines()[2].split(" | ")
+    gap_line = cells(harness.format_gap_table([row]).splitlines()[2])
     assert gap_line[1:4] == ["seesaw", "ce", "3"]
-    assert gap_line[-1].rstrip(" |") == "2.8"  # 4.33 / 1.53
-    table = benchmark.format_table(benchmark.aggregate(runs), baseline="ce")
-    seesaw_line = next(line for line in table.splitlines() if "| seesaw |" in line)
+    assert gap_line[-1] == "2.8"  # 4.33 / 1.53
+    table = harness.format_table(harness.aggregate(runs), baseline="ce")
     # box AP over the four seesaw seeds: mean 19.25 against CE's 8.0
-    assert f"({np.mean(seesaw_ap + [40.0]) - np.mean(ce_ap):+.2f})" in seesaw_line.split(" | ")[3]
-    assert "(" not in next(line for line in table.splitlines() if "| ce |" in line)
+    assert f"({np.mean(seesaw_ap + [40.0]) - np.mean(ce_ap):+.2f})" in table_row(table, "seesaw")[3]
+    assert "(" not in "".join(table_row(table, "ce"))
 
 
 def test_bootstrap_eval_noise_of_the_changes(tiny_lvis, tmp_path):
     folders = [fake_run(tiny_lvis, tmp_path / f"{loss}{s}", loss, s, 10.0 + s, [1.0])
                for loss in ("ce", "seesaw") for s in (1, 2)]
-    runs = [benchmark.read_run(f, bootstrap=4) for f in folders]
+    runs = [harness.read_run(f, bootstrap=4) for f in folders]
     # one test image: every draw is the whole set (AP 50; APr 0: the rare category 3 is missed)
     assert runs[0]["bootstrap"]["bbox/AP"] == pytest.approx([50.0] * 4)
     assert runs[0]["bootstrap"]["segm/APr"] == [0.0] * 4 and "bootstrap" not in (
-        benchmark.read_run(folders[0]))
+        harness.read_run(folders[0]))
     # the change's eval std: root mean square over seeds of its std over the paired draws
     rng = np.random.default_rng(0)
     for run in runs:
         run["bootstrap"]["segm/APr"] = rng.normal(size=6).tolist()
     runs[0]["bootstrap"]["segm/APr"][2] = None  # undefined in one draw: left out of that pair
-    (row,) = benchmark.gaps(runs, "ce")
+    (row,) = harness.gaps(runs, "ce")
     ce, ss = ([np.array(r["bootstrap"]["segm/APr"], float) for r in runs if r["loss"] == loss]
               for loss in ("ce", "seesaw"))
     stds = [np.std(np.delete(ss[0] - ce[0], 2), ddof=1), np.std(ss[1] - ce[1], ddof=1)]
     assert row["eval_std"]["segm/APr"] == pytest.approx(np.sqrt(np.mean(np.square(stds))))
     assert row["eval_std"]["bbox/AP"] == 0  # the same single image in every draw
-    head, _, line = benchmark.format_gap_table([row]).splitlines()
-    assert head.endswith("box APr Δ eval std | mask APr Δ eval std |")
-    assert line.split(" | ")[-1].rstrip(" |") == f"{row['eval_std']['segm/APr']:.2f}"
+    head, _, line = harness.format_gap_table([row]).splitlines()
+    assert cells(head)[-2:] == ["box APr Δ eval std", "mask APr Δ eval std"]
+    assert cells(line)[-1] == f"{row['eval_std']['segm/APr']:.2f}"
     runs[0]["bootstrap"]["segm/APr"] = [0.0] * 3
     with pytest.raises(SeesawEcmError, match="same --bootstrap"):
-        benchmark.gaps(runs, "ce")
-    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--collect", *folders,
+        harness.gaps(runs, "ce")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.long_tail", "--collect", *folders,
                            "--bootstrap", "3", "--no-per-class"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--bootstrap needs the per-class" in proc.stderr
@@ -299,13 +310,13 @@ def test_pool_counts_each_reports_seeds_as_seeds_of_their_own(tiny_lvis, tmp_pat
                             heads="StandardROIHeads") for s, ap in zip((1, 2), ce_ap)]
         folders += [fake_run(tiny_lvis, tmp_path / vm / f"ss{s}", "seesaw", s, ap, [1.0])
                     for s, ap in zip((1, 2), ss_ap)]
-        benchmark.write_report([benchmark.read_run(f, per_class=False) for f in folders],
-                               str(tmp_path / vm / "report"))
+        harness.write_report([harness.read_run(f, per_class=False) for f in folders],
+                             str(tmp_path / vm / "report"))
         reports.append(str(tmp_path / vm / "report" / "long_tail_benchmark.json"))
     with pytest.raises(SeesawEcmError, match="same seed"):  # without pooling they collide
-        benchmark.aggregate([r for p in reports for r in json.load(open(p))["runs"]])
+        harness.aggregate([r for p in reports for r in json.load(open(p))["runs"]])
     out = tmp_path / "pooled"
-    proc = subprocess.run([sys.executable, "benchmarks/long_tail.py", "--pool", *reports,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.long_tail", "--pool", *reports,
                            "--baseline", "ce", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,7 +329,7 @@ def test_pool_counts_each_reports_seeds_as_seeds_of_their_own(tiny_lvis, tmp_pat
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(SeesawEcmError, match="not a long_tail_benchmark.json"):
-        benchmark.pool_reports([str(bad)])
+        harness.pool_reports([str(bad)])
 
 
 def test_parallel_jobs_run_side_by_side_with_a_thread_share(tmp_path, monkeypatch):
@@ -336,10 +347,10 @@ def test_parallel_jobs_run_side_by_side_with_a_thread_share(tmp_path, monkeypatc
         "open(os.path.join(out, 'metrics.json'), 'w').write(json.dumps(row))\n"
     )
     other = {"ce": "mask_rcnn_seesaw", "seesaw": "mask_rcnn_ce"}
-    monkeypatch.setattr(benchmark, "train_command", lambda loss, arch, seed, out, **kw: [
+    monkeypatch.setattr(harness, "train_command", lambda loss, arch, seed, out, **kw: [
         sys.executable, "-c", script, out, other[loss]])
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    folders = benchmark.train_all(["ce", "seesaw"], ["mask_rcnn"], [1], str(tmp_path), jobs=2)
+    folders = harness.train_all(["ce", "seesaw"], ["mask_rcnn"], [1], str(tmp_path), jobs=2)
     for folder in folders:
         row = json.loads(open(os.path.join(folder, "metrics.json")).read())
         assert row["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
@@ -349,7 +360,7 @@ def test_parallel_jobs_run_side_by_side_with_a_thread_share(tmp_path, monkeypatc
 def test_demo_configs_differ_from_each_other_only_in_the_loss():
     """The main job's three runs share data, model, schedule and seed; CE is stock detectron2;
     each long-tail config equals its configs/Synthetic counterpart's loss keys."""
-    cfgs = {loss: load(benchmark.config_for(loss, "mask_rcnn", "configs/Demo")[0])
+    cfgs = {loss: load(harness.config_for(loss, "mask_rcnn", "configs/Demo")[0])
             for loss in ("ce", "seesaw", "ecm")}
     assert cfgs["ce"].MODEL.ROI_HEADS.NAME == "StandardROIHeads"
     assert cfgs["ce"].DATASETS.TRAIN == ("synthetic_lt_demo_train",)
@@ -374,7 +385,7 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
     # the main job's cascades are these configs plus exactly the harness's cascade keys; ECM's
     # also takes CE's warm-up and a clip of 35 (configs/Demo/cascade_mask_rcnn_R18_FPN_ecm.yaml)
     for loss, cfg in cfgs.items():
-        derived = load(f"configs/Demo/mask_rcnn_R18_FPN_{loss}.yaml", benchmark.CASCADE_OPTS)
+        derived = load(f"configs/Demo/mask_rcnn_R18_FPN_{loss}.yaml", harness.CASCADE_OPTS)
         shipped = load(f"configs/Demo/cascade_mask_rcnn_R18_FPN_{loss}.yaml")
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
         if loss == "ecm":
@@ -390,8 +401,8 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
     their image count on the 800-image demo set (2,000 synthetic images), and LOCE's schedule,
     a quarter of the demo's as of the synthetic's."""
     base = load("configs/Demo/Base-Demo.yaml")
-    for loss in benchmark.LOSSES:
-        demo = load(*benchmark.config_for(loss, "cascade", "configs/Demo"))
+    for loss in harness.LOSSES:
+        demo = load(*harness.config_for(loss, "cascade", "configs/Demo"))
         synthetic = load(f"configs/Synthetic/mask_rcnn_R18_FPN_{loss}.yaml")
         assert demo.DATASETS.TRAIN == ("synthetic_lt_demo_train",), loss
         assert demo.MODEL.LONG_TAIL.LOSS == synthetic.MODEL.LONG_TAIL.LOSS, loss
@@ -410,6 +421,6 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
                 "configs/Synthetic/Base-Synthetic-R18-FPN.yaml").SOLVER.MAX_ITER
         else:
             assert demo.SOLVER.MAX_ITER == base.SOLVER.MAX_ITER, loss
-    bags = load(*benchmark.config_for("bags", "cascade", "configs/Demo"))
+    bags = load(*harness.config_for("bags", "cascade", "configs/Demo"))
     assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.2.cls_score.weight")
     assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.cls_score.weight")

@@ -11,7 +11,8 @@ import torch
 from lvis_problems import official_lvis, random_problem, results_for
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.evaluation import lvis_fast
-from seesaw_ecm.evaluation import lvis_scale_synthetic as synthetic
+
+from benchmarks import lvis_scale_synthetic as synthetic
 
 TOL = 1e-6
 METRIC_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",

@@ -21,7 +21,7 @@ from seesaw_ecm.evaluation.openimages_fast import (OpenImagesEvalResult, OpenIma
                                                    OpenImagesMatcher, OpenImagesRecords,
                                                    evaluate)
 
-from openimages_reference import official_expansion, reference_ap
+from benchmarks.openimages_reference import official_expansion, reference_ap
 
 # ---------------------------------------------------------------- random problems
 

@@ -1,7 +1,6 @@
-"""benchmarks/train_speed.py: the models it compares do the same work, and it runs end to end.
+"""benchmarks.train_speed: the models it compares do the same work, and it runs end to end.
 
 No timing is asserted (timings are the script's output, not a test's)."""
-import importlib.util
 import os
 
 import pytest
@@ -12,11 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def train_speed():
-    spec = importlib.util.spec_from_file_location(
-        "train_speed", os.path.join(ROOT, "benchmarks", "train_speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import train_speed
+
+    return train_speed
 
 
 @pytest.mark.slow

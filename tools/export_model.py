@@ -1,13 +1,12 @@
-#!/usr/bin/env python
 """Export a trained model into a model-zoo folder: weights alone (.pth + .safetensors, named
 with their sha256), the resolved config, a metrics JSON and a row of docs/MODEL_ZOO.md;
 optionally TorchScript. The export checks itself (predictions equal the training checkpoint's)
 and changes nothing when a check fails; re-running it gives the same files and table row.
 
-    python tools/export_model.py --name seesaw_R18_synthetic \\
+    python -m tools.export_model --name seesaw_R18_synthetic \\
         --output-dir output/synthetic/mask_rcnn_R18_FPN_seesaw
-    python tools/export_model.py --name NAME --config-file cfg.yaml --weights model.pth --evaluate
-    python tools/export_model.py --name NAME --output-dir ... --torchscript --zoo-dir /shared/zoo \\
+    python -m tools.export_model --name NAME --config-file cfg.yaml --weights model.pth --evaluate
+    python -m tools.export_model --name NAME --output-dir ... --torchscript --zoo-dir /shared/zoo \\
         --table /shared/zoo/MODEL_ZOO.md [KEY VALUE ...config overrides]
 
 See seesaw_ecm/model_zoo.py for the files and the loading API, seesaw_ecm/export.py for the export.

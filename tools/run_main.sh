@@ -16,7 +16,7 @@ cd "$ROOT"
 bash tools/install/install.sh
 PY="${SEESAW_ECM_VENV:-$ROOT/.venv}/bin/python"
 if [ $# -eq 0 ]; then
-  exec "$PY" benchmarks/long_tail.py --config-dir configs/Demo --archs cascade \
+  exec "$PY" -m benchmarks.long_tail --config-dir configs/Demo --archs cascade \
     --losses ce seesaw ecm --seeds 1 --jobs 3 --baseline ce --output-dir output/demo
 fi
 CONFIG="configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Print the epoch schedule of a training json: images per epoch, MAX_ITER and STEPS.
 
-    python tools/schedule.py --json datasets/lvis/lvis_v1_train.json --batch 16 --epochs 24 \\
+    python -m tools.schedule --json datasets/lvis/lvis_v1_train.json --batch 16 --epochs 24 \\
         --steps 16 22 --sampler none stochastic ceil --threshold 1e-3 [--draw-epochs 5]
 
 The same derivation as the trainer with SOLVER.EPOCHS (seesaw_ecm/epochs.py): images without
@@ -16,6 +15,7 @@ import logging
 import torch
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.data.samplers import RepeatFactorTrainingSampler
+from tabulate import tabulate
 
 from seesaw_ecm.data.datasets import load_lvis_format_json
 from seesaw_ecm.epochs import SAMPLINGS, derive_schedule
@@ -55,14 +55,16 @@ def main(argv=None):
     print(f"{args.json}: {len(records):,} images, {len(dicts):,} with annotations; "
           f"threshold {args.threshold:g}, batch {args.batch}, {args.epochs} epochs, "
           f"steps at epochs {tuple(args.steps)}")
-    print(f"{'sampler':<11}{'images/epoch':>14}{'iters/epoch':>13}{'MAX_ITER':>11}"
-          f"{'images seen':>13}  STEPS")
+    rows = []
     for sampling in args.sampler:
         s = derive_schedule(dicts, sampling=sampling, threshold=args.threshold,
                             ims_per_batch=args.batch, epochs=args.epochs,
                             epoch_steps=args.steps)
-        print(f"{sampling:<11}{s.images:>14,.1f}{s.iters_per_epoch:>13,}{s.max_iter:>11,}"
-              f"{s.max_iter * args.batch:>13,}  {s.steps}")
+        rows.append([sampling, f"{s.images:,.1f}", f"{s.iters_per_epoch:,}", f"{s.max_iter:,}",
+                     f"{s.max_iter * args.batch:,}", str(s.steps)])
+    print(tabulate(rows, headers=["sampler", "images/epoch", "iters/epoch", "MAX_ITER",
+                                  "images seen", "STEPS"], disable_numparse=True,
+                   colalign=("left", "right", "right", "right", "right", "left")))
     if args.draw_epochs:
         sizes = stochastic_epoch_sizes(dicts, args.threshold, args.draw_epochs)
         print(f"stochastic epochs drawn (seed 0): {', '.join(f'{n:,}' for n in sizes)}")

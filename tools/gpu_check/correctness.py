@@ -26,12 +26,13 @@ from torch import multiprocessing as mp
 from torch.nn import functional as F
 
 from seesaw_ecm import add_seesaw_ecm_config
-from seesaw_ecm.benchmark import LOSSES
 from seesaw_ecm.modeling.mask_head import NormedMaskRCNNConvUpsampleHead
 from seesaw_ecm.modeling import cls_loss
 from seesaw_ecm.modeling.cls_loss import build_cls_loss
 from seesaw_ecm.modeling.predictor import LongTailOutputLayers
-from seesaw_rank import labels_for, rank_labels, run_rank
+
+from benchmarks.harness import LOSSES
+from tools.gpu_check.seesaw_rank import labels_for, rank_labels, run_rank
 
 # Largest allowed |device - CPU float32| / max |CPU float32|. float32 with TF32 off: the device
 # sums in another order (measured ~1e-6). float16 / bfloat16 (10 / 7 mantissa bits) round every

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The GPU check: one command that, on a GPU machine without registry access, installs the stack
 from a wheelhouse (tools/gpu_check/build_wheelhouse.sh) next to the machine's own torch, then
 measures within 8 minutes and writes OUT/gpu_check.json and
@@ -20,10 +19,12 @@ is recorded with its error and the next one runs. The JSON is rewritten after ev
 Without CUDA (or with --tiny) everything runs on the CPU with tiny sizes: the rehearsal that
 tests/test_gpu_check.py runs. Exit status: 0 when every section passed, 1 otherwise.
 
-    python tools/gpu_check/run.py --wheelhouse .wheelhouse --out "$OUT"     # GPU machine
-    python tools/gpu_check/run.py --tiny --out output/gpu_check              # rehearsal
+    python -m tools.gpu_check.run --wheelhouse .wheelhouse --out "$OUT"     # GPU machine
+    python -m tools.gpu_check.run --tiny --out output/gpu_check              # rehearsal
 
-Only the standard library is imported before the install step.
+Run from the checkout's root. Only the standard library is imported before the install step.
+The command starts itself again with the checkout and the install folder first in PYTHONPATH,
+so that it and its subprocesses import this checkout's packages and the installed wheels.
 """
 import argparse
 import datetime
@@ -41,8 +42,7 @@ import tempfile
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STACK = ("detectron2", "fvcore", "iopath", "yacs", "omegaconf", "hydra", "pycocotools.mask",
          "lvis", "termcolor", "portalocker")
 # seconds per section (GPU, tiny). On the GPU they sum to 8 minutes, install included; the
@@ -154,6 +154,7 @@ def install(wheelhouse, target, deadline):
     probe = stack_imports()
     if probe.returncode != 0:
         raise RuntimeError(f"installed, but the stack does not import:\n{probe.stderr[-3000:]}")
+    importlib.invalidate_caches()  # `target` was listed (empty) by the imports before
     return {"installed": True, "target": target, "wheels": [os.path.basename(w) for w in wheels]}
 
 
@@ -180,7 +181,19 @@ def environment(device, deadline):
 
 
 def run_module(name, *args):
-    return importlib.import_module(name).run(*args)
+    return importlib.import_module(f"tools.gpu_check.{name}").run(*args)
+
+
+def restart_with_path(target, argv):
+    """Replace this process by the same command (`argv`, its paths absolute), run from the
+    checkout with the checkout and `target` (the install folder) first in PYTHONPATH, which
+    Python reads at start, for this process and its subprocesses alike. The checkout comes
+    first: detectron2's wheel installs a top-level `tools` package too."""
+    os.makedirs(target, exist_ok=True)
+    path = [ROOT, target] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    os.chdir(ROOT)
+    os.execve(sys.executable, [sys.executable, "-m", "tools.gpu_check.run", *argv], env)
 
 
 def summary(doc):
@@ -191,13 +204,12 @@ def summary(doc):
     lines += [f"FAILED check: {c}" for c in failed]
     rows = sections.get("throughput", {}).get("rows", [])
     if rows:
-        lines += ["| model | s/iter | x stock | peak MiB | x stock memory |",
-                  "|---|---|---|---|---|"]
-        for r in rows:
-            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-            mem = "-" if r["x_stock_memory"] is None else f"{r['x_stock_memory']:.3f}"
-            lines.append(f"| {r['name']} | {r['s_per_iter']:.4f} | {r['x_stock']:.3f} | {peak} "
-                         f"| {mem} |")
+        from tabulate import tabulate  # after the install step
+
+        lines.append(tabulate(
+            [[r["name"], r["s_per_iter"], r["x_stock"], r["peak_mib"], r["x_stock_memory"]]
+             for r in rows], headers=["model", "s/iter", "x stock", "peak MiB", "x stock memory"],
+            tablefmt="github", floatfmt=("", ".4f", ".3f", ".0f", ".3f"), missingval="-"))
     training = sections.get("training", {})
     if "evaluation" in training:
         lines.append(f"training: {training['iterations']} iterations, {training['s_per_iter']} "
@@ -216,18 +228,21 @@ def main(argv=None):
                         help="tiny sizes (automatic without CUDA): the CPU rehearsal")
     parser.add_argument("--sections", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--commit", help="the commit checked out (default: git rev-parse HEAD)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    # the checkout and the installed wheels, for this process and its subprocesses
+    target = os.path.join(work, "site")
+    if target not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        absolute = ["--work", work, "--out", os.path.abspath(args.out)]
+        if args.wheelhouse:
+            absolute += ["--wheelhouse", os.path.abspath(args.wheelhouse)]
+        restart_with_path(target, argv + absolute)
 
     os.makedirs(args.out, exist_ok=True)
-    work = args.work or tempfile.mkdtemp(prefix="gpu_check_")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[
         logging.FileHandler(os.path.join(args.out, "gpu_check.log"), mode="w"),
         logging.StreamHandler(sys.stdout)])
-    # the checkout and the installed wheels, for this process and its subprocesses
-    target = os.path.join(work, "site")
-    sys.path[:0] = [target, ROOT, HERE]
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [target, ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     report = Report(os.path.join(args.out, "gpu_check.json"), {
         "schema": 1, "command": sys.argv, "commit": args.commit or git_commit(),
         "source_sha256": source_digest(), "host": platform.node(),

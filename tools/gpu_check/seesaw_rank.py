@@ -8,7 +8,8 @@ import sys
 import torch
 from torch import distributed as dist
 
-LOSSES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "seesaw_ecm",
+# the installed package's folder; finding it does not import (run) the package
+LOSSES_DIR = os.path.join(importlib.util.find_spec("seesaw_ecm").submodule_search_locations[0],
                           "losses")
 ROIS = 64
 

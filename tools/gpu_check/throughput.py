@@ -1,6 +1,6 @@
 """GPU check, throughput section: seconds per training iteration and peak GPU memory of Mask
 R-CNN and Cascade Mask R-CNN with each long-tail loss against stock detectron2, with and
-without mixed precision, at LVIS scale, through benchmarks/train_speed.py's machinery (same
+without mixed precision, at LVIS scale, through benchmarks.train_speed's machinery (same
 process, round-robin, ratio = median over rounds of model time / stock time in that round,
 learning rate 0 so that every model does the same work).
 
@@ -13,9 +13,7 @@ of the short side, 12-vertex polygon masks, classes drawn by a long-tailed count
 also gives ECM and Federated their statistics. --tiny runs the same code with the synthetic
 R18 config and small images. AMP rows need CUDA.
 """
-import importlib.util
 import math
-import os
 
 import numpy as np
 import torch
@@ -23,7 +21,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import train_speed as ts
+
 ARCHS = ("mask_rcnn", "cascade")
 LVIS_INSTANCES_PER_IMAGE = 12.7  # LVIS v1 train: 1,270,141 instances in 100,170 images
 DATASET = "gpu_check_lvis_scale"
@@ -35,14 +34,6 @@ SCALES = {
 }
 IMAGES_PER_GPU = 2
 TARGETS = {"time": 1.03, "memory": 1.05}  # the issue's: within 3% / 5% of stock
-
-
-def train_speed():
-    spec = importlib.util.spec_from_file_location(
-        "train_speed", os.path.join(ROOT, "benchmarks", "train_speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def class_counts(num_classes):
@@ -104,7 +95,6 @@ def synthetic_batch(n_images, num_classes, short, long, seed=0):
 def run(device, tiny, deadline):
     """The section: {"settings", "rows", "targets"}; rows: one per (arch, loss, amp). AMP rows
     only on CUDA: CPU autocast (bfloat16) ran ~8x slower than float32 here."""
-    ts = train_speed()
     scale = SCALES["tiny" if tiny else "lvis"]
     losses = list(ts.LOSSES)
     opts = ["SOLVER.IMS_PER_BATCH", str(IMAGES_PER_GPU)]

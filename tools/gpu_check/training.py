@@ -1,7 +1,7 @@
 """GPU check, training section: the whole path on the device. A small synthetic LVIS-format set
 (seesaw_ecm.data.synthetic_lt), train_net.py with the built-in Seesaw config
 (configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml: dataset registration, Trainer, checkpoints,
-evaluation with the fast LVIS evaluator), then tools/export_model.py (weights, config,
+evaluation with the fast LVIS evaluator), then tools.export_model (weights, config,
 TorchScript, each checked against the checkpoint's predictions on the device)."""
 import json
 import os
@@ -61,9 +61,10 @@ def run(device, tiny, work, deadline):
     times = [r["time"] for r in train if "time" in r]
     evaluation = next(r for r in reversed(rows) if "bbox/AP" in r)
     zoo = os.path.join(work, "zoo")
-    _run([sys.executable, "tools/export_model.py", "--name", "gpu_check_seesaw", "--output-dir",
-          out, "--zoo-dir", zoo, "--table", os.path.join(zoo, "MODEL_ZOO.md"), "--num-images", "2",
-          "--device", device.type, "--torchscript"], os.path.join(work, "export_log.txt"), deadline)
+    _run([sys.executable, "-m", "tools.export_model", "--name", "gpu_check_seesaw",
+          "--output-dir", out, "--zoo-dir", zoo, "--table", os.path.join(zoo, "MODEL_ZOO.md"),
+          "--num-images", "2", "--device", device.type, "--torchscript"],
+         os.path.join(work, "export_log.txt"), deadline)
     info = json.load(open(os.path.join(zoo, "gpu_check_seesaw_metrics.json")))
     return {
         "config": CONFIG,

@@ -8,8 +8,8 @@ inference/<test dataset>/lvis_instances_results.json (the detections LVISEvaluat
 Per-class AP is recomputed from those detections and the test set's annotation file with
 the project's exact LVIS backend (seesaw_ecm.evaluation.lvis_fast, equal to lvis.LVISEval):
 per category the mean of the precision entries > -1 over IoU thresholds and recall points,
-area all, the average LVISEval.summarize takes over all categories. benchmarks/long_tail.py is the
-command line.
+area all, the average LVISEval.summarize takes over all categories. `python -m
+benchmarks.long_tail` is the command line.
 """
 import json
 import logging
@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import yaml
+from tabulate import tabulate
 
-from .errors import SeesawEcmError
-from .evaluation import lvis_bootstrap, lvis_fast
-from .fileio import write_atomic, write_figure
+from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.evaluation import lvis_bootstrap, lvis_fast
+from seesaw_ecm.fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ def _dataset_json(name, specs):
     detectron2's registry (built-in synthetic set, builtin LVIS)."""
     from detectron2.data import MetadataCatalog
 
-    from .data.datasets import parse_dataset_spec  # importing it registers the built-in sets
+    # importing it registers the built-in sets
+    from seesaw_ecm.data.datasets import parse_dataset_spec
 
     for spec in specs:
         spec_name, json_file, _ = parse_dataset_spec(spec)
@@ -329,7 +331,7 @@ def _train_counts(folder, cfg, gt):
             if len(cat_ids) == len(stats["counts"]):
                 return dict(zip(cat_ids, stats["counts"]))
     specs = cfg["DATASETS"].get("LVIS_FORMAT", [])
-    from .data.statistics import json_class_counts
+    from seesaw_ecm.data.statistics import json_class_counts
 
     counts = {}
     for name in train:
@@ -391,7 +393,7 @@ def format_table(groups, baseline=None):
     that loss's mean on the same arch, e.g. "2.64 (+2.63)"."""
     head = (["arch", "loss", "seeds"] + [f"box {m}" for m in METRICS]
             + [f"mask {m}" for m in METRICS] + ["s/iter"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     base = {g["arch"]: g["mean"] for g in groups if g["loss"] == baseline}
     for g in groups:
         cells = [g["arch"], g["loss"], str(len(g["seeds"]))]
@@ -402,8 +404,13 @@ def format_table(groups, baseline=None):
                 cell += f" ({g['mean'][key] - ref:+.2f})"
             cells.append(cell)
         cells.append(_cell(g["mean"]["sec_per_iter"], g["std"]["sec_per_iter"], 3))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown(rows, head)
+
+
+def markdown(rows, head):
+    """A Markdown (GitHub) table of string cells, printed as given."""
+    return tabulate(rows, headers=head, tablefmt="github", disable_numparse=True)
 
 
 def _draw_std(run, base, key):
@@ -464,7 +471,7 @@ def format_gap_table(rows):
     noise = any("eval_std" in row for row in rows)
     if noise:
         head += ["box APr Δ eval std", "mask APr Δ eval std"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for row in rows:
         cells = [row["arch"], row["loss"], row["baseline"], str(len(row["seeds"]))]
         for key in [f"{t}/{m}" for t in TASKS for m in metrics]:
@@ -478,8 +485,8 @@ def format_gap_table(rows):
             for task in TASKS:
                 std = row.get("eval_std", {}).get(f"{task}/APr")
                 cells.append("n/a" if std is None else f"{std:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown(table, head)
 
 
 def plot_per_class(groups, out_png):
@@ -538,7 +545,7 @@ def pool_reports(paths):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SeesawEcmError(
                 f"--pool {path}: not a long_tail_benchmark.json with its runs ({e!r}); give the "
-                "files that benchmarks/long_tail.py wrote into its --output-dir.") from None
+                "files that benchmarks.long_tail wrote into its --output-dir.") from None
         runs += [dict(run, seed=f"{k}:{run['seed']}") for run in report_runs]
     return runs
 

@@ -1,7 +1,7 @@
 """A literal, loop-based re-implementation of the official Open Images challenge metric
 (TF Object Detection API: per_image_evaluation.py, object_detection_evaluation.py, metrics.py,
 oid_hierarchical_labels_expansion.py), written from their rules for checking
-seesaw_ecm.evaluation.openimages_fast (tests) and timing it (benchmarks/openimages_eval.py).
+seesaw_ecm.evaluation.openimages_fast (tests) and timing it (benchmarks.openimages_eval).
 Ties in score are ordered as a stable ascending sort reversed."""
 import numpy as np
 
