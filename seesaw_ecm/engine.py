@@ -24,7 +24,7 @@ from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 from .modeling.decoupled import freeze_all_but
-from .modeling.test_time_augmentation import LongTailRCNNWithTTA
+from .modeling.tta import LongTailRCNNWithTTA
 from .modeling.topk_inference import TopKPerClassHeads
 from .roi_align import use_vectorized_roi_align_backward
 

@@ -41,7 +41,7 @@ from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
 from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
 from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
 from .modeling.tsd import check_config as check_tsd_config
-from .modeling.test_time_augmentation import check_tta_config
+from .modeling.tta import check_tta_config
 
 logger = logging.getLogger(__name__)
 
