@@ -1,6 +1,7 @@
 """Deformable convolutions on torchvision (seesaw_ecm.modeling.deform_conv), used by the
 backbone builders build_resnet_dcn_backbone / build_resnet_fpn_dcn_backbone in detectron2's
 deformable ResNet blocks when detectron2 has no compiled ops."""
+import glob
 import math
 
 import pytest
@@ -234,3 +235,15 @@ def test_builders_that_run_deformable_blocks_pass_the_check(opts):
 def test_stock_builder_passes_the_check_with_compiled_ops(monkeypatch):
     monkeypatch.setattr(deform_conv, "compiled_deform_conv_available", lambda: True)
     deform_conv.check_deform_conv_config(_dcn_cfg())
+
+
+def test_every_shipped_config_with_deformable_blocks_names_a_builder_that_runs_them():
+    configs = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+    deformable = []
+    for path in configs:
+        cfg = get_cfg()
+        add_seesaw_ecm_config(cfg)
+        cfg.merge_from_file(path)
+        deform_conv.check_deform_conv_config(cfg)
+        deformable += [path] * any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    assert "configs/LVISv1/htc_lite_R_50_FPN_2x_seesaw_normed_mask_dcnv2_rfs.yaml" in deformable
