@@ -24,8 +24,8 @@ from .evaluation.evaluator import FastLVISEvaluator
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 from .modeling.decoupled import freeze_all_but
-from .modeling.test_time_augmentation import LongTailRCNNWithTTA
-from .modeling.topk_inference import TopKPerClassHeads
+from .modeling.tta import LongTailRCNNWithTTA
+from .modeling import LongTailCascadeROIHeads, LongTailROIHeads
 from .roi_align import use_vectorized_roi_align_backward
 
 # TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
@@ -57,7 +57,8 @@ def check_lvis_metrics_config(cfg):
         raise SeesawEcmError(f"TEST.AP_FIXED.TOPK_PER_CLASS must be > 0 (LVIS: 10000), got "
                              f"{cfg.TEST.AP_FIXED.TOPK_PER_CLASS}.")
     if cfg.TEST.AP_FIXED.ENABLED and not issubclass(
-            ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME), TopKPerClassHeads):
+            ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME),
+            (LongTailROIHeads, LongTailCascadeROIHeads)):  # those with a topk_filter
         raise SeesawEcmError(
             f"TEST.AP_FIXED needs ROI heads with top-K-per-class inference (LongTailROIHeads, "
             f"LongTailCascadeROIHeads, HTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}. For "

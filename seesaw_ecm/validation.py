@@ -39,9 +39,10 @@ from .evaluation.lvis_fast import FREQ_LABELS
 from .gradient_balance import check_period
 from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
 from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
-from .modeling.roi_heads import LongTailCascadeROIHeads, LongTailROIHeads
+from .modeling.deform_conv import check_deform_conv_config
+from .modeling import LongTailCascadeROIHeads, LongTailROIHeads
 from .modeling.tsd import check_config as check_tsd_config
-from .modeling.test_time_augmentation import check_tta_config
+from .modeling.tta import check_tta_config
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def config_problems(cfg, eval_only=False):
     _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
     _collect(problems, check_lvis_metrics_config, cfg)
     _collect(problems, check_tta_config, cfg)
+    _collect(problems, check_deform_conv_config, cfg)
     _collect(problems, check_train_augmentation_config, cfg)
     if cfg.INPUT.INSTABOOST.ENABLED:
         _collect(problems, import_instaboostfast)

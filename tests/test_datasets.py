@@ -6,9 +6,8 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.errors import DatasetFormatError, SeesawEcmError
 from seesaw_ecm.data.datasets import (
-    DatasetFormatError,
     _contiguous_negatives,
     load_lvis_format_json,
     parse_dataset_spec,

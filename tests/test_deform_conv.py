@@ -1,5 +1,7 @@
-"""Deformable convolutions on torchvision (seesaw_ecm.modeling.deform_conv), used by detectron2's
+"""Deformable convolutions on torchvision (seesaw_ecm.modeling.deform_conv), used by the
+backbone builders build_resnet_dcn_backbone / build_resnet_fpn_dcn_backbone in detectron2's
 deformable ResNet blocks when detectron2 has no compiled ops."""
+import glob
 import math
 
 import pytest
@@ -7,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.layers import deform_conv as d2
+from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import resnet
 
-import seesaw_ecm  # noqa: F401  (installs the torchvision classes)
+from seesaw_ecm.config import add_seesaw_ecm_config
+from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.modeling import deform_conv
 from seesaw_ecm.modeling.deform_conv import DeformConv, ModulatedDeformConv
+from seesaw_ecm.validation import config_problems
 
 
 def _bilinear(img, y, x):
@@ -117,7 +123,6 @@ def test_gradcheck():
 
 
 def test_state_dict_keys_are_detectron2s():
-    from detectron2.layers import deform_conv as d2
     ours = ModulatedDeformConv(4, 4, 3, padding=1, norm=torch.nn.BatchNorm2d(4))
     theirs = d2.ModulatedDeformConv(4, 4, 3, padding=1, norm=torch.nn.BatchNorm2d(4))
     assert ours.state_dict().keys() == theirs.state_dict().keys()
@@ -140,10 +145,11 @@ def _tiny_resnet_cfg(modulated):
 
 
 @pytest.mark.parametrize("modulated", [True, False])
-def test_detectron2_deformable_resnet_trains_on_cpu(modulated):
+def test_dcn_backbone_trains_on_cpu(modulated):
     assert not deform_conv.compiled_deform_conv_available()  # this install: the stub
     torch.manual_seed(4)
-    model = resnet.build_resnet_backbone(_tiny_resnet_cfg(modulated), ShapeSpec(channels=3))
+    model = BACKBONE_REGISTRY.get("build_resnet_dcn_backbone")(
+        _tiny_resnet_cfg(modulated), ShapeSpec(channels=3))
     blocks = [m for m in model.modules() if isinstance(m, resnet.DeformBottleneckBlock)]
     assert len(blocks) == 4 + 6 + 3
     expected = ModulatedDeformConv if modulated else DeformConv
@@ -159,14 +165,85 @@ def test_detectron2_deformable_resnet_trains_on_cpu(modulated):
         assert b.conv2_offset.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("stock, ours", [("build_resnet_backbone", "build_resnet_dcn_backbone"),
+                                         ("build_resnet_fpn_backbone",
+                                          "build_resnet_fpn_dcn_backbone")])
+def test_dcn_backbone_is_the_stock_model_with_torchvision_convs(stock, ours):
+    """Same modules, weights (same seed) and outputs as detectron2's builder, whose deformable
+    convs run here only because their forward is borrowed for the comparison."""
+    cfg = _tiny_resnet_cfg(True)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = cfg.MODEL.RESNETS.OUT_FEATURES
+    cfg.MODEL.FPN.OUT_CHANNELS = 8
+    torch.manual_seed(0)
+    theirs = BACKBONE_REGISTRY.get(stock)(cfg, ShapeSpec(channels=3))
+    torch.manual_seed(0)
+    mine = BACKBONE_REGISTRY.get(ours)(cfg, ShapeSpec(channels=3))
+    assert [n for n, _ in theirs.named_modules()] == [n for n, _ in mine.named_modules()]
+    kinds = {type(m) for m in theirs.modules()} ^ {type(m) for m in mine.modules()}
+    assert kinds == {d2.ModulatedDeformConv, ModulatedDeformConv}
+    state = mine.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in theirs.state_dict().items())
+    for m in theirs.modules():  # the stub has no op: compute detectron2's convs by torchvision
+        if type(m) is d2.ModulatedDeformConv:
+            m.forward = ModulatedDeformConv.forward.__get__(m)
+    x = torch.randn(1, 3, 32, 32)
+    theirs.eval(), mine.eval()
+    with torch.no_grad():
+        for name, value in theirs(x).items():
+            assert torch.equal(value, mine(x)[name]), name
+
+
 def test_real_build_keeps_detectron2_ops(monkeypatch):
-    from detectron2.layers import deform_conv as d2
-    monkeypatch.setattr(resnet, "ModulatedDeformConv", d2.ModulatedDeformConv)
-    monkeypatch.setattr(resnet, "DeformConv", d2.DeformConv)
     monkeypatch.setattr(deform_conv, "compiled_deform_conv_available", lambda: True)
-    deform_conv.use_torchvision_deform_conv_if_uncompiled()
-    assert resnet.ModulatedDeformConv is d2.ModulatedDeformConv
-    assert resnet.DeformConv is d2.DeformConv
-    monkeypatch.setattr(deform_conv, "compiled_deform_conv_available", lambda: False)
-    deform_conv.use_torchvision_deform_conv_if_uncompiled()
-    assert resnet.ModulatedDeformConv is ModulatedDeformConv
+    build = BACKBONE_REGISTRY.get("build_resnet_dcn_backbone")
+    model = build(_tiny_resnet_cfg(True), ShapeSpec(channels=3))
+    convs = [type(m) for m in model.modules() if isinstance(m, d2.ModulatedDeformConv)]
+    assert convs and set(convs) == {d2.ModulatedDeformConv}
+
+
+def _dcn_cfg(*opts):
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    cfg.merge_from_list(["MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, True, True],
+                         "DATASETS.TRAIN", ("x",), *opts])
+    return cfg
+
+
+@pytest.mark.parametrize("key, stock", [("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
+                                        ("MODEL.BACKBONE.NAME", "build_resnet_backbone"),
+                                        ("MODEL.FPG.BOTTOM_UP", "build_resnet_backbone")])
+def test_stock_builder_with_deformable_blocks_is_refused_with_the_builder_to_name(key, stock):
+    opts = [key, stock] + (["MODEL.BACKBONE.NAME", "build_fpg_backbone"]
+                           if key == "MODEL.FPG.BOTTOM_UP" else [])
+    fix = deform_conv.DCN_BUILDERS[stock]
+    with pytest.raises(SeesawEcmError, match=f"{key} '{stock}'.*set {key} '{fix}'"):
+        deform_conv.check_deform_conv_config(_dcn_cfg(*opts))
+    assert any(fix in p for p in config_problems(_dcn_cfg(*opts)))
+
+
+@pytest.mark.parametrize("opts", [
+    ["MODEL.BACKBONE.NAME", "build_resnet_fpn_dcn_backbone"],
+    ["MODEL.BACKBONE.NAME", "build_resnet_fpn_carafe_backbone"],
+    ["MODEL.BACKBONE.NAME", "build_fpg_backbone", "MODEL.FPG.BOTTOM_UP",
+     "build_resnet_dcn_backbone"],
+    ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False] * 4]])
+def test_builders_that_run_deformable_blocks_pass_the_check(opts):
+    deform_conv.check_deform_conv_config(_dcn_cfg(*opts))
+
+
+def test_stock_builder_passes_the_check_with_compiled_ops(monkeypatch):
+    monkeypatch.setattr(deform_conv, "compiled_deform_conv_available", lambda: True)
+    deform_conv.check_deform_conv_config(_dcn_cfg())
+
+
+def test_every_shipped_config_with_deformable_blocks_names_a_builder_that_runs_them():
+    configs = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+    deformable = []
+    for path in configs:
+        cfg = get_cfg()
+        add_seesaw_ecm_config(cfg)
+        cfg.merge_from_file(path)
+        deform_conv.check_deform_conv_config(cfg)
+        deformable += [path] * any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    assert "configs/LVISv1/htc_lite_R_50_FPN_2x_seesaw_normed_mask_dcnv2_rfs.yaml" in deformable

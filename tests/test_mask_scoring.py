@@ -169,6 +169,34 @@ def test_switch_rescores_at_inference(config):
     torch.testing.assert_close(results[True].pred_masks, results[False].pred_masks)
 
 
+@pytest.mark.parametrize("config", ["mask_rcnn_R18_FPN_seesaw", "cascade_mask_rcnn_R18_FPN_seesaw"])
+def test_heads_compose_carafe_then_mask_scoring_as_the_plain_parts(config):
+    """The ROI heads' mask head with both options is detectron2's head with its deconvolution
+    replaced by CARAFE, inside a MaskScoringHead: the same modules and weights (same seed) as
+    the parts composed by hand in that order; the other order is refused."""
+    from detectron2.modeling.roi_heads.mask_head import build_mask_head
+
+    from seesaw_ecm.modeling.carafe import carafe_kwargs, with_carafe_upsampling
+
+    cfg = _cfg(f"configs/Synthetic/{config}.yaml", "MODEL.MASK_SCORING.ON", True,
+               "MODEL.CARAFE.MASK_HEAD", True)
+    heads = build_roi_heads(cfg, SHAPES)
+    torch.manual_seed(5)
+    built = type(heads)._init_mask_head(cfg, SHAPES)["mask_head"]
+    torch.manual_seed(5)
+    inner = build_mask_head(cfg, ShapeSpec(channels=8, height=14, width=14))
+    by_hand = MaskScoringHead(with_carafe_upsampling(inner, **carafe_kwargs(cfg)),
+                              MaskIoUHead(8, 14, C, conv_dim=8, fc_dim=16),
+                              loss_weight=cfg.MODEL.MASK_SCORING.LOSS_WEIGHT)
+    assert repr(built) == repr(by_hand) and repr(heads.mask_head) == repr(by_hand)
+    assert built.loss_weight == by_hand.loss_weight
+    mine = built.state_dict()
+    assert mine.keys() == by_hand.state_dict().keys()
+    assert all(torch.equal(mine[k], v) for k, v in by_hand.state_dict().items())
+    with pytest.raises(SeesawEcmError, match="CARAFE.MASK_HEAD"):
+        with_carafe_upsampling(by_hand, **carafe_kwargs(cfg))
+
+
 def test_htc_lite_trains_with_mask_scoring():
     from tests.test_htc_lite import batch, htc_cfg
     torch.manual_seed(4)

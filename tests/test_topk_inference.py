@@ -83,9 +83,11 @@ def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkey
         with torch.no_grad():
             return [model([im])[0] for im in images]
 
-    heads.topk_per_class = 0  # every detection above the threshold, masks for all
+    topk_filter = heads.topk_filter
+    assert topk_filter.k == K and topk_filter.keep_per_image == PER_IMAGE
+    heads.topk_filter = None  # every detection above the threshold, masks for all
     everything, all_masks = _detections(infer())
-    heads.topk_per_class = K
+    heads.topk_filter = topk_filter
     del mask_inputs[:]
     kept, masks = _detections(infer())
     assert kept <= everything and len(kept) < len(everything) and len(everything) > 5 * PER_IMAGE
@@ -108,7 +110,7 @@ def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkey
                                      o["instances"].scores.tolist(),
                                      o["instances"].pred_boxes.tensor.tolist(),
                                      o["instances"].in_image_cap.tolist()) if f}
-    heads.topk_per_class = 0
+    heads.topk_filter = None
     for p in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
         p.test_topk_per_image = PER_IMAGE
     standard = _detections(infer())[0]
@@ -132,3 +134,12 @@ def test_stock_heads_are_refused_with_the_fix_and_their_weights_fit_the_fix():
     state = build_model(stock).state_dict()
     result = build_model(fixed).load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("config, heads", CONFIGS)
+def test_heads_without_ap_fixed_have_no_filter_and_keep_the_per_image_cap(config, heads):
+    model = build_model(_cfg(config, "MODEL.ROI_HEADS.NAME", heads))
+    assert model.roi_heads.topk_filter is None
+    predictors = model.roi_heads.box_predictor
+    for p in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+        assert p.test_topk_per_image == PER_IMAGE

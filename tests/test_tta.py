@@ -1,4 +1,4 @@
-"""Test-time augmentation (TEST.AUG, seesaw_ecm/modeling/test_time_augmentation.py) on every
+"""Test-time augmentation (TEST.AUG, seesaw_ecm/modeling/tta.py) on every
 ROI heads class: equal to plain inference at one unflipped scale, different with flips and
 scales, the per-image cap after merging, HTC-Lite's context in the mask pass, mask scoring's
 scores kept. The train_net.py run is in test_train_net.py."""
@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from seesaw_ecm.errors import SeesawEcmError
-from seesaw_ecm.modeling.test_time_augmentation import LongTailRCNNWithTTA
+from seesaw_ecm.modeling.tta import LongTailRCNNWithTTA
 from seesaw_ecm.validation import config_problems
 from test_cascade import small_cfg
 from test_htc_lite import batch  # two 64x64 images

@@ -16,17 +16,14 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..errors import SeesawEcmError
+from ..errors import DatasetFormatError, SeesawEcmError
+from .openimages import register_openimages_from_cfg
 
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_NAMES = ("synthetic_lt_train", "synthetic_lt_val")
 # the main job's variant (synthetic_lt.DEMO), at $DETECTRON2_DATASETS/synthetic_lt_demo
 DEMO_NAMES = ("synthetic_lt_demo_train", "synthetic_lt_demo_val")
-
-
-class DatasetFormatError(SeesawEcmError):
-    """An annotation file that is not valid LVIS format; the message names the problem and fix."""
 
 
 def _fail(json_file, problem):
@@ -256,8 +253,6 @@ def register_from_cfg(cfg):
                 f"{image_root}; choose another name."
             )
         register_lvis_format(name, json_file, image_root)
-    from .openimages import register_openimages_from_cfg  # imports this module
-
     register_openimages_from_cfg(cfg)
 
 

@@ -31,9 +31,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..errors import SeesawEcmError
+from ..errors import DatasetFormatError, SeesawEcmError
 from ..fileio import write_atomic
-from .datasets import DatasetFormatError
 from .openimages_hierarchy import LabelHierarchy
 
 logger = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ checkpointing); the result is the same as in one piece.
 import torch
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import SeesawEcmError
+from .deform_conv import build_resnet_dcn_backbone
 
 
 def carafe(x, kernels, kernel_size, scale, chunk_bytes=None):
@@ -141,30 +141,25 @@ def carafe_kwargs(cfg):
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_fpn_carafe_backbone(cfg, input_shape):
-    """build_resnet_fpn_backbone with CARAFE upsampling in the top-down path."""
+    """build_resnet_fpn_backbone with CARAFE upsampling in the top-down path (the ResNet of
+    build_resnet_dcn_backbone: deformable blocks also without detectron2's compiled ops)."""
     return CARAFEFPN(
-        bottom_up=build_resnet_backbone(cfg, input_shape),
+        bottom_up=build_resnet_dcn_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         carafe_kwargs=carafe_kwargs(cfg))
 
 
-class CARAFEMaskHeadMixin:
-    """Mixin for ROI heads (before the detectron2 ROI heads class in the bases): with
-    MODEL.CARAFE.MASK_HEAD, the 2x deconvolution of the mask head (`deconv` of
-    MaskRCNNConvUpsampleHead and its subclasses) becomes a CARAFEPack, as mmdetection's
-    FCNMaskHead with upsample_cfg carafe; the ReLU after it stays."""
-
-    @classmethod
-    def _init_mask_head(cls, cfg, input_shape):
-        ret = super()._init_mask_head(cfg, input_shape)
-        if ret and cfg.MODEL.CARAFE.MASK_HEAD:
-            head = ret["mask_head"]
-            if not isinstance(getattr(head, "deconv", None), nn.ConvTranspose2d):
-                raise SeesawEcmError(
-                    f"MODEL.CARAFE.MASK_HEAD replaces the ConvTranspose2d `deconv` of the mask "
-                    f"head; {type(head).__name__} has none. Switch it off or use "
-                    "MaskRCNNConvUpsampleHead / NormedMaskRCNNConvUpsampleHead.")
-            # same name, so the nn.Sequential head keeps its layer order
-            head.deconv = CARAFEPack(head.deconv.in_channels, **carafe_kwargs(cfg))
-        return ret
+def with_carafe_upsampling(mask_head, **carafe_kwargs):
+    """`mask_head` (returned, changed in place) with its 2x deconvolution (`deconv` of
+    MaskRCNNConvUpsampleHead and its subclasses) replaced by a CARAFEPack (MODEL.CARAFE.MASK_HEAD),
+    as mmdetection's FCNMaskHead with upsample_cfg carafe; the ReLU after it stays.
+    carafe_kwargs: as CARAFEPack (e.g. :func:`carafe_kwargs` of a cfg)."""
+    if not isinstance(getattr(mask_head, "deconv", None), nn.ConvTranspose2d):
+        raise SeesawEcmError(
+            f"MODEL.CARAFE.MASK_HEAD replaces the ConvTranspose2d `deconv` of the mask "
+            f"head; {type(mask_head).__name__} has none. Switch it off or use "
+            "MaskRCNNConvUpsampleHead / NormedMaskRCNNConvUpsampleHead.")
+    # same name, so the nn.Sequential head keeps its layer order
+    mask_head.deconv = CARAFEPack(mask_head.deconv.in_channels, **carafe_kwargs)
+    return mask_head

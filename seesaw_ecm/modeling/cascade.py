@@ -16,19 +16,17 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..errors import SeesawEcmError
-from .carafe import CARAFEMaskHeadMixin
 from .cls_loss import build_cls_loss
-from .mask_scoring import MaskScoringMixin
+from .mask_head import with_mask_options
+from .predictor import build_box_predictor, pooled_shape
 from .roi_pooling import RoIFeatures
-from .topk_inference import TopKPerClassHeads
-from .tsd import build_box_predictor, pooled_shape
+from .topk_inference import TopKPerClassFilter
 
 TEST_SCORES = ("probs", "logits")
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHeadMixin,
-                              CascadeROIHeads):
+class LongTailCascadeROIHeads(CascadeROIHeads):
     """CascadeROIHeads in which every stage's box predictor is a LongTailOutputLayers (a TSD
     one with MODEL.TSD.ENABLED).
 
@@ -52,12 +50,18 @@ class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHea
       ROI_HEADS.BATCH_SIZE_PER_IMAGE RoIs at POSITIVE_FRACTION.
     - TEST_SCORE "logits": the stages' raw classification outputs are averaged, then the loss's
       activation is applied once (``cls_loss.get_probs``).
+
+    As LongTailROIHeads, the mask head has the options of MODEL.CARAFE.MASK_HEAD and
+    MODEL.MASK_SCORING, and `topk_filter` (TEST.AP_FIXED) runs before it.
     """
 
     @configurable
     def __init__(self, *, mask_per_stage=False, stage_loss_weights=(), resample_per_stage=False,
-                 test_score="probs", **kwargs):
+                 test_score="probs", topk_filter=None, **kwargs):
+        """topk_filter: a TopKPerClassFilter applied to the detections before the mask head, or
+        None; the others: one MODEL.CASCADE key each (see above); kwargs: as CascadeROIHeads."""
         super().__init__(**kwargs)
+        self.topk_filter = topk_filter
         self.mask_per_stage = mask_per_stage and self.mask_on
         self.stage_loss_weights = list(stage_loss_weights) or [1.0] * self.num_cascade_stages
         # mmdetection weights the losses instead of scaling the gradient by 1 / stages
@@ -90,7 +94,8 @@ class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHea
         cascade = cfg.MODEL.CASCADE
         ret.update(mask_per_stage=cascade.MASK_PER_STAGE,
                    stage_loss_weights=cascade.STAGE_LOSS_WEIGHTS,
-                   resample_per_stage=cascade.RESAMPLE_PER_STAGE, test_score=cascade.TEST_SCORE)
+                   resample_per_stage=cascade.RESAMPLE_PER_STAGE, test_score=cascade.TEST_SCORE,
+                   topk_filter=TopKPerClassFilter.from_config(cfg, ret["box_predictors"]))
         return ret
 
     @classmethod
@@ -109,13 +114,24 @@ class LongTailCascadeROIHeads(TopKPerClassHeads, MaskScoringMixin, CARAFEMaskHea
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
         ret = super()._init_mask_head(cfg, input_shape)
-        if ret and cfg.MODEL.CASCADE.MASK_PER_STAGE:  # independently initialized heads
+        if not ret:
+            return ret
+        if cfg.MODEL.CASCADE.MASK_PER_STAGE:  # independently initialized heads, no options
             size = cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION
             channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
             shape = ShapeSpec(channels=channels, width=size, height=size)
             ret["mask_head"] = nn.ModuleList(
                 build_mask_head(cfg, shape) for _ in cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+        else:
+            ret["mask_head"] = with_mask_options(cfg, ret["mask_head"], input_shape)
         return ret
+
+    def forward_with_given_boxes(self, features, instances):
+        """CascadeROIHeads' (masks and keypoints of the given detections) on the detections
+        that topk_filter keeps."""
+        if self.topk_filter is not None:
+            instances = self.topk_filter(instances)
+        return super().forward_with_given_boxes(features, instances)
 
     def forward(self, images, features, proposals, targets=None):
         if not self.training:

@@ -8,12 +8,22 @@ same computation on CPU and CUDA, with autograd, and reads the same tensors: off
 the G deformable groups, and mask (N, G * kh * kw, Ho, Wo). The classes below subclass detectron2's,
 so constructor arguments, attributes and state_dict keys are unchanged and checkpoints load both
 ways; only `forward` differs.
+
+detectron2's deformable ResNet blocks (MODEL.RESNETS.DEFORM_ON_PER_STAGE) take their conv class
+from detectron2 itself, with no registry or key to choose it: the backbone builders
+"build_resnet_dcn_backbone" and "build_resnet_fpn_dcn_backbone" registered here (and
+build_resnet_fpn_carafe_backbone) build detectron2's model and then switch its convs to these
+classes where detectron2 has no compiled ops (:func:`with_torchvision_deform_convs`).
 """
 import torch
 from detectron2.layers import deform_conv as d2_deform_conv
-from detectron2.modeling.backbone import resnet as d2_resnet
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import nn
 from torchvision.ops import deform_conv2d
+
+from ..errors import SeesawEcmError
 
 
 def _forward(module, x, offset, mask):
@@ -98,14 +108,55 @@ def compiled_deform_conv_available():
     return True
 
 
-def use_torchvision_deform_conv_if_uncompiled():
-    """Point detectron2's deformable ResNet blocks (MODEL.RESNETS.DEFORM_ON_PER_STAGE,
-    DEFORM_MODULATED) at the classes above when detectron2 was built without its ops.
+# detectron2's deformable convs -> the same computed by torchvision (subclasses: forward only)
+TORCHVISION_OPS = {d2_deform_conv.DeformConv: DeformConv,
+                   d2_deform_conv.ModulatedDeformConv: ModulatedDeformConv}
 
-    `DeformBottleneckBlock` looks the classes up in its module's globals when it is built, and
-    there is no registry or config key to choose them, so the names are replaced there. A real
-    build of detectron2 keeps its own ops.
-    """
+
+def with_torchvision_deform_convs(module):
+    """`module` (returned, changed in place) with every detectron2 DeformConv /
+    ModulatedDeformConv in it computed by torchvision, where detectron2 was built without its
+    ops; a real build keeps its own. The classes above differ from detectron2's only in forward,
+    so each conv changes class in place: its weights (and the random numbers drawn to
+    initialize them) are those of the stock build."""
     if not compiled_deform_conv_available():
-        d2_resnet.DeformConv = DeformConv
-        d2_resnet.ModulatedDeformConv = ModulatedDeformConv
+        for m in module.modules():
+            if type(m) in TORCHVISION_OPS:
+                m.__class__ = TORCHVISION_OPS[type(m)]
+    return module
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_dcn_backbone(cfg, input_shape):
+    """detectron2's build_resnet_backbone whose deformable blocks (MODEL.RESNETS.
+    DEFORM_ON_PER_STAGE, DEFORM_MODULATED) also run where detectron2 has no compiled ops."""
+    return with_torchvision_deform_convs(build_resnet_backbone(cfg, input_shape))
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_fpn_dcn_backbone(cfg, input_shape):
+    """detectron2's build_resnet_fpn_backbone with build_resnet_dcn_backbone's deformable
+    blocks."""
+    return with_torchvision_deform_convs(build_resnet_fpn_backbone(cfg, input_shape))
+
+
+# detectron2's builders whose deformable blocks need its compiled ops -> the builder to name
+DCN_BUILDERS = {"build_resnet_backbone": "build_resnet_dcn_backbone",
+                "build_resnet_fpn_backbone": "build_resnet_fpn_dcn_backbone"}
+
+
+def check_deform_conv_config(cfg):
+    """Raise SeesawEcmError when MODEL.RESNETS.DEFORM_ON_PER_STAGE asks a stock detectron2
+    builder (MODEL.BACKBONE.NAME, or FPG's MODEL.FPG.BOTTOM_UP) for deformable blocks that this
+    detectron2 install cannot compute (no compiled ops)."""
+    if not any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) or compiled_deform_conv_available():
+        return
+    builders = {"MODEL.BACKBONE.NAME": cfg.MODEL.BACKBONE.NAME}
+    if cfg.MODEL.BACKBONE.NAME == "build_fpg_backbone":
+        builders["MODEL.FPG.BOTTOM_UP"] = cfg.MODEL.FPG.BOTTOM_UP
+    for key, name in builders.items():
+        if name in DCN_BUILDERS:
+            raise SeesawEcmError(
+                f"MODEL.RESNETS.DEFORM_ON_PER_STAGE: {key} {name!r} builds detectron2's "
+                "deformable convs, which need its compiled ops, and this detectron2 has none; "
+                f"set {key} {DCN_BUILDERS[name]!r} (the same model, computed by torchvision).")

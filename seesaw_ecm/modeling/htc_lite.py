@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..errors import SeesawEcmError
 from ..losses.precision import float32_loss
-from .roi_heads import LongTailCascadeROIHeads
+from .cascade import LongTailCascadeROIHeads
 from .roi_pooling import RoIFeatures
 
 
@@ -153,7 +153,8 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         context, logits = self._context(features)
         if not self.training:
             instances, _ = self._forward_box(features, proposals, context=context)
-            instances = self.select_top_k_per_class(instances)  # TEST.AP_FIXED
+            if self.topk_filter is not None:  # TEST.AP_FIXED
+                instances = self.topk_filter(instances)
             return self._forward_mask(features, instances, context), {}
 
         proposals = self.label_and_sample_proposals(proposals, targets)

@@ -1,9 +1,12 @@
 """Mask head with a normalized (cosine) 1x1 predictor, as in the Seesaw / ECM "normed mask"
-configs."""
+configs, and the options every ROI heads class of the project composes around its mask head
+(:func:`with_mask_options`)."""
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
 from ..layers import NormedConv2d
+from .carafe import carafe_kwargs, with_carafe_upsampling
+from .mask_scoring import build_mask_scoring_head
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -23,3 +26,15 @@ class NormedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         ret = super().from_config(cfg, input_shape)
         ret["temperature"] = cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE
         return ret
+
+
+def with_mask_options(cfg, mask_head, input_shape):
+    """`mask_head` (built by detectron2's build_mask_head) with the options of cfg, in this
+    order: MODEL.CARAFE.MASK_HEAD's CARAFE upsampler in place of its deconvolution, then
+    MODEL.MASK_SCORING.ON's MaskScoringHead around it. input_shape: the ROI heads' input,
+    {feature name: ShapeSpec}. Each option is off by default; with none on, `mask_head`."""
+    if cfg.MODEL.CARAFE.MASK_HEAD:
+        mask_head = with_carafe_upsampling(mask_head, **carafe_kwargs(cfg))
+    if cfg.MODEL.MASK_SCORING.ON:
+        mask_head = build_mask_scoring_head(cfg, mask_head, input_shape)
+    return mask_head

@@ -2,9 +2,9 @@
 that predicts the IoU of each predicted mask with its ground truth; at inference the instance
 score becomes class score x predicted mask IoU.
 
-Switched on by MODEL.MASK_SCORING.ON for every ROI heads class that mixes in
-:class:`MaskScoringMixin` (LongTailROIHeads, the cascade heads and HTC-Lite): the mixin wraps the
-mask head that detectron2 builds, so each ROI heads class keeps its own mask forward (HTC-Lite's
+Switched on by MODEL.MASK_SCORING.ON for every ROI heads class of the project (LongTailROIHeads,
+the cascade heads and HTC-Lite; mask_head.with_mask_options): a MaskScoringHead wraps the mask
+head that detectron2 builds, so each ROI heads class keeps its own mask forward (HTC-Lite's
 context included) and calls the wrapper where it called the mask head.
 """
 import torch
@@ -154,19 +154,12 @@ def _classes(instances, field, per_class):
     return torch.cat([inst.get(field) for inst in instances]).long()
 
 
-class MaskScoringMixin:
-    """Mixin for ROI heads (before the detectron2 ROI heads class in the bases): with
-    MODEL.MASK_SCORING.ON, the mask head is a MaskScoringHead around the configured one."""
-
-    @classmethod
-    def _init_mask_head(cls, cfg, input_shape):
-        ret = super()._init_mask_head(cfg, input_shape)
-        if not (ret and cfg.MODEL.MASK_SCORING.ON):
-            return ret
-        ms = cfg.MODEL.MASK_SCORING
-        channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
-        iou_head = MaskIoUHead(channels, cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
-                               cfg.MODEL.ROI_HEADS.NUM_CLASSES, num_convs=ms.NUM_CONVS,
-                               conv_dim=ms.CONV_DIM, fc_dim=ms.FC_DIM)
-        ret["mask_head"] = MaskScoringHead(ret["mask_head"], iou_head, ms.LOSS_WEIGHT)
-        return ret
+def build_mask_scoring_head(cfg, mask_head, input_shape):
+    """A MaskScoringHead around `mask_head` with the MaskIoUHead of MODEL.MASK_SCORING.
+    input_shape: the ROI heads' input, {feature name: ShapeSpec}."""
+    ms = cfg.MODEL.MASK_SCORING
+    channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+    iou_head = MaskIoUHead(channels, cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
+                           cfg.MODEL.ROI_HEADS.NUM_CLASSES, num_convs=ms.NUM_CONVS,
+                           conv_dim=ms.CONV_DIM, fc_dim=ms.FC_DIM)
+    return MaskScoringHead(mask_head, iou_head, ms.LOSS_WEIGHT)

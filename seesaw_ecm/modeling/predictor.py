@@ -1,8 +1,9 @@
 """The long-tail box predictor: FastRCNNOutputLayers with a (cosine) classifier, an optional
-decoupled objectness branch, and the classification loss chosen by MODEL.LONG_TAIL.LOSS."""
+decoupled objectness branch, and the classification loss chosen by MODEL.LONG_TAIL.LOSS; and
+the factory of every ROI heads' box predictors (:func:`build_box_predictor`)."""
 import torch
 from detectron2.config import configurable
-from detectron2.layers import cat
+from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -134,3 +135,29 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         scores = predictions[0]
         probs = self.cls_loss.get_probs(*self._split(scores))
         return probs.split([len(p) for p in proposals], dim=0)
+
+
+# Predictors that take the long-tail predictor as a sibling trained beside them, by the MODEL
+# node whose ENABLED key turns each on; their modules add them (tsd.py: "TSD").
+# Each: cls(cfg, pooled_shape, sibling, **kwargs) -> a box predictor.
+SIBLING_PREDICTORS = {}
+
+
+def build_box_predictor(cfg, box_head_shape, pooled_shape, **kwargs):
+    """A stage's box predictor: LongTailOutputLayers on the box head (ShapeSpec
+    `box_head_shape`), or the SIBLING_PREDICTORS entry whose MODEL.<node>.ENABLED is on (e.g. a
+    TSDOutputLayers), built on the pooled RoI features (ShapeSpec (C, P, P) `pooled_shape`)
+    with that predictor as its sibling. kwargs: as LongTailOutputLayers (cls_loss,
+    box2box_transform)."""
+    predictor = LongTailOutputLayers(cfg, box_head_shape, **kwargs)
+    for node, predictor_class in SIBLING_PREDICTORS.items():
+        if cfg.MODEL[node].ENABLED:
+            return predictor_class(cfg, pooled_shape, predictor, **kwargs)
+    return predictor
+
+
+def pooled_shape(cfg, input_shape):
+    """ShapeSpec (C, P, P) of the box pooler's output, as detectron2's _init_box_head."""
+    size = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+    channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+    return ShapeSpec(channels=channels, height=size, width=size)

@@ -10,9 +10,12 @@ therefore runs only on detections that may be kept (plus each image's TEST.DETEC
 best, which standard AP needs). The exact top K per class over all processes is then selected
 by the evaluator (seesaw_ecm.evaluation.lvis_fast.TopKPerClass). Early images keep more (the
 bound starts at -inf), like the reference's first pass without its second.
+
+The ROI heads take a :class:`TopKPerClassFilter` (or None) as their `topk_filter` argument and
+apply it to their detections before the mask head.
 """
 import torch
-from detectron2.config import configurable
+from torch import nn
 
 
 class RunningKthScore:
@@ -57,47 +60,45 @@ class RunningKthScore:
         self.threshold[full] = scores[starts[full] + self.k - 1]
 
 
-class TopKPerClassHeads:
-    """Mixin for ROI heads (before the detectron2 class in the bases): with
-    TEST.AP_FIXED.ENABLED the box predictors keep every detection above
-    TEST.AP_FIXED.SCORE_THRESH (no per-image cap), and `select_top_k_per_class` keeps, before
-    the mask head, each image's TEST.DETECTIONS_PER_IMAGE best and the detections at or above
-    their class' running K-th score. Off: nothing changes. The running scores restart whenever
-    the module changes mode (detectron2's inference_context puts the model in eval mode for
-    each evaluation)."""
+class TopKPerClassFilter(nn.Module):
+    """TEST.AP_FIXED's filter of ROI heads' detections before their mask head: keeps each
+    image's `keep_per_image` best and the detections at or above their class' running K-th
+    score (K = `k`). No parameters; the running scores restart whenever the module changes
+    mode (detectron2's inference_context puts the model in eval mode for each evaluation)."""
 
-    @configurable
-    def __init__(self, *, topk_per_class=0, keep_per_image=100, **kwargs):
-        """topk_per_class: K (0 = off); keep_per_image: detections of each image always kept."""
-        super().__init__(**kwargs)
-        self.topk_per_class = topk_per_class
-        self.keep_per_image = keep_per_image
+    def __init__(self, num_classes, k, keep_per_image=100):
+        """num_classes: C; k: K of each class' top K; keep_per_image: detections of each image
+        always kept (-1: all)."""
+        super().__init__()
+        self.num_classes, self.k, self.keep_per_image = num_classes, k, keep_per_image
         self._running = None
 
     @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
+    def from_config(cls, cfg, box_predictors):
+        """The filter TEST.AP_FIXED asks for, or None (off). With it on, the box predictors
+        (FastRCNNOutputLayers) keep every detection above TEST.AP_FIXED.SCORE_THRESH, no
+        per-image cap."""
         ap_fixed = cfg.TEST.AP_FIXED
-        if ap_fixed.ENABLED:
-            ret["topk_per_class"] = ap_fixed.TOPK_PER_CLASS
-            ret["keep_per_image"] = cfg.TEST.DETECTIONS_PER_IMAGE
-            for predictor in ret.get("box_predictors") or [ret["box_predictor"]]:
-                predictor.test_topk_per_image = -1
-                predictor.test_score_thresh = ap_fixed.SCORE_THRESH
-        return ret
+        if not ap_fixed.ENABLED:
+            return None
+        for predictor in box_predictors:
+            predictor.test_topk_per_image = -1
+            predictor.test_score_thresh = ap_fixed.SCORE_THRESH
+        if not ap_fixed.TOPK_PER_CLASS:
+            return None
+        return cls(cfg.MODEL.ROI_HEADS.NUM_CLASSES, ap_fixed.TOPK_PER_CLASS,
+                   cfg.TEST.DETECTIONS_PER_IMAGE)
 
     def train(self, mode=True):
         self._running = None
         return super().train(mode)
 
-    def select_top_k_per_class(self, instances):
+    def forward(self, instances):
         """Per image Instances (sorted by score, as fast_rcnn_inference returns them) -> those
         that may be in the final top K of their class, or in the image's own top (its first
         keep_per_image, flagged in the (R,) bool field `in_image_cap`)."""
-        if not self.topk_per_class:
-            return instances
         if self._running is None:
-            self._running = RunningKthScore(self.num_classes, self.topk_per_class)
+            self._running = RunningKthScore(self.num_classes, self.k)
         out = []
         for x in instances:
             classes, scores = x.pred_classes.cpu(), x.scores.float().cpu()
@@ -110,6 +111,3 @@ class TopKPerClassHeads:
             x.in_image_cap = in_cap.to(x.scores.device)
             out.append(x[(keep | in_cap).to(x.scores.device)])
         return out
-
-    def forward_with_given_boxes(self, features, instances):
-        return super().forward_with_given_boxes(features, self.select_top_k_per_class(instances))

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, cat
+from detectron2.layers import cat
 from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import SeesawEcmError
 from ..losses import ProgressiveConstraintLoss
 from .cls_loss import build_cls_loss
-from .predictor import LongTailOutputLayers
+from .predictor import SIBLING_PREDICTORS, LongTailOutputLayers
 
 
 class TSDExtras(NamedTuple):
@@ -191,18 +191,4 @@ def check_config(cfg):
             raise SeesawEcmError(f"MODEL.TSD.{key} {tsd[key]} is negative; use 0 or more.")
 
 
-def build_box_predictor(cfg, box_head_shape, pooled_shape, **kwargs):
-    """A stage's box predictor: LongTailOutputLayers on the box head, or with MODEL.TSD.ENABLED a
-    TSDOutputLayers whose sibling it is. kwargs: as LongTailOutputLayers (cls_loss,
-    box2box_transform)."""
-    predictor = LongTailOutputLayers(cfg, box_head_shape, **kwargs)
-    if not cfg.MODEL.TSD.ENABLED:
-        return predictor
-    return TSDOutputLayers(cfg, pooled_shape, predictor, **kwargs)
-
-
-def pooled_shape(cfg, input_shape):
-    """ShapeSpec (C, P, P) of the box pooler's output, as detectron2's _init_box_head."""
-    size = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
-    channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
-    return ShapeSpec(channels=channels, height=size, width=size)
+SIBLING_PREDICTORS["TSD"] = TSDOutputLayers  # MODEL.TSD.ENABLED
