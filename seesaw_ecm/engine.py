@@ -14,9 +14,8 @@ from detectron2.utils import comm
 
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
-from .data.samplers import CeilRepeatSampler, repeat_counts
-from .epochs import (EpochProgressHook, apply_epoch_schedule, sampling_of, schedule_from_cfg,
-                     train_dataset_dicts)
+from .data.samplers import CeilRepeatSampler
+from .epochs import EpochProgressHook, apply_epoch_schedule, ceil_train_sampler
 from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
@@ -87,11 +86,10 @@ class Trainer(DefaultTrainer):
         "ceil" repeat-factor rounding its sampler is a CeilRepeatSampler whose epochs are
         padded to the schedule's epoch size."""
         mapper = CheckedDatasetMapper(cfg, True)
-        if sampling_of(cfg) != "ceil":
+        ceil = ceil_train_sampler(cfg)
+        if ceil is None:
             return build_detection_train_loader(cfg, mapper=mapper)
-        dicts = train_dataset_dicts(cfg)
-        sampler = CeilRepeatSampler(repeat_counts(dicts, cfg.DATALOADER.REPEAT_THRESHOLD),
-                                    schedule_from_cfg(cfg, dicts).epoch_size)
+        dicts, sampler = ceil
         return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler, mapper=mapper)
 
     def resume_or_load(self, resume=True):
