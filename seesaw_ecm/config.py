@@ -31,7 +31,8 @@ def add_seesaw_ecm_config(cfg):
                 add_evaluation_config):
         add(cfg)
     for old, (new, how) in RENAMED_KEYS.items():
-        cfg.register_renamed_key(old, new, how)
+        if not cfg.key_is_renamed(old):  # (yacs refuses a second registration)
+            cfg.register_renamed_key(old, new, how)
 
 
 def merge_config(cfg, config_file=None, opts=()):

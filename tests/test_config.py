@@ -93,6 +93,26 @@ def test_renamed_key_in_a_yaml_file_names_the_new_key(old, tmp_path):
     assert "\n" not in str(e.value)  # one message
 
 
+def test_a_run_config_written_before_the_rename_fails_to_load_naming_the_new_key(tmp_path):
+    """detectron2 dumps every key into OUTPUT_DIR/config.yaml, so an older run's file holds the
+    old keys even at their defaults; loading it for a model-zoo predictor says what to edit."""
+    from seesaw_ecm.model_zoo import load_config
+
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    add_seesaw_ecm_config(cfg)  # adding the keys twice is harmless
+    old = yaml.safe_load(cfg.dump())
+    old["SOLVER"]["CLIP_GRADIENTS_GLOBAL_NORM"] = 0.0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(SeesawEcmError, match="SOLVER.CLIP_GRADIENTS_GLOBAL_NORM was renamed to "
+                       "SOLVER.CLIP_GRADIENTS;"):
+        load_config(str(path))
+    del old["SOLVER"]["CLIP_GRADIENTS_GLOBAL_NORM"]
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(str(path)).SOLVER.CLIP_GRADIENTS == cfg.SOLVER.CLIP_GRADIENTS
+
+
 @pytest.mark.parametrize("old", sorted(RENAMED_KEYS))
 def test_renamed_key_in_opts_names_the_new_key(old):
     cfg = get_cfg()
