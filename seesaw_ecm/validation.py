@@ -117,8 +117,8 @@ def check_lvis_metrics_config(cfg, eval_only=False):
     if cfg.TEST.AP_FIXED.ENABLED and cfg.TEST.AP_FIXED.TOPK_PER_CLASS <= 0:
         raise SeesawEcmError(f"TEST.AP_FIXED.TOPK_PER_CLASS must be > 0 (LVIS: 10000), got "
                              f"{cfg.TEST.AP_FIXED.TOPK_PER_CLASS}.")
-    if cfg.TEST.AP_FIXED.ENABLED and not issubclass(
-            ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME), TopKPerClassHeads):
+    heads = _roi_heads(cfg)  # None: not registered, reported by check_roi_heads
+    if cfg.TEST.AP_FIXED.ENABLED and heads and not issubclass(heads, TopKPerClassHeads):
         raise SeesawEcmError(
             f"TEST.AP_FIXED needs ROI heads with top-K-per-class inference (LongTailROIHeads, "
             f"LongTailCascadeROIHeads, HTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}. For "

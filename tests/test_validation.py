@@ -225,6 +225,8 @@ def test_unreadable_files_keeps_order_across_chunks(tmp_path):
     (("MODEL.ROI_HEADS.NAME", "LongTailRoIHeads"), "MODEL.ROI_HEADS.NAME 'LongTailRoIHeads' is "
      "not registered; choose one of"),
     (("MODEL.META_ARCHITECTURE", "HTCLite"), "MODEL.META_ARCHITECTURE 'HTCLite' is not registered"),
+    (("MODEL.ROI_HEADS.NAME", "TopKHeads", "TEST.AP_FIXED.ENABLED", True),
+     "MODEL.ROI_HEADS.NAME 'TopKHeads' is not registered"),
     (("DATASETS.TRAIN", ()), "DATASETS.TRAIN is empty"),
     (("SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "global"),
      "SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'global' is unknown; choose one of 'value', 'norm', "
