@@ -25,6 +25,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.config import merge_config
 from seesaw_ecm.data.datasets import register_from_cfg
 from seesaw_ecm.distributed import report_error, sync_bn_on_cpu
 from seesaw_ecm.engine import Trainer, format_summary, per_dataset
@@ -35,8 +36,7 @@ from seesaw_ecm.validation import validate_run
 def setup(args):
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)  # a renamed key: SeesawEcmError
     cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
     cfg.DATASETS.OPENIMAGES = list(cfg.DATASETS.OPENIMAGES) + list(args.openimages_dataset)
     if args.eval_only:  # class statistics (ECM margins) come with the weights

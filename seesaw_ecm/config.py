@@ -1,23 +1,86 @@
-"""Every config key that seesaw_ecm adds to detectron2's defaults, with its default value."""
+"""Every config key that seesaw_ecm adds to detectron2's defaults, with its default value.
+
+:func:`add_seesaw_ecm_config` calls one ``add_*_config`` per node, each adding the keys of the
+part that reads them (every key with its default and a one-line comment). They live together
+here, not beside their parts, so that one file lists every knob and adding the keys imports no
+model code. Keys that moved are in ``RENAMED_KEYS``: a config (yaml file or opts list) that still
+sets one fails to merge with an error naming the new key.
+"""
 from detectron2.config import CfgNode as CN
+
+from .errors import SeesawEcmError
+
+# Old key -> (new key, how to convert its value). detectron2 merges refuse an old key with an
+# error naming the new one (yacs' renamed keys; `merge_config` raises it as SeesawEcmError).
+RENAMED_KEYS = {
+    "MODEL.ROI_ALIGN_VECTORIZED_BACKWARD": (
+        "MODEL.ROI_ALIGN.VECTORIZED_BACKWARD", "the same value, under the RoIAlign node."),
+    "SOLVER.CLIP_GRADIENTS_GLOBAL_NORM": (
+        "SOLVER.CLIP_GRADIENTS", "a global-norm clip at X becomes SOLVER.CLIP_GRADIENTS.ENABLED "
+        "True, CLIP_TYPE \"full_model\", CLIP_VALUE X (0 = off: leave ENABLED False)."),
+}
 
 
 def add_seesaw_ecm_config(cfg):
     """Add seesaw_ecm's keys to a detectron2 config (in place). Call before merge_from_file."""
+    for add in (add_datasets_config, add_long_tail_config, add_long_tail_baselines_config,
+                add_gradient_balance_config, add_htc_lite_config, add_cascade_config,
+                add_tsd_config, add_mask_head_config, add_mask_scoring_config, add_carafe_config,
+                add_resnest_config, add_fpg_config, add_train_augmentation_config,
+                add_roi_align_config, add_sampling_config, add_solver_config,
+                add_evaluation_config):
+        add(cfg)
+    for old, (new, how) in RENAMED_KEYS.items():
+        if not cfg.key_is_renamed(old):  # (yacs refuses a second registration)
+            cfg.register_renamed_key(old, new, how)
+
+
+def merge_config(cfg, config_file=None, opts=()):
+    """Merge a yaml file, then an opts list ("KEY", value, ...), into cfg; a key of RENAMED_KEYS
+    in either raises SeesawEcmError naming its new key."""
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except KeyError as e:  # yacs: "Key OLD was renamed to NEW; please update your config. ..."
+        if not any(f"Key {old} was renamed" in str(e) for old in RENAMED_KEYS):
+            raise
+        raise SeesawEcmError(e.args[0]) from None
+
+
+def add_datasets_config(cfg):
+    """DATASETS: datasets to register, and the image-file check of validation."""
     # LVIS-format datasets to register before training / evaluation, each as
     # "NAME=JSON_FILE:IMAGE_ROOT" (train_net.py --dataset appends here). Images are found through
     # each image's `file_name`, else the last two parts of its `coco_url`, under IMAGE_ROOT.
     cfg.DATASETS.LVIS_FORMAT = []
+    # Open Images datasets (official challenge files; README "Open Images") to register, each as
+    # "NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]"
+    # (train_net.py --openimages-dataset appends here).
+    cfg.DATASETS.OPENIMAGES = []
+    # How the model covers the parent classes of the Open Images hierarchy (the official metric
+    # expands the ground truth, not the detections): "expand_boxes" = train on boxes and labels
+    # expanded to every ancestor (the model predicts parents itself); "copy_detections" = train
+    # on the files' boxes and copy each detection to every ancestor of its class at evaluation.
+    cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"
 
+    # Validation before training / evaluation (seesaw_ecm/validation.py): check that every
+    # image file of DATASETS.TRAIN / TEST exists and is readable (one stat per file, ~1.5 s per
+    # 100k files on a local disk). False skips it; a file missing later is still named.
+    cfg.DATASETS.CHECK_IMAGE_FILES = True
+
+
+def add_long_tail_config(cfg):
+    """MODEL.LONG_TAIL: the long-tail box predictor, its classifier and loss (Seesaw, ECM,
+    Federated)."""
     # The long-tail box predictor, used by ROI_HEADS.NAME "LongTailROIHeads" and, in every
     # stage, by "LongTailCascadeROIHeads".
     cfg.MODEL.LONG_TAIL = CN()
     # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear
-    # classifier),
-    # "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated loss, linear),
-    # "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2", "droploss" (sigmoid,
-    # linear), "bags" (group softmax, linear) or "loce" (equilibrium loss, linear; needs
-    # ROI_HEADS.NAME "LOCEROIHeads"). One key switches between methods.
+    # classifier), "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated
+    # loss, linear), "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2",
+    # "droploss" (sigmoid, linear), "bags" (group softmax, linear) or "loce" (equilibrium loss,
+    # linear; needs ROI_HEADS.NAME "LOCEROIHeads"). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
@@ -58,6 +121,9 @@ def add_seesaw_ecm_config(cfg):
     # Negative classes are drawn with probability proportional to image_count ** POWER.
     cfg.MODEL.LONG_TAIL.FEDERATED.FREQ_WEIGHT_POWER = 0.5
 
+
+def add_long_tail_baselines_config(cfg):
+    """MODEL.LONG_TAIL: the other long-tail baselines' losses and decoupled training."""
     # Other long-tail baselines (issue 18): "eql", "eqlv2", "droploss" (sigmoid losses with a
     # linear classifier whose bias starts at the prior below, as their official code), "bags".
     # Initial sigmoid probability pi of every classifier column: bias = -log((1 - pi) / pi).
@@ -101,6 +167,9 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_CLASSES = 8  # classes replayed per iteration (by 1 / m_c)
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_FEATURES = 4  # features replayed per drawn class
 
+
+def add_gradient_balance_config(cfg):
+    """MODEL.LONG_TAIL.GRADIENT_BALANCE: the gradient-balance diagnostic."""
     # Gradient-balance diagnostic (seesaw_ecm/gradient_balance.py): per class, the summed
     # |dL/dz| of the classifier logits from RoIs of that class (positive) and of all others
     # (negative), saved in checkpoints and OUTPUT_DIR/gradient_balance.json. Off = no hook.
@@ -110,6 +179,9 @@ def add_seesaw_ecm_config(cfg):
     # Iterations between all-reduces of the sums and TensorBoard / metrics.json summaries.
     cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD = 20
 
+
+def add_htc_lite_config(cfg):
+    """MODEL.HTC_LITE: the HTC-Lite heads."""
     # HTC-Lite (MODEL.META_ARCHITECTURE "HTCLiteRCNN", ROI_HEADS.NAME "HTCLiteROIHeads"): the
     # cascade box stages of ROI_BOX_CASCADE_HEAD with the MODEL.LONG_TAIL predictor, one mask
     # head after the last stage, and a global context encoder. Each part is one key (ablations).
@@ -133,6 +205,9 @@ def add_seesaw_ecm_config(cfg):
     # (BATCH_SIZE_PER_IMAGE 512 x POSITIVE_FRACTION 0.25).
     cfg.MODEL.HTC_LITE.MASK_MAX_FG_ROIS = 128
 
+
+def add_cascade_config(cfg):
+    """MODEL.CASCADE: the cascade's differences to detectron2's."""
     # The cascade (ROI_HEADS.NAME "LongTailCascadeROIHeads", and the box stages of
     # "HTCLiteROIHeads"): detectron2's CascadeROIHeads at the defaults; each key switches one
     # difference to mmdetection's CascadeRoIHead, the cascade of the official Seesaw / ECM runs.
@@ -152,6 +227,9 @@ def add_seesaw_ecm_config(cfg):
     # the loss's activation of the mean of the stages' raw outputs (mmdetection).
     cfg.MODEL.CASCADE.TEST_SCORE = "probs"
 
+
+def add_tsd_config(cfg):
+    """MODEL.TSD: task-aware spatial disentanglement (LVIS 2020 entry)."""
     # TSD, task-aware spatial disentanglement (seesaw_ecm/modeling/tsd.py): the box predictor of
     # every stage of LongTailROIHeads, LongTailCascadeROIHeads and HTCLiteROIHeads pools again
     # for classification (an offset per bin) and regression (a translation of the RoI), with
@@ -170,51 +248,16 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.TSD.PC_LOC_MARGIN = 0.3  # m_r, on the IoU of the regressed box with its gt box
     cfg.MODEL.TSD.PC_LOSS_WEIGHT = 1.0  # weight of loss_pc_cls and loss_pc_loc; 0 = no PC
 
+
+def add_mask_head_config(cfg):
+    """MODEL.ROI_MASK_HEAD: the normalized mask predictor."""
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
     # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
 
-    # Gradient clipping of the global norm over all parameters (the ECM recipe clips at 5);
-    # detectron2 0.6's SOLVER.CLIP_GRADIENTS clips each parameter separately. 0 = off.
-    cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 0.0
 
-    # True: the RoI poolers' backward on CPU is seesaw_ecm/roi_align.py's vectorized one (the
-    # same gradient to float rounding, 6-7x faster than torchvision's CPU kernel at the demo's
-    # sizes: benchmarks/roi_align_backward.py); the forward, GPU training and inference are
-    # unchanged. False: torchvision's (every recorded result before 2026-12-03). The demo
-    # configs (configs/Demo) turn it on.
-    cfg.MODEL.ROI_ALIGN_VECTORIZED_BACKWARD = False
-
-    # Repeat-factor sampling (DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler") rounding of
-    # r_i: "stochastic" = detectron2's sampler (floor(r_i) + 1 with probability frac(r_i)), "ceil"
-    # = mmdetection's ClassBalancedDataset (exactly ceil(r_i) copies per epoch, resumable).
-    cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
-    # Schedule in epochs, as the official configs state it: > 0 derives SOLVER.MAX_ITER and
-    # SOLVER.STEPS from the training set, the sampler and IMS_PER_BATCH. 0 = MAX_ITER, STEPS.
-    cfg.SOLVER.EPOCHS = 0
-    # Epochs after which the learning rate is multiplied by SOLVER.GAMMA (with SOLVER.EPOCHS).
-    cfg.SOLVER.EPOCH_STEPS = ()
-
-    # LVIS evaluation backend for LVIS-format test sets: "fast" (seesaw_ecm.evaluation: equal
-    # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
-    # lvis API through detectron2's LVISEvaluator).
-    cfg.TEST.LVIS_EVAL_BACKEND = "fast"
-
-    # Open Images datasets (official challenge files; README "Open Images") to register, each as
-    # "NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]"
-    # (train_net.py --openimages-dataset appends here).
-    cfg.DATASETS.OPENIMAGES = []
-    # How the model covers the parent classes of the Open Images hierarchy (the official metric
-    # expands the ground truth, not the detections): "expand_boxes" = train on boxes and labels
-    # expanded to every ancestor (the model predicts parents itself); "copy_detections" = train
-    # on the files' boxes and copy each detection to every ancestor of its class at evaluation.
-    cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"
-
-    # Validation before training / evaluation (seesaw_ecm/validation.py): check that every
-    # image file of DATASETS.TRAIN / TEST exists and is readable (one stat per file, ~1.5 s per
-    # 100k files on a local disk). False skips it; a file missing later is still named.
-    cfg.DATASETS.CHECK_IMAGE_FILES = True
-
+def add_mask_scoring_config(cfg):
+    """MODEL.MASK_SCORING: the MaskIoU head (LVIS 2020 entry)."""
     # Mask scoring (seesaw_ecm/modeling/mask_scoring.py, as mmdetection's MaskIoUHead): a head
     # predicting each mask's IoU with its ground truth; at inference score = class score x IoU.
     # Read by LongTailROIHeads, LongTailCascadeROIHeads and HTCLiteROIHeads.
@@ -225,6 +268,9 @@ def add_seesaw_ecm_config(cfg):
     cfg.MODEL.MASK_SCORING.CONV_DIM = 256  # output channels of those convs
     cfg.MODEL.MASK_SCORING.FC_DIM = 1024  # width of the head's two FC layers
 
+
+def add_carafe_config(cfg):
+    """MODEL.CARAFE: CARAFE upsampling (LVIS 2020 entry)."""
     # CARAFE upsampling (seesaw_ecm/modeling/carafe.py, as mmcv's CARAFEPack), used by
     # MODEL.BACKBONE.NAME "build_resnet_fpn_carafe_backbone" (FPN top-down path, scale 2).
     cfg.MODEL.CARAFE = CN()
@@ -239,25 +285,9 @@ def add_seesaw_ecm_config(cfg):
     # image at P2 of 1333 x 800, 256 channels, plus as much again for einsum).
     cfg.MODEL.CARAFE.CHUNK_MB = 64
 
-    # LVIS metrics beyond the standard AP (300 detections per image); FastLVISEvaluator only
-    # (TEST.LVIS_EVAL_BACKEND "fast"). Definitions and sources: seesaw_ecm/evaluation/lvis_fast.py.
-    cfg.TEST.AP_FIXED = CN()
-    # AP-fixed with top-K-per-class inference: the ROI heads drop the per-image cap, use
-    # SCORE_THRESH below, and predict masks only for detections within their image's
-    # TEST.DETECTIONS_PER_IMAGE best or above their class' running K-th score; the evaluator
-    # reports AP-fixed (top K per class over the test set, all processes) next to standard AP.
-    cfg.TEST.AP_FIXED.ENABLED = False
-    # K: detections kept per category over the whole test set (AP-fixed, LVIS 2021: 10,000).
-    cfg.TEST.AP_FIXED.TOPK_PER_CLASS = 10000
-    # Box score threshold with AP_FIXED (replaces ROI_HEADS.SCORE_THRESH_TEST; "about 0").
-    cfg.TEST.AP_FIXED.SCORE_THRESH = 1e-4
-    # Also report AP-pool (all / r / c / f: one precision curve per frequency pool, scores
-    # ranked across classes) on the AP-fixed detections; needs TEST.AP_FIXED.ENABLED.
-    cfg.TEST.AP_POOL = False
-    # Also evaluate the "boundary" task (boundary AP: IoU = min(mask IoU, boundary IoU), the
-    # boundary 2% of the image diagonal deep); needs masks. With AP_FIXED it gets AP-fixed too.
-    cfg.TEST.BOUNDARY_AP = False
 
+def add_resnest_config(cfg):
+    """MODEL.RESNEST: ResNeSt backbones (LVIS 2020 entry)."""
     # ResNeSt backbones (seesaw_ecm/modeling/resnest.py, timm's networks; the LVIS 2020 entry's
     # ResNeSt-200 + DCNv2): MODEL.BACKBONE.NAME "build_resnest_fpn_backbone" (detectron2's FPN
     # and its MODEL.FPN keys) or "build_resnest_backbone"; MODEL.BACKBONE.FREEZE_AT as for ResNet.
@@ -277,6 +307,9 @@ def add_seesaw_ecm_config(cfg):
     # ImageNet weights copied from a machine with hub access; "" = random initialisation.
     cfg.MODEL.RESNEST.WEIGHTS = ""
 
+
+def add_fpg_config(cfg):
+    """MODEL.FPG: the Feature Pyramid Grids neck (LVIS 2020 entry)."""
     # Feature Pyramid Grids (seesaw_ecm/modeling/fpg.py; MODEL.BACKBONE.NAME
     # "build_fpg_backbone"), the neck of mmdetection's FPG configs: outputs p2..p6.
     cfg.MODEL.FPG = CN()
@@ -287,6 +320,10 @@ def add_seesaw_ecm_config(cfg):
     # Bottom-up pathways (the published FPG: 9); at least the number of output levels (5).
     cfg.MODEL.FPG.STACK_TIMES = 9
     cfg.MODEL.FPG.NORM = "BN"  # after every grid transition conv (published: BN); "" = none
+
+
+def add_train_augmentation_config(cfg):
+    """INPUT: the training augmentation of the LVIS 2020 entry."""
     # Training augmentation of the LVIS 2020 entry (seesaw_ecm/data/augmentation.py,
     # instaboost.py), read by the training mapper (seesaw_ecm/data/mapper.py). The entry: long
     # edge 768-1792, random crop 1280 x 1280, InstaBoost.
@@ -312,3 +349,60 @@ def add_seesaw_ecm_config(cfg):
     cfg.INPUT.INSTABOOST.COLOR_PROB = 0.5  # probability of a colour jitter of the image
     # Place instances by the heatmap of likely positions (slower) instead of at random.
     cfg.INPUT.INSTABOOST.HEATMAP = False
+
+
+def add_roi_align_config(cfg):
+    """MODEL.ROI_ALIGN: seesaw_ecm/roi_align.py, the RoIAlign layers of every RoI pooler."""
+    cfg.MODEL.ROI_ALIGN = CN()
+    # True: the RoI poolers' backward on CPU is seesaw_ecm/roi_align.py's vectorized one (the
+    # same gradient to float rounding, 6-7x faster than torchvision's CPU kernel at the demo's
+    # sizes: benchmarks/roi_align_backward.py); the forward, GPU training and inference are
+    # unchanged. False: torchvision's (every recorded result before 2026-12-03). The demo
+    # configs (configs/Demo) turn it on.
+    cfg.MODEL.ROI_ALIGN.VECTORIZED_BACKWARD = False
+
+
+def add_sampling_config(cfg):
+    """DATALOADER: the rounding of repeat-factor sampling (seesaw_ecm/data/samplers.py)."""
+    # Repeat-factor sampling (DATALOADER.SAMPLER_TRAIN "RepeatFactorTrainingSampler") rounding of
+    # r_i: "stochastic" = detectron2's sampler (floor(r_i) + 1 with probability frac(r_i)), "ceil"
+    # = mmdetection's ClassBalancedDataset (exactly ceil(r_i) copies per epoch, resumable).
+    cfg.DATALOADER.REPEAT_ROUNDING = "stochastic"
+
+
+def add_solver_config(cfg):
+    """SOLVER: schedules in epochs (seesaw_ecm/epochs.py). Global-norm gradient clipping needs no
+    key of its own: SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model" (seesaw_ecm/solver.py) clips the
+    norm over all parameters together at CLIP_VALUE (the ECM recipe: 5), where detectron2's
+    "value" and "norm" clip each parameter separately."""
+    # Schedule in epochs, as the official configs state it: > 0 derives SOLVER.MAX_ITER and
+    # SOLVER.STEPS from the training set, the sampler and IMS_PER_BATCH. 0 = MAX_ITER, STEPS.
+    cfg.SOLVER.EPOCHS = 0
+    # Epochs after which the learning rate is multiplied by SOLVER.GAMMA (with SOLVER.EPOCHS).
+    cfg.SOLVER.EPOCH_STEPS = ()
+
+
+def add_evaluation_config(cfg):
+    """TEST: the LVIS evaluation backend and the LVIS metrics beyond the standard AP."""
+    # LVIS evaluation backend for LVIS-format test sets: "fast" (seesaw_ecm.evaluation: equal
+    # numbers, streamed per process, a fraction of the time and memory) or "lvis" (the official
+    # lvis API through detectron2's LVISEvaluator).
+    cfg.TEST.LVIS_EVAL_BACKEND = "fast"
+    # LVIS metrics beyond the standard AP (300 detections per image); FastLVISEvaluator only
+    # (TEST.LVIS_EVAL_BACKEND "fast"). Definitions and sources: seesaw_ecm/evaluation/lvis_fast.py.
+    cfg.TEST.AP_FIXED = CN()
+    # AP-fixed with top-K-per-class inference: the ROI heads drop the per-image cap, use
+    # SCORE_THRESH below, and predict masks only for detections within their image's
+    # TEST.DETECTIONS_PER_IMAGE best or above their class' running K-th score; the evaluator
+    # reports AP-fixed (top K per class over the test set, all processes) next to standard AP.
+    cfg.TEST.AP_FIXED.ENABLED = False
+    # K: detections kept per category over the whole test set (AP-fixed, LVIS 2021: 10,000).
+    cfg.TEST.AP_FIXED.TOPK_PER_CLASS = 10000
+    # Box score threshold with AP_FIXED (replaces ROI_HEADS.SCORE_THRESH_TEST; "about 0").
+    cfg.TEST.AP_FIXED.SCORE_THRESH = 1e-4
+    # Also report AP-pool (all / r / c / f: one precision curve per frequency pool, scores
+    # ranked across classes) on the AP-fixed detections; needs TEST.AP_FIXED.ENABLED.
+    cfg.TEST.AP_POOL = False
+    # Also evaluate the "boundary" task (boundary AP: IoU = min(mask IoU, boundary IoU), the
+    # boundary 2% of the image diagonal deep); needs masks. With AP_FIXED it gets AP-fixed too.
+    cfg.TEST.BOUNDARY_AP = False

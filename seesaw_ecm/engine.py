@@ -9,27 +9,22 @@ from detectron2.data import (
 )
 from detectron2.data.common import ToIterableDataset
 from detectron2.engine import AMPTrainer, DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator
-from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
 
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
-from .data.samplers import CeilRepeatSampler, repeat_counts
-from .epochs import (EpochProgressHook, apply_epoch_schedule, sampling_of, schedule_from_cfg,
-                     train_dataset_dicts)
+from .data.samplers import CeilRepeatSampler
+from .epochs import EpochProgressHook, apply_epoch_schedule, ceil_train_sampler
 from .errors import SeesawEcmError
-from .evaluation.evaluator import FastLVISEvaluator
+from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
 from .modeling.decoupled import freeze_all_but
 from .modeling.tta import LongTailRCNNWithTTA
-from .modeling import LongTailCascadeROIHeads, LongTailROIHeads
 from .roi_align import use_vectorized_roi_align_backward
-
-# TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
-LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
+from .solver import build_optimizer
+from .validation import check_lvis_metrics_config
 
 # The metrics printed at the end of a run, for each task, in this order; then those of the
 # optional LVIS metrics (TEST.AP_FIXED, TEST.AP_POOL) that the results have.
@@ -38,35 +33,6 @@ OPTIONAL_SUMMARY_METRICS = ("AP-fixed", "APr-fixed", "APc-fixed", "APf-fixed",
                             "AP-pool", "APr-pool", "APc-pool", "APf-pool")
 # Open Images: mAP and AP1..AP5 (classes by training count, rarest first)
 OPENIMAGES_SUMMARY_METRICS = ("AP", "AP1", "AP2", "AP3", "AP4", "AP5")
-
-
-def check_lvis_metrics_config(cfg):
-    """Raise SeesawEcmError for TEST.AP_FIXED / AP_POOL / BOUNDARY_AP settings that cannot
-    work (called before training, and when the evaluator is built)."""
-    wanted = [k for k, on in (("TEST.AP_FIXED.ENABLED", cfg.TEST.AP_FIXED.ENABLED),
-                              ("TEST.AP_POOL", cfg.TEST.AP_POOL),
-                              ("TEST.BOUNDARY_AP", cfg.TEST.BOUNDARY_AP)) if on]
-    if wanted and cfg.TEST.LVIS_EVAL_BACKEND != "fast":
-        raise SeesawEcmError(f"{', '.join(wanted)} need TEST.LVIS_EVAL_BACKEND 'fast' (the "
-                             f"official lvis API has none of them), not "
-                             f"{cfg.TEST.LVIS_EVAL_BACKEND!r}.")
-    if cfg.TEST.AP_POOL and not cfg.TEST.AP_FIXED.ENABLED:
-        raise SeesawEcmError("TEST.AP_POOL is computed on the top-K-per-class detections: set "
-                             "TEST.AP_FIXED.ENABLED True as well.")
-    if cfg.TEST.AP_FIXED.ENABLED and cfg.TEST.AP_FIXED.TOPK_PER_CLASS <= 0:
-        raise SeesawEcmError(f"TEST.AP_FIXED.TOPK_PER_CLASS must be > 0 (LVIS: 10000), got "
-                             f"{cfg.TEST.AP_FIXED.TOPK_PER_CLASS}.")
-    if cfg.TEST.AP_FIXED.ENABLED and not issubclass(
-            ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME),
-            (LongTailROIHeads, LongTailCascadeROIHeads)):  # those with a topk_filter
-        raise SeesawEcmError(
-            f"TEST.AP_FIXED needs ROI heads with top-K-per-class inference (LongTailROIHeads, "
-            f"LongTailCascadeROIHeads, HTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}. For "
-            "detectron2's StandardROIHeads with softmax CE, add MODEL.ROI_HEADS.NAME "
-            "LongTailROIHeads (MODEL.LONG_TAIL.LOSS 'ce': the same weights and scores).")
-    if cfg.TEST.BOUNDARY_AP and not cfg.MODEL.MASK_ON:
-        raise SeesawEcmError("TEST.BOUNDARY_AP needs masks: set MODEL.MASK_ON True or turn "
-                             "TEST.BOUNDARY_AP off.")
 
 
 class CPUAMPTrainer(AMPTrainer):
@@ -120,11 +86,10 @@ class Trainer(DefaultTrainer):
         "ceil" repeat-factor rounding its sampler is a CeilRepeatSampler whose epochs are
         padded to the schedule's epoch size."""
         mapper = CheckedDatasetMapper(cfg, True)
-        if sampling_of(cfg) != "ceil":
+        ceil = ceil_train_sampler(cfg)
+        if ceil is None:
             return build_detection_train_loader(cfg, mapper=mapper)
-        dicts = train_dataset_dicts(cfg)
-        sampler = CeilRepeatSampler(repeat_counts(dicts, cfg.DATALOADER.REPEAT_THRESHOLD),
-                                    schedule_from_cfg(cfg, dicts).epoch_size)
+        dicts, sampler = ceil
         return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler, mapper=mapper)
 
     def resume_or_load(self, resume=True):
@@ -172,7 +137,7 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg):
         """detectron2's model; with MODEL.LONG_TAIL.TRAINABLE all of it frozen but the
         parameters it names (decoupled training from MODEL.WEIGHTS); with
-        MODEL.ROI_ALIGN_VECTORIZED_BACKWARD its RoIAlign layers take the vectorized CPU
+        MODEL.ROI_ALIGN.VECTORIZED_BACKWARD its RoIAlign layers take the vectorized CPU
         backward (seesaw_ecm/roi_align.py)."""
         patterns = cfg.MODEL.LONG_TAIL.TRAINABLE
         if patterns and not cfg.MODEL.WEIGHTS:
@@ -180,7 +145,7 @@ class Trainer(DefaultTrainer):
                 "MODEL.LONG_TAIL.TRAINABLE trains parts of a trained model: set MODEL.WEIGHTS to "
                 "its checkpoint (e.g. the first stage's model_final.pth).")
         model = super().build_model(cfg)
-        if cfg.MODEL.ROI_ALIGN_VECTORIZED_BACKWARD:
+        if cfg.MODEL.ROI_ALIGN.VECTORIZED_BACKWARD:
             use_vectorized_roi_align_backward(model)
         if patterns:
             trainable = freeze_all_but(model, patterns)
@@ -218,25 +183,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """detectron2's optimizer; with SOLVER.CLIP_GRADIENTS_GLOBAL_NORM > 0 its step first
-        clips the gradient norm over all parameters together (detectron2 0.6 only clips per
-        parameter) and, inside training, logs the norm before clipping as `grad_norm`."""
-        optimizer = super().build_optimizer(cfg, model)
-        max_norm = cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM
-        if max_norm <= 0:
-            return optimizer
-        base = type(optimizer)
-
-        class GlobalNormClipped(base):
-            def step(self, closure=None):
-                params = [p for group in self.param_groups for p in group["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                if _CURRENT_STORAGE_STACK:  # an EventStorage is open (training)
-                    get_event_storage().put_scalar("grad_norm", norm.item())
-                return super().step(closure)
-
-        optimizer.__class__ = GlobalNormClipped
-        return optimizer
+        """detectron2's optimizer, with the "full_model" SOLVER.CLIP_GRADIENTS.CLIP_TYPE
+        (seesaw_ecm/solver.py: the norm over all parameters, logged as `grad_norm`)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -265,15 +214,6 @@ class Trainer(DefaultTrainer):
                 train_counts=(lambda: training_class_info(cfg)[1]) if cfg.DATASETS.TRAIN else None)
         # detectron2's C++ COCO evaluator is not built by tools/install (no compiled ops).
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
-
-
-def lvis_evaluator_class(backend):
-    """The evaluator class of TEST.LVIS_EVAL_BACKEND `backend` (SeesawEcmError if unknown)."""
-    if backend not in LVIS_EVALUATORS:
-        raise SeesawEcmError(
-            f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
-            f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
-    return LVIS_EVALUATORS[backend]
 
 
 def per_dataset(cfg, results):

@@ -15,19 +15,16 @@ by epoch. Warm-up stays in iterations (SOLVER.WARMUP_ITERS), as in the official 
 """
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase
 
-from .data.samplers import check_rounding, repeat_counts, repeat_factors
+from .data.samplers import CeilRepeatSampler, copies_per_image, sampling_of
 from .errors import SeesawEcmError
 
 logger = logging.getLogger(__name__)
-
-# What the tools/schedule.py --sampler choices mean: DATALOADER.SAMPLER_TRAIN (+ REPEAT_ROUNDING)
-SAMPLINGS = ("none", "stochastic", "ceil")
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,7 @@ class EpochSchedule:
     ims_per_batch: int
     epochs: int
     epoch_steps: tuple
+    copies: torch.Tensor = field(default=None, compare=False, repr=False)  # (N,) per image
 
     @property
     def epoch_size(self):
@@ -59,34 +57,6 @@ class EpochSchedule:
                 f"{tuple(self.epoch_steps)} = STEPS {self.steps}")
 
 
-def sampling_of(cfg):
-    """"none" | "stochastic" | "ceil" for DATALOADER.SAMPLER_TRAIN and REPEAT_ROUNDING."""
-    rounding = cfg.DATALOADER.REPEAT_ROUNDING
-    check_rounding(rounding)
-    name = cfg.DATALOADER.SAMPLER_TRAIN
-    if name == "RepeatFactorTrainingSampler":
-        return rounding
-    if rounding != "stochastic":
-        raise SeesawEcmError(
-            f"DATALOADER.REPEAT_ROUNDING {rounding!r} applies to repeat-factor sampling but "
-            f"DATALOADER.SAMPLER_TRAIN is {name!r}; set SAMPLER_TRAIN "
-            "\"RepeatFactorTrainingSampler\" or leave REPEAT_ROUNDING \"stochastic\".")
-    if name == "TrainingSampler":
-        return "none"
-    return None  # another detectron2 sampler: no epoch definition here
-
-
-def copies_per_image(dataset_dicts, sampling, threshold):
-    """(N,) float64 copies of each image per epoch (expected ones for "stochastic")."""
-    if sampling == "none":
-        return torch.ones(len(dataset_dicts), dtype=torch.float64)
-    if sampling == "stochastic":
-        return repeat_factors(dataset_dicts, threshold).double()
-    if sampling == "ceil":
-        return repeat_counts(dataset_dicts, threshold).double()
-    raise SeesawEcmError(f"Unknown sampling {sampling!r}; choose one of {SAMPLINGS}.")
-
-
 def derive_schedule(dataset_dicts, *, sampling, threshold, ims_per_batch, epochs,
                     epoch_steps=()):
     """The EpochSchedule of `dataset_dicts` (detectron2 dataset dicts with height / width)."""
@@ -94,7 +64,8 @@ def derive_schedule(dataset_dicts, *, sampling, threshold, ims_per_batch, epochs
     wide = torch.tensor([d["width"] / d["height"] > 1 for d in dataset_dicts])
     iters = sum(math.ceil(copies[wide == g].sum().item() / ims_per_batch)
                 for g in (False, True))
-    return EpochSchedule(copies.sum().item(), iters, ims_per_batch, epochs, tuple(epoch_steps))
+    return EpochSchedule(copies.sum().item(), iters, ims_per_batch, epochs, tuple(epoch_steps),
+                         copies)
 
 
 def check_epoch_keys(cfg):
@@ -123,12 +94,9 @@ def train_dataset_dicts(cfg):
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
 
 
-def schedule_from_cfg(cfg, dataset_dicts):
-    """EpochSchedule of a config (SOLVER.EPOCHS may be 0: then only the epoch length matters),
-    or None for a sampler without an epoch definition here."""
-    sampling = sampling_of(cfg)
-    if sampling is None:
-        return None
+def schedule_from_cfg(cfg, dataset_dicts, sampling):
+    """EpochSchedule of a config (SOLVER.EPOCHS may be 0: then only the epoch length matters)
+    under `sampling` (sampling_of(cfg), not None)."""
     return derive_schedule(
         dataset_dicts, sampling=sampling, threshold=cfg.DATALOADER.REPEAT_THRESHOLD,
         ims_per_batch=cfg.SOLVER.IMS_PER_BATCH, epochs=cfg.SOLVER.EPOCHS,
@@ -139,23 +107,35 @@ def apply_epoch_schedule(cfg):
     """(cfg, schedule): with SOLVER.EPOCHS > 0 a copy of cfg whose SOLVER.MAX_ITER and STEPS are
     derived from DATASETS.TRAIN (a deterministic function of the annotation files and cfg, hence
     the same on every rank), logged; otherwise (cfg, None). Checks the keys first."""
-    sampling_of(cfg)
+    sampling = sampling_of(cfg)
     check_epoch_keys(cfg)
     if cfg.SOLVER.EPOCHS == 0:
         return cfg, None
-    schedule = schedule_from_cfg(cfg, train_dataset_dicts(cfg))
-    if schedule is None:
+    if sampling is None:
         raise SeesawEcmError(
             f"SOLVER.EPOCHS needs DATALOADER.SAMPLER_TRAIN \"TrainingSampler\" or "
             f"\"RepeatFactorTrainingSampler\" (got {cfg.DATALOADER.SAMPLER_TRAIN!r}); set "
             "SOLVER.EPOCHS 0 and SOLVER.MAX_ITER instead.")
+    schedule = schedule_from_cfg(cfg, train_dataset_dicts(cfg), sampling)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = schedule.max_iter, schedule.steps
     cfg.freeze()
-    logger.info(f"Epoch schedule ({sampling_of(cfg)} sampling of {cfg.DATASETS.TRAIN}): "
+    logger.info(f"Epoch schedule ({sampling} sampling of {cfg.DATASETS.TRAIN}): "
                 + schedule.describe() + " (SOLVER.EPOCHS 0 to set MAX_ITER and STEPS instead)")
     return cfg, schedule
+
+
+def ceil_train_sampler(cfg):
+    """(dataset dicts, CeilRepeatSampler) of DATASETS.TRAIN under "ceil" repeat-factor rounding,
+    its epochs padded to the schedule's epoch size; None for any other sampling (detectron2's
+    train loader builds those samplers itself)."""
+    sampling = sampling_of(cfg)
+    if sampling != "ceil":
+        return None
+    dicts = train_dataset_dicts(cfg)
+    schedule = schedule_from_cfg(cfg, dicts, sampling)
+    return dicts, CeilRepeatSampler(schedule.copies, schedule.epoch_size)
 
 
 class EpochProgressHook(HookBase):

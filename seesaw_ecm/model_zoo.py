@@ -34,7 +34,7 @@ from detectron2.modeling import build_model
 from safetensors.torch import load as deserialize_safetensors
 from safetensors.torch import save as serialize_safetensors
 
-from .config import add_seesaw_ecm_config
+from .config import add_seesaw_ecm_config, merge_config
 from .data.datasets import register_from_cfg
 from .errors import SeesawEcmError
 from .fileio import write_atomic
@@ -189,8 +189,7 @@ def load_config(config_file, opts=()):
         raise SeesawEcmError(f"Config file {config_file} does not exist.")
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    merge_config(cfg, config_file, opts)
     cfg.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
     register_from_cfg(cfg)
     return cfg

@@ -1,24 +1,18 @@
 """One validation pass over a run's config and datasets, before the model or a data loader is
 built and before anything is written to OUTPUT_DIR: every problem found, in one message.
 
-- Config: TEST.LVIS_EVAL_BACKEND, MODEL.META_ARCHITECTURE and ROI_HEADS.NAME registered, the
-  MODEL.LONG_TAIL combination (checked by building the loss as the model does, without class
-  statistics), MODEL.CASCADE for the cascade heads, MODEL.TSD, GRADIENT_BALANCE.PERIOD,
-  HTC-Lite's context with its meta-architecture, test-time augmentation (TEST.AUG), training
-  augmentation (INPUT.LONG_EDGE_TRAIN, CROP_AFTER_RESIZE, INSTABOOST).
-- Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from the
-  weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
-  file: fields, references, unique ids), unique image ids, class count equal to
-  MODEL.ROI_HEADS.NUM_CLASSES (every loss and head), the same class names in every dataset,
-  category ids in [0, NUM_CLASSES), image files present and readable
-  (DATASETS.CHECK_IMAGE_FILES).
-- Test datasets, by the evaluator_type of their metadata (`EVALUATOR_CHECKS`; other types are
-  skipped): the fields that evaluator reads from the annotation file.
+The checks are small functions registered in ``CONFIG_CHECKS`` (the config alone) and
+``DATASET_CHECKS`` (the datasets the run reads) by the decorators below, each with a docstring
+saying what it checks; a check takes (cfg, eval_only) and returns a list of problems or raises
+SeesawEcmError for one. Test datasets are also checked by the evaluator_type of their metadata
+(``EVALUATOR_CHECKS``; other types are skipped): the fields that evaluator reads from the
+annotation file.
 
 :func:`validate_run` runs the checks on the main process and raises the same SeesawEcmError on
 every rank.
 """
 import collections
+import functools
 import logging
 import os
 import stat
@@ -33,22 +27,40 @@ from .data.datasets import read_lvis_json
 from .data.instaboost import import_instaboostfast
 from .data.statistics import STATISTICS
 from .distributed import on_main_process
-from .engine import check_lvis_metrics_config, lvis_evaluator_class
 from .errors import SeesawEcmError
+from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.lvis_fast import FREQ_LABELS
 from .gradient_balance import check_period
-from .modeling import HTCLiteRCNN, HTCLiteROIHeads, build_cls_loss
-from .modeling.cls_loss import ecm_statistic, statistics_from_train, uses_cosine_classifier
-from .modeling.deform_conv import check_deform_conv_config
-from .modeling import LongTailCascadeROIHeads, LongTailROIHeads
-from .modeling.tsd import check_config as check_tsd_config
+from .modeling.cascade import LongTailCascadeROIHeads
+from .modeling.cls_loss import (ecm_statistic, loss_spec, statistics_from_train,
+                                uses_cosine_classifier)
+from .modeling.htc_lite import HTCLiteRCNN, HTCLiteROIHeads
+from .modeling.roi_heads import LongTailROIHeads
 from .modeling.tta import check_tta_config
+from .modeling.deform_conv import check_deform_conv_config
+from .modeling.tsd import check_config as check_tsd_config
+from .solver import check_clip_config
 
 logger = logging.getLogger(__name__)
 
 NAMED = 3  # ids / files named in a message; the rest are counted
 STAT_THREADS = 16  # concurrent stats: on a network filesystem a stat waits for a round trip
 STAT_CHUNK = 1000  # paths per thread task
+
+CONFIG_CHECKS = []  # checks of the config alone, in the order they run
+DATASET_CHECKS = []  # checks of the datasets the run reads, after the config's
+
+
+def config_check(check):
+    """Register `check(cfg, eval_only)` as a check of the config alone."""
+    CONFIG_CHECKS.append(check)
+    return check
+
+
+def dataset_check(check):
+    """Register `check(cfg, eval_only)` as a check of the datasets a run reads."""
+    DATASET_CHECKS.append(check)
+    return check
 
 
 def _some(items):
@@ -58,75 +70,205 @@ def _some(items):
     return ", ".join(str(x) for x in items[:NAMED]) + more
 
 
-def _collect(problems, check, *args):
-    """check(*args); the SeesawEcmError it raises becomes an entry of `problems`."""
-    try:
-        return check(*args)
-    except SeesawEcmError as e:
-        problems.append(str(e))
-    return None
+def _run(checks, cfg, eval_only):
+    """The problems the checks find: those they return and the SeesawEcmError each raises."""
+    problems = []
+    for check in checks:
+        try:
+            problems += check(cfg, eval_only) or []
+        except SeesawEcmError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _roi_heads(cfg):
+    """The class of MODEL.ROI_HEADS.NAME, or None if it is not registered (reported apart)."""
+    name = cfg.MODEL.ROI_HEADS.NAME
+    return ROI_HEADS_REGISTRY.get(name) if name in ROI_HEADS_REGISTRY else None
 
 
 def _registered(registry, key, name):
     if name not in registry:
         raise SeesawEcmError(
             f"{key} {name!r} is not registered; choose one of {sorted(n for n, _ in registry)}.")
-    return registry.get(name)
 
 
-def _check_long_tail(cfg):
-    uses_cosine_classifier(cfg)
+@config_check
+def check_lvis_eval_backend(cfg, eval_only):
+    """TEST.LVIS_EVAL_BACKEND names an LVIS evaluator."""
+    lvis_evaluator_class(cfg.TEST.LVIS_EVAL_BACKEND)
+
+
+@config_check
+def check_lvis_metrics_config(cfg, eval_only=False):
+    """TEST.AP_FIXED / AP_POOL / BOUNDARY_AP can work: the fast backend, AP-pool on top of
+    AP-fixed, K > 0, ROI heads with top-K-per-class inference, masks for boundary AP (also called
+    when the evaluator is built)."""
+    wanted = [k for k, on in (("TEST.AP_FIXED.ENABLED", cfg.TEST.AP_FIXED.ENABLED),
+                              ("TEST.AP_POOL", cfg.TEST.AP_POOL),
+                              ("TEST.BOUNDARY_AP", cfg.TEST.BOUNDARY_AP)) if on]
+    if wanted and cfg.TEST.LVIS_EVAL_BACKEND != "fast":
+        raise SeesawEcmError(f"{', '.join(wanted)} need TEST.LVIS_EVAL_BACKEND 'fast' (the "
+                             f"official lvis API has none of them), not "
+                             f"{cfg.TEST.LVIS_EVAL_BACKEND!r}.")
+    if cfg.TEST.AP_POOL and not cfg.TEST.AP_FIXED.ENABLED:
+        raise SeesawEcmError("TEST.AP_POOL is computed on the top-K-per-class detections: set "
+                             "TEST.AP_FIXED.ENABLED True as well.")
+    if cfg.TEST.AP_FIXED.ENABLED and cfg.TEST.AP_FIXED.TOPK_PER_CLASS <= 0:
+        raise SeesawEcmError(f"TEST.AP_FIXED.TOPK_PER_CLASS must be > 0 (LVIS: 10000), got "
+                             f"{cfg.TEST.AP_FIXED.TOPK_PER_CLASS}.")
+    heads = _roi_heads(cfg)  # None: not registered, reported by check_roi_heads
+    if cfg.TEST.AP_FIXED.ENABLED and heads and not issubclass(
+            heads, (LongTailROIHeads, LongTailCascadeROIHeads)):  # those with a topk_filter
+        raise SeesawEcmError(
+            f"TEST.AP_FIXED needs ROI heads with top-K-per-class inference (LongTailROIHeads, "
+            f"LongTailCascadeROIHeads, HTCLiteROIHeads), not {cfg.MODEL.ROI_HEADS.NAME!r}. For "
+            "detectron2's StandardROIHeads with softmax CE, add MODEL.ROI_HEADS.NAME "
+            "LongTailROIHeads (MODEL.LONG_TAIL.LOSS 'ce': the same weights and scores).")
+    if cfg.TEST.BOUNDARY_AP and not cfg.MODEL.MASK_ON:
+        raise SeesawEcmError("TEST.BOUNDARY_AP needs masks: set MODEL.MASK_ON True or turn "
+                             "TEST.BOUNDARY_AP off.")
+
+
+@config_check
+def check_test_time_augmentation(cfg, eval_only):
+    """TEST.AUG settings that test-time augmentation can run."""
+    check_tta_config(cfg)
+
+
+@config_check
+def check_deformable_convs(cfg, eval_only):
+    """MODEL.RESNETS.DEFORM_ON_PER_STAGE has a backbone builder that can run it on this install
+    (without compiled detectron2 ops: the project's DCN builders)."""
+    check_deform_conv_config(cfg)
+
+
+@config_check
+def check_train_augmentation(cfg, eval_only):
+    """INPUT.LONG_EDGE_TRAIN and CROP_AFTER_RESIZE; with INPUT.INSTABOOST, instaboostfast
+    installed."""
+    check_train_augmentation_config(cfg)
+    if cfg.INPUT.INSTABOOST.ENABLED:
+        import_instaboostfast()
+
+
+@config_check
+def check_meta_architecture(cfg, eval_only):
+    """MODEL.META_ARCHITECTURE is registered."""
+    _registered(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE)
+
+
+@config_check
+def check_roi_heads(cfg, eval_only):
+    """MODEL.ROI_HEADS.NAME is registered."""
+    _registered(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", cfg.MODEL.ROI_HEADS.NAME)
+
+
+def _increasing(values):
+    return list(values) == sorted(values)
+
+
+# MODEL.LONG_TAIL.LOSS -> what its loss module requires of its arguments when it is built:
+# (key under MODEL.LONG_TAIL, test of the value, the requirement in words)
+_PRIOR = ("PRIOR_PROB", lambda v: 0 < v < 1, "in (0, 1)")
+LOSS_ARGUMENTS = {
+    "federated": (("FEDERATED.NUM_CLASSES", lambda v: v >= 1, ">= 1"),),
+    "eql": (_PRIOR,),
+    "eqlv2": (_PRIOR,),
+    "droploss": (_PRIOR,),
+    "bags": (("BAGS.BIN_SPLIT", _increasing, "increasing"),),
+}
+
+
+@config_check
+def check_long_tail(cfg, eval_only):
+    """For the long-tail ROI heads, MODEL.LONG_TAIL: LOSS with OBJECTNESS, CLASSIFIER,
+    STATISTICS_FROM, ECM.STATISTIC, and the values the chosen loss requires (LOSS_ARGUMENTS),
+    without building the loss (the model builds it once)."""
+    heads = _roi_heads(cfg)
+    if heads is None or not issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
+        return []
+    uses_cosine_classifier(cfg)  # checks CLASSIFIER, then LOSS with OBJECTNESS
+    loss_spec(cfg)
     statistics_from_train(cfg)
     statistic = ecm_statistic(cfg)
     if statistic not in STATISTICS:
         raise SeesawEcmError(f"MODEL.LONG_TAIL.ECM.STATISTIC {statistic!r}: valid choices are "
                              f"{STATISTICS}.")
-    probe = cfg.clone()  # the loss's own checks, without counting the training set
-    probe.defrost()
-    probe.MODEL.LONG_TAIL.STATISTICS_FROM = "checkpoint"
-    try:
-        build_cls_loss(probe)
-    except SeesawEcmError:
-        raise
-    except ValueError as e:  # the losses are framework-free: they raise plain ValueError
-        raise SeesawEcmError(f"MODEL.LONG_TAIL: {e}") from None
+    lt = cfg.MODEL.LONG_TAIL
+    if lt.LOSS == "loce" and cfg.MODEL.ROI_HEADS.NAME != "LOCEROIHeads":
+        raise SeesawEcmError('MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME '
+                             '"LOCEROIHeads" (it updates the mean scores and replays features).')
+    problems = []
+    for key, valid, requirement in LOSS_ARGUMENTS.get(lt.LOSS, ()):
+        value = functools.reduce(lambda node, part: node[part], key.split("."), lt)
+        if not valid(value):
+            problems.append(f"MODEL.LONG_TAIL.{key} must be {requirement} for LOSS {lt.LOSS!r}, "
+                            f"got {value}.")
+    return problems
+
+
+@config_check
+def check_cascade(cfg, eval_only):
+    """For the cascade heads (and HTC-Lite's), MODEL.CASCADE values they can run."""
+    heads = _roi_heads(cfg)
+    if heads is not None and issubclass(heads, LongTailCascadeROIHeads):
+        heads.check_config(cfg)
+
+
+@config_check
+def check_htc_lite_context(cfg, eval_only):
+    """Training HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT needs the HTCLiteRCNN
+    meta-architecture (its image-level labels)."""
+    heads = _roi_heads(cfg)
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if (not eval_only and heads is not None and issubclass(heads, HTCLiteROIHeads)
+            and cfg.MODEL.HTC_LITE.CONTEXT and arch in META_ARCH_REGISTRY
+            and not issubclass(META_ARCH_REGISTRY.get(arch), HTCLiteRCNN)):
+        raise SeesawEcmError(
+            "HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT True trains on image-level labels that "
+            "only MODEL.META_ARCHITECTURE 'HTCLiteRCNN' provides; set it (or CONTEXT False).")
+
+
+@config_check
+def check_tsd(cfg, eval_only):
+    """With MODEL.TSD.ENABLED, MODEL.TSD values TSD can run."""
+    if cfg.MODEL.TSD.ENABLED:
+        check_tsd_config(cfg)
+
+
+@config_check
+def check_gradient_balance(cfg, eval_only):
+    """With the gradient-balance hook, a positive MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD."""
+    if cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED:
+        check_period(cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD)
+
+
+@config_check
+def check_gradient_clipping(cfg, eval_only):
+    """SOLVER.CLIP_GRADIENTS: a known CLIP_TYPE ("full_model" included) and CLIP_VALUE > 0."""
+    check_clip_config(cfg)
+
+
+@config_check
+def check_num_classes(cfg, eval_only):
+    """MODEL.ROI_HEADS.NUM_CLASSES >= 1."""
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
+        raise SeesawEcmError(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; "
+                             "set it to the number of classes of the datasets.")
+
+
+@config_check
+def check_train_datasets_named(cfg, eval_only):
+    """Training names its datasets (DATASETS.TRAIN not empty)."""
+    if not eval_only and not cfg.DATASETS.TRAIN:
+        raise SeesawEcmError("DATASETS.TRAIN is empty: name the training datasets (or evaluate "
+                             "with --eval-only).")
 
 
 def config_problems(cfg, eval_only=False):
     """Problems of the config alone (no dataset read): a list of messages."""
-    problems = []
-    _collect(problems, lvis_evaluator_class, cfg.TEST.LVIS_EVAL_BACKEND)
-    _collect(problems, check_lvis_metrics_config, cfg)
-    _collect(problems, check_tta_config, cfg)
-    _collect(problems, check_deform_conv_config, cfg)
-    _collect(problems, check_train_augmentation_config, cfg)
-    if cfg.INPUT.INSTABOOST.ENABLED:
-        _collect(problems, import_instaboostfast)
-    arch = _collect(problems, _registered, META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
-                    cfg.MODEL.META_ARCHITECTURE)
-    heads = _collect(problems, _registered, ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME",
-                     cfg.MODEL.ROI_HEADS.NAME)
-    if heads is not None and issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
-        _collect(problems, _check_long_tail, cfg)
-    if heads is not None and issubclass(heads, LongTailCascadeROIHeads):
-        _collect(problems, heads.check_config, cfg)  # MODEL.CASCADE
-    if (not eval_only and heads is not None and issubclass(heads, HTCLiteROIHeads)
-            and cfg.MODEL.HTC_LITE.CONTEXT and arch is not None
-            and not issubclass(arch, HTCLiteRCNN)):
-        problems.append(
-            "HTCLiteROIHeads with MODEL.HTC_LITE.CONTEXT True trains on image-level labels that "
-            "only MODEL.META_ARCHITECTURE 'HTCLiteRCNN' provides; set it (or CONTEXT False).")
-    if cfg.MODEL.TSD.ENABLED:
-        _collect(problems, check_tsd_config, cfg)
-    if cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED:
-        _collect(problems, check_period, cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD)
-    if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
-        problems.append(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; set "
-                        "it to the number of classes of the datasets.")
-    if not eval_only and not cfg.DATASETS.TRAIN:
-        problems.append("DATASETS.TRAIN is empty: name the training datasets (or evaluate "
-                        "with --eval-only).")
-    return problems
+    return _run(CONFIG_CHECKS, cfg, eval_only)
 
 
 def _readable(path):
@@ -221,8 +363,14 @@ def record_problems(name, records, num_classes, check_ids=True):
     return problems
 
 
+@dataset_check
 def dataset_problems(cfg, eval_only=False):
-    """Problems of every dataset the run reads: a list of messages."""
+    """Every dataset of DATASETS.TRAIN (training only: evaluation takes the class statistics from
+    the weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
+    file: fields, references, unique ids), unique image ids, class count equal to
+    MODEL.ROI_HEADS.NUM_CLASSES, the same class names in every dataset, category ids in
+    [0, NUM_CLASSES), image files present and readable (DATASETS.CHECK_IMAGE_FILES), and what the
+    evaluator of each test set reads (EVALUATOR_CHECKS)."""
     problems = []
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     train = () if eval_only else tuple(cfg.DATASETS.TRAIN)
@@ -271,7 +419,7 @@ def dataset_problems(cfg, eval_only=False):
 
 def find_problems(cfg, eval_only=False):
     """Every problem of the config and the datasets of a run (training, or evaluation only)."""
-    return config_problems(cfg, eval_only) + dataset_problems(cfg, eval_only)
+    return config_problems(cfg, eval_only) + _run(DATASET_CHECKS, cfg, eval_only)
 
 
 def _message(problems):

@@ -33,15 +33,22 @@ LOCE_FT = LOCE_DIR + "loce_mask_rcnn_r50_fpn_normed_mask_mstrain_2x_lvis_v1.py"
 
 
 def schedule_rows(epochs, steps, schedule_source, warmup_iters, warmup_ratio, clip, source):
-    """The rows of an official schedule: epochs and lr steps, iteration warm-up, clipping."""
-    clipping = f"grad_clip max_norm={clip:g}, norm_type=2" if clip else "grad_clip=None"
+    """The rows of an official schedule: epochs and lr steps, iteration warm-up, clipping (mmcv's
+    grad_clip: the global norm of all gradients, SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model")."""
+    if clip:
+        clipping = source + f": grad_clip max_norm={clip:g}, norm_type=2"
+        clip_rows = [("SOLVER.CLIP_GRADIENTS.ENABLED", True, clipping),
+                     ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model", clipping),
+                     ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", clip, clipping),
+                     ("SOLVER.CLIP_GRADIENTS.NORM_TYPE", 2.0, clipping)]
+    else:
+        clip_rows = [("SOLVER.CLIP_GRADIENTS.ENABLED", False, source + ": grad_clip=None")]
     return [
         ("SOLVER.EPOCHS", epochs, schedule_source + f": max_epochs={epochs}"),
         ("SOLVER.EPOCH_STEPS", steps, schedule_source + f": lr_config step={list(steps)}"),
         ("SOLVER.WARMUP_ITERS", warmup_iters, source + f": warmup_iters={warmup_iters}"),
         ("SOLVER.WARMUP_FACTOR", warmup_ratio, source + f": warmup_ratio={warmup_ratio:g}"),
-        ("SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", clip, source + ": " + clipping),
-    ]
+    ] + clip_rows
 
 
 ROWS = {
@@ -54,7 +61,6 @@ ROWS = {
         ("SOLVER.BIAS_LR_FACTOR", 1.0, SCHEDULE_1X + ": no paramwise_cfg"),
         ("SOLVER.GAMMA", 0.1, SCHEDULE_1X + ": policy='step' (mmcv default gamma 0.1)"),
         ("SOLVER.WARMUP_METHOD", "linear", SCHEDULE_1X + ": warmup='linear'"),
-        ("SOLVER.CLIP_GRADIENTS.ENABLED", False, SCHEDULE_1X + ": no per-parameter clipping"),
         ("MODEL.ROI_HEADS.NUM_CLASSES", 1203, SEESAW + ": num_classes=1203"),
         ("INPUT.MIN_SIZE_TRAIN", (640, 672, 704, 736, 768, 800),
          SEESAW + ": Resize img_scale (1333, 640) ... (1333, 800)"),

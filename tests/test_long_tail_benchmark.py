@@ -371,7 +371,7 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
         cfg = cfgs[loss].clone()
         # what a long-tail config may change: the heads, the loss, and (ECM) warm-up + clip
         for key in ("MODEL.ROI_HEADS.NAME", "MODEL.ROI_MASK_HEAD.NAME", "MODEL.LONG_TAIL",
-                    "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS_GLOBAL_NORM", "OUTPUT_DIR"):
+                    "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS", "OUTPUT_DIR"):
             node, leaf = key.rsplit(".", 1) if "." in key else ("", key)
             src = cfgs["ce"]
             for part in filter(None, node.split(".")):
@@ -390,7 +390,7 @@ def test_demo_configs_differ_from_each_other_only_in_the_loss():
         derived.OUTPUT_DIR = shipped.OUTPUT_DIR
         if loss == "ecm":
             derived.SOLVER.WARMUP_ITERS = cfgs["ce"].SOLVER.WARMUP_ITERS
-            derived.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 35.0
+            derived.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 35.0
         assert derived == shipped, loss
     assert "--archs cascade" in open("tools/run_main.sh").read()
 

@@ -358,7 +358,8 @@ def test_cascade_scores_are_the_mean_of_the_stages_probabilities():
 def test_global_norm_clipping():
     cfg = small_cfg()
     cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM, cfg.SOLVER.WEIGHT_DECAY = 1.0, 0.0, 0.0
-    cfg.SOLVER.CLIP_GRADIENTS_GLOBAL_NORM = 2.0
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED, cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = True, "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 2.0
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     before = [p.detach().clone() for p in model.parameters()]
     opt = Trainer.build_optimizer(cfg, model)

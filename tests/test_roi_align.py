@@ -1,6 +1,6 @@
 """seesaw_ecm/roi_align.py: the vectorized CPU backward of RoIAlign against torchvision's own
 kernel (the independent computation), inside detectron2's poolers and the whole model, and the
-MODEL.ROI_ALIGN_VECTORIZED_BACKWARD switch."""
+MODEL.ROI_ALIGN.VECTORIZED_BACKWARD switch."""
 import pytest
 import torch
 from detectron2.layers import ROIAlign
@@ -113,7 +113,7 @@ def test_swapped_layer_uses_torchvision_without_gradient_and_scripts():
 
 @pytest.mark.parametrize("on", [False, True])
 def test_config_switch_builds_the_model_with_it(on):
-    cfg = small_cfg(CASCADE, "MODEL.ROI_ALIGN_VECTORIZED_BACKWARD", on)
+    cfg = small_cfg(CASCADE, "MODEL.ROI_ALIGN.VECTORIZED_BACKWARD", on)
     model = Trainer.build_model(cfg)
     swapped = sum(type(m) is ROIAlignVectorizedBackward for m in model.modules())
     levels = len(cfg.MODEL.ROI_HEADS.IN_FEATURES)
@@ -125,7 +125,7 @@ def test_model_gradients_equal_with_and_without_the_switch():
     grads = []
     for on in (False, True):
         torch.manual_seed(0)
-        model = Trainer.build_model(small_cfg(CASCADE, "MODEL.ROI_ALIGN_VECTORIZED_BACKWARD", on))
+        model = Trainer.build_model(small_cfg(CASCADE, "MODEL.ROI_ALIGN.VECTORIZED_BACKWARD", on))
         model.train()
         torch.manual_seed(1)
         with EventStorage():

@@ -1,4 +1,5 @@
 """mmdetection-style repeat-factor sampling ("ceil") and schedules in epochs."""
+import ast
 import collections
 import itertools
 import json
@@ -10,10 +11,11 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
+import seesaw_ecm.data.samplers
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import load_lvis_format_json, register_lvis_format
 from seesaw_ecm.data.samplers import CeilRepeatSampler, repeat_counts
-from seesaw_ecm.epochs import apply_epoch_schedule, derive_schedule
+from seesaw_ecm.epochs import apply_epoch_schedule, ceil_train_sampler, derive_schedule
 from seesaw_ecm.errors import SeesawEcmError
 
 
@@ -185,6 +187,27 @@ def _trainer_cfg(name, out_dir, *opts):
 
 def _batches(loader_iter, n):
     return [[d["image_id"] for d in next(loader_iter)] for _ in range(n)]
+
+
+def test_ceil_train_sampler_holds_the_counts_padded_to_the_schedule(tiny_train, tmp_path):
+    cfg = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", "ceil")
+    dicts, sampler = ceil_train_sampler(cfg)
+    counts = repeat_counts(dicts, 0.3)
+    schedule = derive_schedule(dicts, sampling="ceil", threshold=0.3, ims_per_batch=2, epochs=1)
+    assert sampler.epoch_size == schedule.epoch_size >= int(counts.sum())
+    pad = sampler.epoch_size - int(counts.sum())
+    epoch = torch.tensor(sampler.epoch(0))
+    padding = torch.bincount(epoch[:pad], minlength=len(counts))  # the epoch's first `pad`
+    assert torch.equal(torch.bincount(epoch, minlength=len(counts)) - padding, counts)
+    stochastic = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", "stochastic")
+    assert ceil_train_sampler(stochastic) is None  # detectron2 builds its own sampler
+
+
+def test_samplers_do_not_import_the_epoch_schedule():
+    """The schedule reads the samplers' definition of an epoch, never the other way round."""
+    source = open(seesaw_ecm.data.samplers.__file__).read()
+    imported = [n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
+    assert imported and not any("epochs" in (m or "") or "engine" in (m or "") for m in imported)
 
 
 @pytest.mark.parametrize("rounding", ["ceil", "stochastic"])

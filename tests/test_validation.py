@@ -2,7 +2,9 @@
 messages of the README's "Bad input" table: checks run as functions on a small synthetic set,
 plus a few end-to-end train_net.py runs (slow) that must exit 2 with one message, no traceback,
 and nothing written."""
+import ast
 import copy
+import inspect
 import itertools
 import json
 import os
@@ -24,7 +26,10 @@ from seesaw_ecm.data.statistics import class_statistics
 from seesaw_ecm.distributed import on_main_process
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.gradient_balance import check_period
-from seesaw_ecm.validation import find_problems, unreadable_files, validate_run
+import seesaw_ecm
+from seesaw_ecm.modeling.cls_loss import LOSS_SPECS, build_cls_loss
+from seesaw_ecm.validation import (CONFIG_CHECKS, DATASET_CHECKS, LOSS_ARGUMENTS, find_problems,
+                                   unreadable_files, validate_run)
 
 SEESAW = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
 NUM_CLASSES = 12  # the small_synthetic fixture
@@ -220,11 +225,85 @@ def test_unreadable_files_keeps_order_across_chunks(tmp_path):
     (("MODEL.ROI_HEADS.NAME", "LongTailRoIHeads"), "MODEL.ROI_HEADS.NAME 'LongTailRoIHeads' is "
      "not registered; choose one of"),
     (("MODEL.META_ARCHITECTURE", "HTCLite"), "MODEL.META_ARCHITECTURE 'HTCLite' is not registered"),
+    (("MODEL.ROI_HEADS.NAME", "TopKHeads", "TEST.AP_FIXED.ENABLED", True),
+     "MODEL.ROI_HEADS.NAME 'TopKHeads' is not registered"),
     (("DATASETS.TRAIN", ()), "DATASETS.TRAIN is empty"),
+    (("SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "global"),
+     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'global' is unknown; choose one of 'value', 'norm', "
+     "'full_model'."),
+    (("MODEL.LONG_TAIL.LOSS", "loce", "MODEL.LONG_TAIL.OBJECTNESS", False),
+     'MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME "LOCEROIHeads"'),
 ])
 def test_config_problems(small, opts, message):
     found = problems_of(small, *opts)
     assert len(found) == 1 and found[0].startswith(message), found
+
+
+def _bad_loss_arguments():
+    """(loss, key, bad value) for every row of LOSS_ARGUMENTS."""
+    bad = {"FEDERATED.NUM_CLASSES": 0, "PRIOR_PROB": 1.0, "BAGS.BIN_SPLIT": (100, 10)}
+    return [(loss, key, bad[key]) for loss, rows in LOSS_ARGUMENTS.items() for key, *_ in rows]
+
+
+@pytest.mark.parametrize("loss, key, bad", _bad_loss_arguments())
+def test_loss_arguments_are_checked_as_the_loss_checks_them(small, loss, key, bad):
+    """Validation rejects what the loss module rejects when the model builds it (and names the
+    key), without building the loss."""
+    opts = ("MODEL.LONG_TAIL.LOSS", loss, "MODEL.LONG_TAIL.OBJECTNESS", False)
+    cfg = make_cfg(small, *opts, "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint")
+    build_cls_loss(cfg)  # the shipped value passes both
+    assert problems_of(small, *opts) == []
+    cfg.merge_from_list([f"MODEL.LONG_TAIL.{key}", bad])
+    with pytest.raises(ValueError):
+        build_cls_loss(cfg)
+    found = problems_of(small, *opts, f"MODEL.LONG_TAIL.{key}", bad)
+    assert len(found) == 1 and found[0].startswith(f"MODEL.LONG_TAIL.{key} must be "), found
+
+
+def test_validation_does_not_build_the_loss(small, monkeypatch):
+    built = []
+    for name, spec in LOSS_SPECS.items():
+        monkeypatch.setitem(LOSS_SPECS, name, spec._replace(build=built.append))
+    for loss, objectness in (("seesaw", True), ("ecm", False), ("bags", False)):
+        assert problems_of(small, "MODEL.LONG_TAIL.LOSS", loss,
+                           "MODEL.LONG_TAIL.OBJECTNESS", objectness) == []
+    assert built == []
+
+
+def test_every_check_is_registered_and_says_what_it_checks():
+    checks = CONFIG_CHECKS + DATASET_CHECKS
+    assert len(set(checks)) == len(checks) >= 10
+    for check in checks:
+        assert check.__doc__ and len(check.__doc__.split()) >= 3, check.__name__
+        assert list(inspect.signature(check).parameters) == ["cfg", "eval_only"], check.__name__
+
+
+def test_validation_reaches_no_trainer():
+    """seesaw_ecm.validation imports, directly or through the modules it imports, neither the
+    trainer (seesaw_ecm.engine) nor train_net."""
+    package = os.path.dirname(seesaw_ecm.__file__)
+    seen, todo = set(), ["seesaw_ecm.validation"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
+        path = os.path.join(package, *parts[1:])
+        path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+        if not os.path.exists(path):
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                base = parts if os.path.basename(path) == "__init__.py" else parts[:-1]
+                base = base[:len(base) - node.level + 1] if node.level else []
+                name = ".".join(base + ([node.module] if node.module else []))
+                todo += [name] + [f"{name}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    assert "seesaw_ecm.validation" in seen and "seesaw_ecm.modeling.cls_loss" in seen
+    assert "seesaw_ecm.engine" not in seen and "train_net" not in seen
 
 
 def test_htc_lite_context_needs_its_meta_architecture(small):

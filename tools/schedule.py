@@ -18,7 +18,8 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from tabulate import tabulate
 
 from seesaw_ecm.data.datasets import load_lvis_format_json
-from seesaw_ecm.epochs import SAMPLINGS, derive_schedule
+from seesaw_ecm.data.samplers import SAMPLINGS
+from seesaw_ecm.epochs import derive_schedule
 
 
 def stochastic_epoch_sizes(dicts, threshold, n, seed=0):

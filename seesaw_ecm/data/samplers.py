@@ -26,6 +26,8 @@ from torch.utils.data import Sampler
 from ..errors import SeesawEcmError
 
 ROUNDINGS = ("stochastic", "ceil")
+# The samplings an epoch is defined for: DATALOADER.SAMPLER_TRAIN (+ REPEAT_ROUNDING)
+SAMPLINGS = ("none", "stochastic", "ceil")
 
 
 def repeat_factors(dataset_dicts, threshold):
@@ -42,11 +44,37 @@ def repeat_counts(dataset_dicts, threshold):
     return torch.ceil(repeat_factors(dataset_dicts, threshold)).long()
 
 
-def check_rounding(rounding):
+def sampling_of(cfg):
+    """"none" | "stochastic" | "ceil" for DATALOADER.SAMPLER_TRAIN and REPEAT_ROUNDING; None for
+    another detectron2 sampler (no epoch definition here)."""
+    rounding = cfg.DATALOADER.REPEAT_ROUNDING
     if rounding not in ROUNDINGS:
         raise SeesawEcmError(
             f"DATALOADER.REPEAT_ROUNDING {rounding!r} is unknown; choose one of "
             f"{', '.join(repr(r) for r in ROUNDINGS)}.")
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "RepeatFactorTrainingSampler":
+        return rounding
+    if rounding != "stochastic":
+        raise SeesawEcmError(
+            f"DATALOADER.REPEAT_ROUNDING {rounding!r} applies to repeat-factor sampling but "
+            f"DATALOADER.SAMPLER_TRAIN is {name!r}; set SAMPLER_TRAIN "
+            "\"RepeatFactorTrainingSampler\" or leave REPEAT_ROUNDING \"stochastic\".")
+    if name == "TrainingSampler":
+        return "none"
+    return None
+
+
+def copies_per_image(dataset_dicts, sampling, threshold):
+    """(N,) float64 copies of each image in one epoch of `sampling` (expected ones for
+    "stochastic")."""
+    if sampling == "none":
+        return torch.ones(len(dataset_dicts), dtype=torch.float64)
+    if sampling == "stochastic":
+        return repeat_factors(dataset_dicts, threshold).double()
+    if sampling == "ceil":
+        return repeat_counts(dataset_dicts, threshold).double()
+    raise SeesawEcmError(f"Unknown sampling {sampling!r}; choose one of {SAMPLINGS}.")
 
 
 class CeilRepeatSampler(Sampler):

@@ -248,3 +248,16 @@ class FastLVISEvaluator(LVISEvaluator):
             out.write(b"]")
         for part in parts:
             os.unlink(part)
+
+
+# TEST.LVIS_EVAL_BACKEND -> evaluator class (same arguments, same result keys and numbers)
+LVIS_EVALUATORS = {"fast": FastLVISEvaluator, "lvis": LVISEvaluator}
+
+
+def lvis_evaluator_class(backend):
+    """The evaluator class of TEST.LVIS_EVAL_BACKEND `backend` (SeesawEcmError if unknown)."""
+    if backend not in LVIS_EVALUATORS:
+        raise SeesawEcmError(
+            f"TEST.LVIS_EVAL_BACKEND {backend!r} is unknown; choose one of "
+            f"{', '.join(repr(k) for k in LVIS_EVALUATORS)}.")
+    return LVIS_EVALUATORS[backend]
