@@ -89,22 +89,20 @@ def test_pack_kernels_equal_pixel_shuffle_and_an_empty_batch_backpropagates():
     assert empty.grad.shape == empty.shape
 
 
-def _cfg(name):
-    cfg = get_cfg()
-    add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file("configs/Synthetic/Base-Synthetic-R18-FPN.yaml")
-    cfg.MODEL.BACKBONE.NAME = name
-    cfg.MODEL.FPN.OUT_CHANNELS = 8
-    cfg.MODEL.CARAFE.CHUNK_MB = 0
-    return cfg
+@pytest.fixture
+def fpn_cfg(make_cfg):
+    """fpn_cfg(name): the synthetic R18-FPN base with backbone builder `name`, 8 channels."""
+    return lambda name: make_cfg("configs/Synthetic/Base-Synthetic-R18-FPN.yaml",
+                                 "MODEL.BACKBONE.NAME", name, "MODEL.FPN.OUT_CHANNELS", 8,
+                                 "MODEL.CARAFE.CHUNK_MB", 0)
 
 
-def test_fpn_carafe_replaces_nearest_upsampling():
+def test_fpn_carafe_replaces_nearest_upsampling(fpn_cfg):
     torch.manual_seed(3)
-    fpn = build_backbone(_cfg("build_resnet_fpn_carafe_backbone"), ShapeSpec(channels=3))
+    fpn = build_backbone(fpn_cfg("build_resnet_fpn_carafe_backbone"), ShapeSpec(channels=3))
     assert isinstance(fpn, CARAFEFPN) and len(fpn.upsamplers) == len(fpn.in_features) - 1
     torch.manual_seed(3)
-    plain = build_backbone(_cfg("build_resnet_fpn_backbone"), ShapeSpec(channels=3))
+    plain = build_backbone(fpn_cfg("build_resnet_fpn_backbone"), ShapeSpec(channels=3))
     missing, unexpected = plain.load_state_dict(fpn.state_dict(), strict=False)
     assert not missing and all(k.startswith("upsamplers.") for k in unexpected)
     x = torch.randn(1, 3, 64, 64)

@@ -3,10 +3,8 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
-from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.modeling.fpg import FPG
 
@@ -14,15 +12,15 @@ STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 C = 16  # FPG channels in these tests
 
 
-def _cfg(*opts):
-    cfg = get_cfg()
-    add_seesaw_ecm_config(cfg)
-    cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_fpg_backbone", "MODEL.RESNETS.DEPTH", 18,
-                         "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-                         "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
-                         "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.FPG.OUT_CHANNELS", C,
-                         "MODEL.FPG.STACK_TIMES", 5, *opts])
-    return cfg
+@pytest.fixture
+def fpg_cfg(make_cfg):
+    """fpg_cfg(*opts): an FPG of C channels over a trainable ResNet-18, then `opts`."""
+    return lambda *opts: make_cfg(
+        None, "MODEL.BACKBONE.NAME", "build_fpg_backbone", "MODEL.RESNETS.DEPTH", 18,
+        "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
+        "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.FPG.OUT_CHANNELS", C, "MODEL.FPG.STACK_TIMES", 5,
+        *opts)
 
 
 def _image(h=72, w=100):
@@ -41,8 +39,8 @@ def _expected_parameters(in_channels, stacks, levels=5):
     return count
 
 
-def test_shapes_strides_and_gradient_reach_every_parameter():
-    fpg = build_backbone(_cfg())
+def test_shapes_strides_and_gradient_reach_every_parameter(fpg_cfg):
+    fpg = build_backbone(fpg_cfg())
     assert isinstance(fpg, FPG) and fpg.size_divisibility == 32
     out = fpg(_image())
     assert {k: tuple(v.shape) for k, v in out.items()} == {
@@ -55,20 +53,20 @@ def test_shapes_strides_and_gradient_reach_every_parameter():
 
 
 @pytest.mark.parametrize("stacks", [5, 6])
-def test_grid_has_the_published_structure(stacks):
-    fpg = build_backbone(_cfg("MODEL.FPG.STACK_TIMES", stacks))
+def test_grid_has_the_published_structure(stacks, fpg_cfg):
+    fpg = build_backbone(fpg_cfg("MODEL.FPG.STACK_TIMES", stacks))
     grid = [p.numel() for n, p in fpg.named_parameters() if not n.startswith("bottom_up.")]
     assert sum(grid) == _expected_parameters([64, 128, 256, 512], stacks)
 
 
-def test_skipped_nodes_are_the_published_staircase():
-    fpg = build_backbone(_cfg("MODEL.FPG.STACK_TIMES", 9))
+def test_skipped_nodes_are_the_published_staircase(fpg_cfg):
+    fpg = build_backbone(fpg_cfg("MODEL.FPG.STACK_TIMES", 9))
     skipped = [tuple(s for s in range(9) if not fpg.stacks[s][i]) for i in range(5)]
     assert skipped == [(0, 1, 2, 3), (0, 1, 2), (0, 1), (0,), ()]  # mmdetection's skip_inds
 
 
-def test_stack_times_changes_the_output():
-    five, six = (build_backbone(_cfg("MODEL.FPG.STACK_TIMES", n)).eval() for n in (5, 6))
+def test_stack_times_changes_the_output(fpg_cfg):
+    five, six = (build_backbone(fpg_cfg("MODEL.FPG.STACK_TIMES", n)).eval() for n in (5, 6))
     missing, unexpected = six.load_state_dict(five.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("stacks.5.") for k in missing)
     with torch.no_grad():  # the same weights but for the sixth pathway
@@ -76,20 +74,20 @@ def test_stack_times_changes_the_output():
     assert not torch.allclose(a["p2"], b["p2"]) and not torch.allclose(a["p6"], b["p6"])
 
 
-def test_on_resnest_and_bad_values():
+def test_on_resnest_and_bad_values(fpg_cfg):
     pytest.importorskip("timm")
-    fpg = build_backbone(_cfg("MODEL.FPG.BOTTOM_UP", "build_resnest_backbone",
-                              "MODEL.RESNEST.DEPTH", 14))
+    fpg = build_backbone(fpg_cfg("MODEL.FPG.BOTTOM_UP", "build_resnest_backbone",
+                                 "MODEL.RESNEST.DEPTH", 14))
     assert {k: v.shape[-2:] for k, v in fpg(_image(64, 64)).items()} == {
         k: (math.ceil(64 / s),) * 2 for k, s in STRIDES.items()}
     with pytest.raises(SeesawEcmError, match="MODEL.FPG.STACK_TIMES 4"):
-        build_backbone(_cfg("MODEL.FPG.STACK_TIMES", 4))
+        build_backbone(fpg_cfg("MODEL.FPG.STACK_TIMES", 4))
     with pytest.raises(SeesawEcmError, match="MODEL.FPG.BOTTOM_UP 'resnet'"):
-        build_backbone(_cfg("MODEL.FPG.BOTTOM_UP", "resnet"))
+        build_backbone(fpg_cfg("MODEL.FPG.BOTTOM_UP", "resnet"))
     with pytest.raises(SeesawEcmError, match="bottom-up network outputs"):
-        build_backbone(_cfg("MODEL.RESNETS.OUT_FEATURES", ["res4"]))
+        build_backbone(fpg_cfg("MODEL.RESNETS.OUT_FEATURES", ["res4"]))
     with pytest.raises(SeesawEcmError, match="strides doubling"):
-        build_backbone(_cfg("MODEL.FPG.IN_FEATURES", ["res2", "res4", "res5"]))
+        build_backbone(fpg_cfg("MODEL.FPG.IN_FEATURES", ["res2", "res4", "res5"]))
 
 
 def test_htc_lite_trains_on_fpg_over_resnest_with_dcn():

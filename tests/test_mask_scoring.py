@@ -3,7 +3,6 @@ mmdetection's definition computed directly), its loss, and the rescoring at infe
 Mask R-CNN, cascade and HTC-Lite ROI heads."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_roi_heads
@@ -11,7 +10,6 @@ from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.modeling.mask_scoring import (
     MaskIoUHead, MaskScoringHead, mask_iou_targets)
@@ -116,16 +114,14 @@ def test_wrapped_head_must_return_mask_logits():
         MaskScoringHead(torch.nn.Conv2d(1, 1, 1), MaskIoUHead(8, 4, C))
 
 
-def _cfg(config, *opts):
-    cfg = get_cfg()
-    add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C,
-                         "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint", "DATASETS.TRAIN", "()",
-                         "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 16,
-                         "MODEL.MASK_SCORING.CONV_DIM", 8, "MODEL.MASK_SCORING.FC_DIM", 16,
-                         *opts])
-    return cfg
+@pytest.fixture
+def small_cfg(make_cfg):
+    """small_cfg(config, *opts): `config` with C classes and narrow mask / box / scoring heads."""
+    return lambda config, *opts: make_cfg(
+        config, "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C,
+        "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint", "DATASETS.TRAIN", "()",
+        "MODEL.ROI_MASK_HEAD.CONV_DIM", 8, "MODEL.ROI_BOX_HEAD.FC_DIM", 16,
+        "MODEL.MASK_SCORING.CONV_DIM", 8, "MODEL.MASK_SCORING.FC_DIM", 16, *opts)
 
 
 SHAPES = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(2, 7)}
@@ -133,7 +129,7 @@ SHAPES = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(2, 7)}
 
 @pytest.mark.parametrize("config", ["mask_rcnn_R18_FPN_seesaw", "cascade_mask_rcnn_R18_FPN_seesaw",
                                     "htc_lite_R18_FPN_seesaw"])
-def test_switch_rescores_at_inference(config):
+def test_switch_rescores_at_inference(config, small_cfg):
     path = f"configs/Synthetic/{config}.yaml"
     features = {k: torch.randn(1, 8, 64 // s.stride, 64 // s.stride) for k, s in SHAPES.items()}
     boxes = Boxes(torch.tensor([[4.0, 4, 40, 30], [20.0, 10, 60, 60]]))
@@ -141,7 +137,7 @@ def test_switch_rescores_at_inference(config):
     results, off_context = {}, None
     for on in (False, True):
         torch.manual_seed(3)
-        heads = build_roi_heads(_cfg(path, "MODEL.MASK_SCORING.ON", on), SHAPES).eval()
+        heads = build_roi_heads(small_cfg(path, "MODEL.MASK_SCORING.ON", on), SHAPES).eval()
         assert isinstance(heads.mask_head, MaskScoringHead) == on
         if on and getattr(heads, "context_encoder", None) is not None:
             # HTC-Lite's context encoder is built after the mask heads: same weights as "off"
@@ -170,7 +166,7 @@ def test_switch_rescores_at_inference(config):
 
 
 @pytest.mark.parametrize("config", ["mask_rcnn_R18_FPN_seesaw", "cascade_mask_rcnn_R18_FPN_seesaw"])
-def test_heads_compose_carafe_then_mask_scoring_as_the_plain_parts(config):
+def test_heads_compose_carafe_then_mask_scoring_as_the_plain_parts(config, small_cfg):
     """The ROI heads' mask head with both options is detectron2's head with its deconvolution
     replaced by CARAFE, inside a MaskScoringHead: the same modules and weights (same seed) as
     the parts composed by hand in that order; the other order is refused."""
@@ -178,8 +174,8 @@ def test_heads_compose_carafe_then_mask_scoring_as_the_plain_parts(config):
 
     from seesaw_ecm.modeling.carafe import carafe_kwargs, with_carafe_upsampling
 
-    cfg = _cfg(f"configs/Synthetic/{config}.yaml", "MODEL.MASK_SCORING.ON", True,
-               "MODEL.CARAFE.MASK_HEAD", True)
+    cfg = small_cfg(f"configs/Synthetic/{config}.yaml", "MODEL.MASK_SCORING.ON", True,
+                    "MODEL.CARAFE.MASK_HEAD", True)
     heads = build_roi_heads(cfg, SHAPES)
     torch.manual_seed(5)
     built = type(heads)._init_mask_head(cfg, SHAPES)["mask_head"]

@@ -116,11 +116,11 @@ def test_schedule_derivation_counts_aspect_groups_and_rounds_up(dicts):
     assert none.images < stochastic.images < sum(groups)
 
 
-def _cfg(name, *opts):
-    cfg = get_cfg()
-    add_seesaw_ecm_config(cfg)
-    cfg.merge_from_list(["DATASETS.TRAIN", f"('{name}',)", "SOLVER.IMS_PER_BATCH", "4", *opts])
-    return cfg
+@pytest.fixture
+def train_cfg(make_cfg):
+    """train_cfg(name, *opts): training on dataset `name`, 4 images per batch, then `opts`."""
+    return lambda name, *opts: make_cfg(None, "DATASETS.TRAIN", f"('{name}',)",
+                                        "SOLVER.IMS_PER_BATCH", "4", *opts)
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +131,16 @@ def registered(small_synthetic):
     return name
 
 
-def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts):
+def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts, train_cfg):
     rfs = ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
            "DATALOADER.REPEAT_THRESHOLD", "0.2", "DATALOADER.REPEAT_ROUNDING", "ceil"]
     cfg, schedule = apply_epoch_schedule(
-        _cfg(registered, *rfs, "SOLVER.EPOCHS", "3", "SOLVER.EPOCH_STEPS", "(2,)"))
+        train_cfg(registered, *rfs, "SOLVER.EPOCHS", "3", "SOLVER.EPOCH_STEPS", "(2,)"))
     expected = derive_schedule(dicts, sampling="ceil", threshold=0.2, ims_per_batch=4, epochs=3,
                                epoch_steps=(2,))
     assert schedule == expected
     assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (expected.max_iter, expected.steps)
-    off = _cfg(registered, *rfs)
+    off = train_cfg(registered, *rfs)
     assert apply_epoch_schedule(off) == (off, None)  # EPOCHS 0: MAX_ITER as set
 
 
@@ -152,9 +152,9 @@ def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts):
     (["SOLVER.EPOCHS", "12", "SOLVER.EPOCH_STEPS", "(12,)"], "strictly between 0"),
     (["SOLVER.EPOCHS", "12", "SOLVER.REFERENCE_WORLD_SIZE", "8"], "REFERENCE_WORLD_SIZE"),
 ])
-def test_bad_sampler_or_epoch_keys_are_clear_errors(registered, opts, message):
+def test_bad_sampler_or_epoch_keys_are_clear_errors(registered, opts, message, train_cfg):
     with pytest.raises(SeesawEcmError, match=message):
-        apply_epoch_schedule(_cfg(registered, *opts))
+        apply_epoch_schedule(train_cfg(registered, *opts))
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 only for the detections that can be in a class' top K over the test set or in an image's top."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.modeling.topk_inference import RunningKthScore
 
 C, K, PER_IMAGE = 3, 6, 2
@@ -32,14 +30,13 @@ def test_running_kth_score_equals_sorting_all_scores(min_buffer, monkeypatch):
             assert running.threshold[c] == expected, (step, c)
 
 
-def _cfg(config, *opts):
-    cfg = get_cfg()
-    add_seesaw_ecm_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C,
-                         "DATASETS.TRAIN", "()", "OUTPUT_DIR", "", "MODEL.RPN.POST_NMS_TOPK_TEST",
-                         30, "TEST.DETECTIONS_PER_IMAGE", PER_IMAGE, *opts])
-    return cfg
+@pytest.fixture
+def small_cfg(make_cfg):
+    """small_cfg(config, *opts): `config` with C classes, 30 proposals, PER_IMAGE detections."""
+    return lambda config, *opts: make_cfg(
+        config, "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C, "DATASETS.TRAIN", "()",
+        "OUTPUT_DIR", "", "MODEL.RPN.POST_NMS_TOPK_TEST", 30, "TEST.DETECTIONS_PER_IMAGE",
+        PER_IMAGE, *opts)
 
 
 def _detections(out):
@@ -61,11 +58,11 @@ CONFIGS = [("configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml", "LongTailROIHeads"),
 
 
 @pytest.mark.parametrize("config, heads", CONFIGS)
-def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkeypatch):
+def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkeypatch, small_cfg):
     monkeypatch.setattr(RunningKthScore, "MIN_BUFFER", 1)  # thresholds refreshed every image
     torch.manual_seed(0)
-    cfg = _cfg(config, "TEST.AP_FIXED.ENABLED", True, "TEST.AP_FIXED.TOPK_PER_CLASS", K,
-               "MODEL.ROI_HEADS.NAME", heads)
+    cfg = small_cfg(config, "TEST.AP_FIXED.ENABLED", True, "TEST.AP_FIXED.TOPK_PER_CLASS", K,
+                    "MODEL.ROI_HEADS.NAME", heads)
     model = build_model(cfg)
     heads = model.roi_heads
     predictors = heads.box_predictor
@@ -117,18 +114,19 @@ def test_heads_keep_what_ap_fixed_needs_and_mask_only_that(config, heads, monkey
     assert flagged == standard and 0 < len(standard) <= PER_IMAGE * len(images)
 
 
-def test_stock_heads_are_refused_with_the_fix_and_their_weights_fit_the_fix():
+def test_stock_heads_are_refused_with_the_fix_and_their_weights_fit_the_fix(small_cfg):
     """detectron2's StandardROIHeads (the CE baseline) has no top-K inference: the config
     check names LongTailROIHeads with LOSS 'ce', which loads the same weights exactly."""
     from seesaw_ecm.engine import check_lvis_metrics_config
     from seesaw_ecm.errors import SeesawEcmError
 
     config = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
-    stock = _cfg(config, "TEST.AP_FIXED.ENABLED", True)
+    stock = small_cfg(config, "TEST.AP_FIXED.ENABLED", True)
     assert stock.MODEL.ROI_HEADS.NAME == "StandardROIHeads"
     with pytest.raises(SeesawEcmError, match="LongTailROIHeads"):
         check_lvis_metrics_config(stock)
-    fixed = _cfg(config, "TEST.AP_FIXED.ENABLED", True, "MODEL.ROI_HEADS.NAME", "LongTailROIHeads")
+    fixed = small_cfg(config, "TEST.AP_FIXED.ENABLED", True,
+                      "MODEL.ROI_HEADS.NAME", "LongTailROIHeads")
     check_lvis_metrics_config(fixed)
     stock.TEST.AP_FIXED.ENABLED = False
     state = build_model(stock).state_dict()
@@ -137,8 +135,8 @@ def test_stock_heads_are_refused_with_the_fix_and_their_weights_fit_the_fix():
 
 
 @pytest.mark.parametrize("config, heads", CONFIGS)
-def test_heads_without_ap_fixed_have_no_filter_and_keep_the_per_image_cap(config, heads):
-    model = build_model(_cfg(config, "MODEL.ROI_HEADS.NAME", heads))
+def test_heads_without_ap_fixed_have_no_filter_and_keep_the_per_image_cap(config, heads, small_cfg):
+    model = build_model(small_cfg(config, "MODEL.ROI_HEADS.NAME", heads))
     assert model.roi_heads.topk_filter is None
     predictors = model.roi_heads.box_predictor
     for p in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
