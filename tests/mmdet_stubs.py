@@ -164,7 +164,7 @@ def randomize_(model, seed, image=None):
 
 
 def mmdet_model(config_name, seed=0, image=None, rpn_proposals=1000, detections=300,
-                bbox_head=None):
+                bbox_head=None, options=None):
     """The mmdetection model of an official config file, random weights (seeded), eval mode.
 
     Args:
@@ -172,6 +172,7 @@ def mmdet_model(config_name, seed=0, image=None, rpn_proposals=1000, detections=
         image: (1, 3, H, W) normalized image whose forward pass sets the BN statistics.
         rpn_proposals, detections: test_cfg rpn nms_pre / max_per_img and rcnn max_per_img.
         bbox_head: dict merged into every box head's config (e.g. another loss_cls).
+        options: {dotted config key: value} merged last (mmengine's merge_from_dict).
     """
     install_mmcv_ops()
     from mmdet.registry import MODELS
@@ -186,6 +187,8 @@ def mmdet_model(config_name, seed=0, image=None, rpn_proposals=1000, detections=
         heads = cfg.model.roi_head.bbox_head
         for head in heads if isinstance(heads, list) else [heads]:
             head.update(bbox_head)
+    if options:
+        cfg.merge_from_dict(options)
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)  # randomize_ sets every weight: no init_weights()
     return randomize_(model, seed, image).eval()

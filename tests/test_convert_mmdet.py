@@ -454,3 +454,83 @@ def test_command_line_converts_and_reports_a_bad_key_by_name(r50, tmp_path):
                           str(tmp_path / "bad"), "--name", R50], capture_output=True, text=True,
                          env=env)
     assert run.returncode == 2 and "proposal_generator.rpn_head.anchor_deltas.bias" in run.stderr
+
+
+# --- every official model, and fine-tuning from a converted one ---------------------------------
+
+def _wheel_config(row):
+    """The mmdetection 3.3.0 wheel's config of an official model's architecture (ECM: the
+    Seesaw one with the normalized mask predictor; its loss is swapped in by the caller)."""
+    normed = "-normed-mask" if row.normed_mask else ""
+    sampler = "sample1e-3" if "sample1e-3" in row.config or row.loss == "ecm" else "random"
+    cascade = "cascade-" if row.cascade else ""
+    return (f"configs/seesaw_loss/{cascade}mask-rcnn_r{row.depth}_fpn_seesaw-loss{normed}_"
+            f"{sampler}-ms-2x_lvis-v1.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(convert_mmdet.OFFICIAL_MODELS))
+def test_every_official_architecture_converts_key_for_key(name):
+    """Each project config takes every tensor of the mmdetection model of its checkpoint."""
+    from detectron2.modeling import build_model
+    stubs = _mmdet()
+    row = convert_mmdet.OFFICIAL_MODELS[name]
+    bbox_head = None
+    if row.loss == "ecm":
+        _register_ecm_reference()
+        bbox_head = {"loss_cls": {"type": "ECMReference", "num_classes": C}}
+    mm = stubs.mmdet_model(_wheel_config(row), bbox_head=bbox_head)
+    cfg = model_zoo.load_config(config(name), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    state, dropped = convert_mmdet.convert_state_dict(mm.state_dict(), model.state_dict(), cfg)
+    model.load_state_dict(state)  # strict
+    assert all("num_batches_tracked" in k or "cum_samples[1203]" in k for k in dropped)
+
+
+TINY = {  # mmdetection's Seesaw Mask R-CNN at the size of configs/Synthetic (R-18, FPN 64)
+    "model.backbone.depth": 18, "model.neck.in_channels": [64, 128, 256, 512],
+    "model.neck.out_channels": 64, "model.rpn_head.in_channels": 64,
+    "model.rpn_head.feat_channels": 64, "model.rpn_head.anchor_generator.scales": [4],
+    "model.roi_head.bbox_roi_extractor.out_channels": 64,
+    "model.roi_head.mask_roi_extractor.out_channels": 64,
+    "model.roi_head.bbox_head.in_channels": 64, "model.roi_head.bbox_head.fc_out_channels": 256,
+    "model.roi_head.bbox_head.num_classes": 12,
+    "model.roi_head.bbox_head.loss_cls.num_classes": 12,
+    "model.roi_head.mask_head.in_channels": 64, "model.roi_head.mask_head.conv_out_channels": 64,
+    "model.roi_head.mask_head.num_classes": 12,
+}
+TINY_D2 = [  # the same model in the synthetic Seesaw config, as configs/LVISv1/mmdet/ set it
+    "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", "2",
+    "MODEL.RESNETS.STRIDE_IN_1X1", "False", "INPUT.FORMAT", "RGB",
+    "MODEL.PIXEL_MEAN", "[123.675, 116.28, 103.53]", "MODEL.PIXEL_STD", "[58.395, 57.12, 57.375]",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "12"]
+
+
+def test_fine_tuning_from_a_converted_model_resumes_the_seesaw_counts(small_synthetic, tmp_path):
+    from seesaw_ecm.engine import Trainer
+    stubs = _mmdet()
+    mm = stubs.mmdet_model(MMDET_R50, options=TINY)
+    counts = mm.roi_head.bbox_head.loss_cls.cum_samples
+    counts.copy_(torch.arange(13.0) * 100)
+    checkpoint = stubs.mmdet_checkpoint(mm, str(tmp_path / "tiny.pth"))
+    info = convert_mmdet.convert_checkpoint(
+        checkpoint, os.path.join(ROOT, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"),
+        str(tmp_path / "zoo"), name="tiny_seesaw", opts=TINY_D2)
+    weights = str(tmp_path / "zoo" / info["files"]["pth"]["name"])
+    cfg = model_zoo.load_config(str(tmp_path / "zoo" / "tiny_seesaw.yaml"), [
+        "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "run"),
+        "DATASETS.LVIS_FORMAT", f"['tiny_train={small_synthetic['train_json']}:"
+        f"{small_synthetic['image_root']}']", "DATASETS.TRAIN", "('tiny_train',)",
+        "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.BASE_LR", "0.001", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "DATALOADER.NUM_WORKERS", "0"])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS: the converted file
+    predictor = trainer.model.roi_heads.box_predictor
+    assert torch.equal(predictor.cls_loss.cum_samples, counts[:12])
+    fc1 = trainer.model.roi_heads.box_head.fc1.weight.detach().clone()
+    assert torch.equal(fc1, mm.roi_head.bbox_head.shared_fcs[0].weight)
+    trainer.train()
+    after = predictor.cls_loss.cum_samples
+    assert (after >= counts[:12]).all() and after.sum() > counts[:12].sum()
+    assert not torch.equal(trainer.model.roi_heads.box_head.fc1.weight, fc1)  # it trained
