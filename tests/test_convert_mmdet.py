@@ -401,8 +401,13 @@ def test_a_wrong_mapping_breaks_parity(r50, monkeypatch, broken):
 # --- cascade -----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_cascade_r101_equals_mmdetection_and_probability_averaging_would_not(tmp_path):
-    pair = Pair(str(tmp_path), MMDET_CASCADE, CASCADE)
+@pytest.mark.parametrize("name", [CASCADE, "c101_ecm_2x_lvis_v1"])
+def test_cascade_r101_equals_mmdetection_and_probability_averaging_would_not(tmp_path, name):
+    """Seesaw's and ECM's cascades: the stages' logits averaged, then one activation."""
+    mmdet_config = MMDET_CASCADE
+    if name != CASCADE:  # ECM: mmdetection's cascade with ECM's classifier in every stage
+        mmdet_config = _wheel_config(convert_mmdet.OFFICIAL_MODELS[name])
+    pair = Pair(str(tmp_path), mmdet_config, name, ecm=name != CASCADE)
     for level, mm in zip(["p2", "p3", "p4", "p5", "p6"], pair.mm_feats):
         assert close(mm, pair.d2_feats[level]), level
     for stage in range(3):
