@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
+from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
 from detectron2.modeling import build_model
 
 from .errors import SeesawEcmError
@@ -30,6 +31,8 @@ SEESAW_URL = "https://download.openmmlab.com/mmdetection/v2.0/seesaw_loss/{name}
 ECM_URL = "https://github.com/janghyuncho/ECM-Loss (README: Google Drive link of {config})"
 # official file names end in -<first 8 hex digits of the file's sha256>.pth
 HASH_IN_NAME_RE = re.compile(r"^(?P<name>.+)-(?P<sha>[0-9a-f]{8})\.pth$")
+# mmdetection's LVIS v1 class names that differ from the annotation file's (a spelling fix)
+LVIS_V1_RENAMED = {"speaker_(stereo_equipment)": "speaker_(stero_equipment)"}
 # top-level entries of an mmdetection checkpoint that hold no model tensor
 DROPPED_TOP_LEVEL = ("meta", "optimizer", "message_hub", "param_schedulers")
 
@@ -303,6 +306,26 @@ def read_mmdet_checkpoint(path, trust_pickle=False):
     return ckpt["state_dict"], ckpt.get("meta") or {}
 
 
+def check_classes(meta, num_classes):
+    """The class names a checkpoint's meta records (2.x ``CLASSES``, 3.x
+    ``dataset_meta["classes"]``), if any, must be LVIS v1's categories sorted by id (the
+    order of this project's models); SeesawEcmError naming the first that is not."""
+    names = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
+    if not names:
+        return
+    expected = [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
+    names = [LVIS_V1_RENAMED.get(n, n) for n in names]
+    if len(names) != num_classes or num_classes != len(expected):
+        raise SeesawEcmError(f"The checkpoint was trained on {len(names)} classes, the config "
+                             f"has {num_classes}: the converter maps LVIS v1 models (1203).")
+    bad = next((i for i, (a, b) in enumerate(zip(names, expected)) if a != b), None)
+    if bad is not None:
+        raise SeesawEcmError(
+            f"The checkpoint's class {bad} is {names[bad]!r}, LVIS v1's (categories sorted by "
+            f"id) is {expected[bad]!r}: its class order is not LVIS v1's, so its classifier "
+            "rows would name the wrong classes.")
+
+
 def _official(name, cfg):
     """The OFFICIAL_MODELS row of `name` (None if not official), checked against the config."""
     row = OFFICIAL_MODELS.get(name)
@@ -337,6 +360,7 @@ def convert_checkpoint(checkpoint, config_file, output_dir, name=None, opts=(),
     cfg = load_config(config_file, ["MODEL.DEVICE", "cpu", *opts])
     row = _official(name, cfg)
     source, meta = read_mmdet_checkpoint(checkpoint, trust_pickle)
+    check_classes(meta, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     model = build_model(cfg)
     state, dropped = convert_state_dict(source, model.state_dict(), cfg)
     _load_state(model, state, checkpoint)  # strict: the converted file fits the model

@@ -96,6 +96,20 @@ def test_a_misnamed_or_corrupted_file_is_refused(tmp_path):
         convert_mmdet.read_mmdet_checkpoint(str(tmp_path / "odd.pth"))
 
 
+def test_class_names_recorded_in_the_checkpoint_must_be_lvis_v1_in_order():
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+    names = [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
+    names[654] = "speaker_(stereo_equipment)"  # mmdetection's spelling
+    convert_mmdet.check_classes({"CLASSES": tuple(names)}, C)  # 2.x meta
+    convert_mmdet.check_classes({"dataset_meta": {"classes": names}}, C)  # 3.x meta
+    convert_mmdet.check_classes({}, C)  # nothing recorded: nothing to check
+    names[3], names[4] = names[4], names[3]
+    with pytest.raises(SeesawEcmError, match=f"class 3 is '{names[3]}'"):
+        convert_mmdet.check_classes({"CLASSES": names}, C)
+    with pytest.raises(SeesawEcmError, match="trained on 80 classes"):
+        convert_mmdet.check_classes({"CLASSES": names[:80]}, C)
+
+
 def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {}}, path)
@@ -377,7 +391,15 @@ def _objectness_unsplit(monkeypatch):
     monkeypatch.setattr(convert_mmdet, "_split_classifier", split)
 
 
-@pytest.mark.parametrize("broken", [_swap_fpn_levels, _objectness_unsplit])
+def _no_objectness_factor(monkeypatch):
+    """Scores as plain softmax over the C class logits: the objectness branch ignored."""
+    from seesaw_ecm.losses import SeesawLoss
+    monkeypatch.setattr(SeesawLoss, "get_probs", lambda self, cls, obj: torch.cat(
+        [cls.softmax(-1), obj[:, 1:] * 0], dim=1))
+
+
+@pytest.mark.parametrize("broken", [_swap_fpn_levels, _objectness_unsplit,
+                                    _no_objectness_factor])
 def test_a_wrong_mapping_breaks_parity(r50, monkeypatch, broken):
     source, _ = convert_mmdet.read_mmdet_checkpoint(r50.checkpoint)
     good = {k: v.clone() for k, v in r50.d2.state_dict().items()}
