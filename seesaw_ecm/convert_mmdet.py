@@ -153,8 +153,6 @@ _RULES = [
      lambda m: f"roi_heads.mask_head{_stage(m)}.predictor.{m['p']}"),
 ]
 _RULES = [(re.compile(pattern), target) for pattern, target in _RULES]
-# checked against the config instead of copied (mmdetection 3.x data preprocessor buffers)
-_PIXEL_STATS = {"data_preprocessor.mean": "PIXEL_MEAN", "data_preprocessor.std": "PIXEL_STD"}
 
 
 def target_key(source_key):
@@ -208,17 +206,6 @@ def _place(source_key, value, model_state, num_classes, dropped):
     return {key: value}
 
 
-def _check_pixel_stats(source, cfg, dropped):
-    for key, name in _PIXEL_STATS.items():
-        if key in source:
-            expected = torch.tensor(cfg.MODEL[name], dtype=torch.float64)
-            if not torch.allclose(source[key].double().flatten(), expected, atol=1e-3):
-                raise SeesawEcmError(
-                    f"{key} {source[key].flatten().tolist()} differs from the config's "
-                    f"MODEL.{name} {list(cfg.MODEL[name])}: use the config of this checkpoint.")
-            dropped.append(f"{key} (equal to MODEL.{name})")
-
-
 def _listing(keys, n=8):
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
@@ -231,7 +218,7 @@ def convert_state_dict(source, model_state, cfg):
     Args:
         source: {mmdetection key: tensor} (``checkpoint["state_dict"]``).
         model_state: the target model's ``state_dict()`` (keys, shapes, dtypes).
-        cfg: the project config of that model (class count, pixel statistics).
+        cfg: the project config of that model (its class count).
     Returns:
         (state dict with exactly the keys of `model_state`, in their dtypes; the list of
         deliberately dropped source keys).
@@ -240,12 +227,8 @@ def convert_state_dict(source, model_state, cfg):
         without a source, or a shape that differs.
     """
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    dropped = []
-    _check_pixel_stats(source, cfg, dropped)
-    out, unused, bad_shapes = {}, [], []
+    out, dropped, unused, bad_shapes = {}, [], [], []
     for src_key, value in source.items():
-        if src_key in _PIXEL_STATS:
-            continue
         placed = _place(src_key, value, model_state, num_classes, dropped)
         if placed is None or any(k not in model_state for k in placed):
             unused.append(src_key)
