@@ -91,6 +91,15 @@ def test_a_misnamed_or_corrupted_file_is_refused(tmp_path):
         convert_mmdet.convert_checkpoint(str(path), config(R50), str(tmp_path / "zoo"))
     with pytest.raises(SeesawEcmError, match="does not exist"):
         convert_mmdet.convert_checkpoint(str(tmp_path / "x.pth"), config(R50), str(tmp_path))
+    state = {"backbone.conv1.weight": torch.ones(2), "backbone.bn1.num_batches_tracked":
+             torch.tensor(3)}
+    torch.save(state, tmp_path / "bare.pth")  # a bare state dict
+    torch.save({"meta": {"epoch": 12}, "state_dict": state, "optimizer": {"state": {}}},
+               tmp_path / "mmdet2.pth")  # mmdetection 2.x, optimizer state included
+    for name in ("bare.pth", "mmdet2.pth"):
+        read, meta = convert_mmdet.read_mmdet_checkpoint(str(tmp_path / name))
+        assert read.keys() == state.keys() and torch.equal(read["backbone.conv1.weight"],
+                                                           state["backbone.conv1.weight"])
     torch.save({"state_dict": {}, "extra": 1}, tmp_path / "odd.pth")
     with pytest.raises(SeesawEcmError, match=r"top-level entries \['extra'\]"):
         convert_mmdet.read_mmdet_checkpoint(str(tmp_path / "odd.pth"))
