@@ -24,10 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MMDET_R50 = ("configs/seesaw_loss/"
              "mask-rcnn_r50_fpn_seesaw-loss-normed-mask_sample1e-3-ms-2x_lvis-v1.py")
-MMDET_CASCADE = ("configs/seesaw_loss/"
-                 "cascade-mask-rcnn_r101_fpn_seesaw-loss-normed-mask_random-ms-2x_lvis-v1.py")
+MMDET_CASCADE = "configs/seesaw_loss/cascade-mask-rcnn_r101_fpn_seesaw-loss_random-ms-2x_lvis-v1.py"
 R50 = "mask_rcnn_r50_fpn_sample1e-3_seesaw_loss_normed_mask_mstrain_2x_lvis_v1"
-CASCADE = "cascade_mask_rcnn_r101_fpn_random_seesaw_loss_normed_mask_mstrain_2x_lvis_v1"
+CASCADE = "cascade_mask_rcnn_r101_fpn_random_seesaw_loss_mstrain_2x_lvis_v1"  # plain masks
 ECM = "r50_ecm_1x_lvis_v1"
 C = 1203
 PROPOSALS, DETECTIONS = 60, 40
