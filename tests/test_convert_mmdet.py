@@ -175,9 +175,8 @@ class Pair:
         self.d2_input = [{"image": bgr.flip(-1).permute(2, 0, 1).float()}]  # RGB, as configured
         with torch.no_grad():
             self.mm_feats = self.mm.extract_feat(self.mm_input)
-            images = self.d2.preprocess_image(self.d2_input)
-            self.d2_images = images
-            self.d2_feats = self.d2.backbone(images.tensor)
+            self.d2_images = self.d2.preprocess_image(self.d2_input)
+            self.d2_feats = self.d2.backbone(self.d2_images.tensor)
 
     def _set_loss_statistics(self, seed):
         g = torch.Generator().manual_seed(seed + 1)
@@ -541,18 +540,27 @@ TINY_D2 = [  # the same model in the synthetic Seesaw config, as configs/LVISv1/
     "MODEL.ROI_HEADS.NUM_CLASSES", "12"]
 
 
-def test_fine_tuning_from_a_converted_model_resumes_the_seesaw_counts(small_synthetic, tmp_path):
-    from seesaw_ecm.engine import Trainer
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random-weight mmdetection Seesaw checkpoint (counts 0, 100, ..., 1200) and its
+    conversion with the synthetic Seesaw config: (mmdetection model, zoo folder, weights)."""
     stubs = _mmdet()
+    tmp = tmp_path_factory.mktemp("tiny")
     mm = stubs.mmdet_model(MMDET_R50, options=TINY)
-    counts = mm.roi_head.bbox_head.loss_cls.cum_samples
-    counts.copy_(torch.arange(13.0) * 100)
-    checkpoint = stubs.mmdet_checkpoint(mm, str(tmp_path / "tiny.pth"))
+    mm.roi_head.bbox_head.loss_cls.cum_samples.copy_(torch.arange(13.0) * 100)
+    checkpoint = stubs.mmdet_checkpoint(mm, str(tmp / "tiny.pth"))
     info = convert_mmdet.convert_checkpoint(
         checkpoint, os.path.join(ROOT, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"),
-        str(tmp_path / "zoo"), name="tiny_seesaw", opts=TINY_D2)
-    weights = str(tmp_path / "zoo" / info["files"]["pth"]["name"])
-    cfg = model_zoo.load_config(str(tmp_path / "zoo" / "tiny_seesaw.yaml"), [
+        str(tmp / "zoo"), name="tiny_seesaw", opts=TINY_D2)
+    return mm, tmp / "zoo", str(tmp / "zoo" / info["files"]["pth"]["name"])
+
+
+def test_fine_tuning_from_a_converted_model_resumes_the_seesaw_counts(
+        tiny, small_synthetic, tmp_path):
+    from seesaw_ecm.engine import Trainer
+    mm, zoo, weights = tiny
+    counts = mm.roi_head.bbox_head.loss_cls.cum_samples
+    cfg = model_zoo.load_config(str(zoo / "tiny_seesaw.yaml"), [
         "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "run"),
         "DATASETS.LVIS_FORMAT", f"['tiny_train={small_synthetic['train_json']}:"
         f"{small_synthetic['image_root']}']", "DATASETS.TRAIN", "('tiny_train',)",
@@ -569,3 +577,12 @@ def test_fine_tuning_from_a_converted_model_resumes_the_seesaw_counts(small_synt
     after = predictor.cls_loss.cum_samples
     assert (after >= counts[:12]).all() and after.sum() > counts[:12].sum()
     assert not torch.equal(trainer.model.roi_heads.box_head.fc1.weight, fc1)  # it trained
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_runs_a_converted_model(tiny, small_synthetic, tmp_path):
+    from test_train_net import run_train_net, summary
+    _, zoo, weights = tiny
+    proc = run_train_net(small_synthetic, tmp_path, str(zoo / "tiny_seesaw.yaml"), "--eval-only",
+                         "MODEL.WEIGHTS", weights)
+    assert set(summary(proc.stdout)) == {"bbox", "segm"}, proc.stdout[-2000:]
