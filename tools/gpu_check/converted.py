@@ -7,8 +7,9 @@ detection_cls_weight included), converted by seesaw_ecm.convert_mmdet, checked t
 exactly, and run through the model zoo's predictor on an LVIS-size image (1,203 classes, short
 side 800): seconds per image and peak GPU memory. The random weights are calibrated (FrozenBN
 statistics from a forward pass) so that activations stay finite, but their scores are nearly
-uniform: nearly every proposal x class passes the 1e-4 score threshold, so the class-wise NMS
-works on about a million boxes, more than a trained model gives (a worst case for the NMS).
+uniform: 95 % of the proposal x class scores pass the 1e-4 threshold (R-50, measured on the CPU),
+so the class-wise NMS works on about 1.1 million boxes, more than a trained model gives (a worst
+case for the NMS).
 --tiny: the same on the CPU at 160 px with 50 proposals and 20 detections.
 """
 import os
