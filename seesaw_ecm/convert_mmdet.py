@@ -268,7 +268,8 @@ def _check_file(path):
 
 
 def read_mmdet_checkpoint(path, trust_pickle=False):
-    """(state dict, meta dict) of an mmdetection checkpoint (``state_dict`` inside, or bare).
+    """(state dict, meta dict, the other top-level entries dropped) of an mmdetection checkpoint
+    (``state_dict`` inside, or bare).
 
     Read with ``torch.load(weights_only=True)`` unless `trust_pickle` (needed for mmdetection
     3.x training checkpoints, whose ``message_hub`` pickles mmengine objects)."""
@@ -281,12 +282,12 @@ def read_mmdet_checkpoint(path, trust_pickle=False):
     if not isinstance(ckpt, dict):
         raise SeesawEcmError(f"{path} holds a {type(ckpt).__name__}, not a state dict.")
     if "state_dict" not in ckpt:
-        return ckpt, {}
+        return ckpt, {}, []
     unknown = [k for k in ckpt if k != "state_dict" and k not in DROPPED_TOP_LEVEL]
     if unknown:
         raise SeesawEcmError(f"{path} has top-level entries {unknown} beside state_dict that "
                              f"the converter does not know (it drops {DROPPED_TOP_LEVEL}).")
-    return ckpt["state_dict"], ckpt.get("meta") or {}
+    return ckpt["state_dict"], ckpt.get("meta") or {}, [k for k in ckpt if k != "state_dict"]
 
 
 def check_classes(meta, num_classes):
@@ -342,7 +343,7 @@ def convert_checkpoint(checkpoint, config_file, output_dir, name=None, opts=(),
     _check_name(name)
     cfg = load_config(config_file, ["MODEL.DEVICE", "cpu", *opts])
     row = _official(name, cfg)
-    source, meta = read_mmdet_checkpoint(checkpoint, trust_pickle)
+    source, meta, dropped_entries = read_mmdet_checkpoint(checkpoint, trust_pickle)
     check_classes(meta, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     model = build_model(cfg)
     state, dropped = convert_state_dict(source, model.state_dict(), cfg)
@@ -362,6 +363,7 @@ def convert_checkpoint(checkpoint, config_file, output_dir, name=None, opts=(),
         "converted_from": {"file": os.path.basename(checkpoint), "sha256": sha,
                            "url": row.source if row else None,
                            "mmdet_version": meta.get("mmdet_version"),
+                           "dropped_entries": dropped_entries,  # meta, optimizer state
                            "dropped_keys": sorted(dropped)},
         "dataset": {"train": list(cfg.DATASETS.TRAIN),
                     "test": cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None},

@@ -95,10 +95,11 @@ def test_a_misnamed_or_corrupted_file_is_refused(tmp_path):
     torch.save(state, tmp_path / "bare.pth")  # a bare state dict
     torch.save({"meta": {"epoch": 12}, "state_dict": state, "optimizer": {"state": {}}},
                tmp_path / "mmdet2.pth")  # mmdetection 2.x, optimizer state included
-    for name in ("bare.pth", "mmdet2.pth"):
-        read, meta = convert_mmdet.read_mmdet_checkpoint(str(tmp_path / name))
+    for name, dropped in (("bare.pth", []), ("mmdet2.pth", ["meta", "optimizer"])):
+        read, meta, entries = convert_mmdet.read_mmdet_checkpoint(str(tmp_path / name))
         assert read.keys() == state.keys() and torch.equal(read["backbone.conv1.weight"],
                                                            state["backbone.conv1.weight"])
+        assert entries == dropped and meta == ({"epoch": 12} if dropped else {})
     torch.save({"state_dict": {}, "extra": 1}, tmp_path / "odd.pth")
     with pytest.raises(SeesawEcmError, match=r"top-level entries \['extra'\]"):
         convert_mmdet.read_mmdet_checkpoint(str(tmp_path / "odd.pth"))
@@ -368,6 +369,7 @@ def test_the_converted_folder_loads_everywhere(r50, tmp_path):
     assert listed["metrics"] == {"bbox": {"AP": 27.6}, "segm": {"AP": 26.8}}
     assert len(listed["classes"]) == C
     assert any("num_batches_tracked" in k for k in listed["converted_from"]["dropped_keys"])
+    assert listed["converted_from"]["dropped_entries"] == ["meta"]
     opts = ["MODEL.RPN.POST_NMS_TOPK_TEST", "30", "TEST.DETECTIONS_PER_IMAGE", "10"]
     zoo = model_zoo.get_predictor(R50, zoo_dir=folder, opts=opts)
     cfg = model_zoo.load_config(os.path.join(folder, f"{R50}.yaml"),
@@ -408,7 +410,7 @@ def _no_objectness_factor(monkeypatch):
 @pytest.mark.parametrize("broken", [_swap_fpn_levels, _objectness_unsplit,
                                     _no_objectness_factor])
 def test_a_wrong_mapping_breaks_parity(r50, monkeypatch, broken):
-    source, _ = convert_mmdet.read_mmdet_checkpoint(r50.checkpoint)
+    source, _, _ = convert_mmdet.read_mmdet_checkpoint(r50.checkpoint)
     good = {k: v.clone() for k, v in r50.d2.state_dict().items()}
     broken(monkeypatch)
     cfg = model_zoo.load_config(config(R50))
