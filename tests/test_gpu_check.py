@@ -111,7 +111,8 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     assert proc.returncode == 0, json.dumps(sections, indent=1)[-6000:]
     assert doc["passed"] and doc["device"] == "cpu" and doc["tiny"]
     assert len(doc["source_sha256"]) == 64 and doc["started"] <= doc["finished"]
-    assert list(sections) == ["install", "environment", "correctness", "throughput", "training"]
+    assert list(sections) == ["install", "environment", "correctness", "throughput", "training",
+                              "converted"]
     assert all(s["status"] == "ok" and s["seconds"] <= s["budget_s"] for s in sections.values())
     assert sections["install"]["installed"] is False  # the stack already imports here
 

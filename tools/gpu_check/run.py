@@ -1,6 +1,6 @@
 """The GPU check: one command that, on a GPU machine without registry access, installs the stack
 from a wheelhouse (tools/gpu_check/build_wheelhouse.sh) next to the machine's own torch, then
-measures within 8 minutes and writes OUT/gpu_check.json and
+measures within 9.5 minutes and writes OUT/gpu_check.json and
 OUT/gpu_check.log:
 
 1. install: verify the wheelhouse's SHA256SUMS, `pip install --no-index --no-deps --target`
@@ -12,7 +12,9 @@ OUT/gpu_check.log:
 4. throughput (throughput.py): s/iter and peak GPU memory of Mask R-CNN and Cascade with each
    loss against stock detectron2, with and without AMP, at LVIS scale, in one process;
 5. training (training.py): train_net.py with the synthetic Seesaw config, evaluation,
-   checkpoints, export.
+   checkpoints, export;
+6. converted (converted.py): an official-checkpoint layout per family converted, LVIS-size
+   inference timed.
 
 Each section has its own time limit and error guard: a section that fails or runs out of time
 is recorded with its error and the next one runs. The JSON is rewritten after every section.
@@ -45,12 +47,12 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STACK = ("detectron2", "fvcore", "iopath", "yacs", "omegaconf", "hydra", "pycocotools.mask",
          "lvis", "termcolor", "portalocker")
-# seconds per section (GPU, tiny). On the GPU they sum to 8 minutes, install included; the
+# seconds per section (GPU, tiny). On the GPU they sum to 9.5 minutes, install included; the
 # tiny (CPU) ones are wide because the rehearsal shares a loaded 2-core machine (it takes ~70 s
 # of CPU time).
 INSTALL_BUDGET = 60
 BUDGETS = {"environment": (30, 60), "correctness": (60, 240), "throughput": (210, 240),
-           "training": (120, 420)}
+           "training": (120, 420), "converted": (90, 240)}
 SOURCES = ("seesaw_ecm", "configs", "benchmarks", "tools", "train_net.py", "setup.py")
 log = logging.getLogger("gpu_check")
 
@@ -264,6 +266,7 @@ def main(argv=None):
         "correctness": (run_module, "correctness", device, tiny),
         "throughput": (run_module, "throughput", device, tiny),
         "training": (run_module, "training", device, tiny, work),
+        "converted": (run_module, "converted", device, tiny, work),  # converted.py
     }
     for name in args.sections:
         fn, *fn_args = sections[name]
