@@ -49,3 +49,14 @@ def small_synthetic(tmp_path_factory):
 
     return generate(str(tmp_path_factory.mktemp("synthetic") / "small"), num_classes=12,
                     train_images=160, val_images=24, image_size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def seesaw_run(small_synthetic, tmp_path_factory):
+    """One short Seesaw training run of train_net.py (e2e.SEESAW with e2e.SEESAW_RUN_OPTS, 20
+    iterations, checkpoints at 10 and 20, final evaluation) shared by the end-to-end tests that
+    need a trained model: (run folder, the CompletedProcess). Tests must not write into it."""
+    from e2e import SEESAW, SEESAW_RUN_OPTS, run_train_net
+
+    out = tmp_path_factory.mktemp("seesaw_run")
+    return out, run_train_net(small_synthetic, out, SEESAW, *SEESAW_RUN_OPTS)

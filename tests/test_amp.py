@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from test_grad_balance import LABELS, long_tail_predictor, proposals
 from test_htc_lite import batch
-from test_train_net import run_train_net
+from e2e import run_train_net
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.gradient_balance import GradientBalance, GradientBalanceHook, attach, detach

@@ -2,6 +2,7 @@
 (float64): values, gradients, statistics, sampling and queue rules, checkpoints, classifier
 hooks, decoupled training, a full model step and short train_net.py runs (slow)."""
 import io
+import json
 import math
 import os
 
@@ -632,15 +633,15 @@ def test_freeze_all_but_the_classifier():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss"])
 def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, tmp_path):
-    from test_train_net import run_train_net, summary
+    from e2e import train_net_in_process
     config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"
     # scores of all levels kept: 10 iterations leave sigmoid scores near the prior 0.001.
     # BASE_LR 0.005 (the config's 0.02 is for 4 images, warmed up over 200 iterations): at 0.02
     # after a 5-iteration warm-up, EQLv2's box deltas blew up on an Intel CPU (all boxes empty).
-    proc = run_train_net(small_synthetic, tmp_path, config, "SOLVER.MAX_ITER", "10",
-                         "SOLVER.BASE_LR", "0.005", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
-    table = summary(proc.stdout)
-    assert set(table) == {"bbox", "segm"}, proc.stdout[-2000:]
+    results = train_net_in_process(
+        small_synthetic, tmp_path, config, "SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR", "0.005",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    assert set(results["small_val"]) == {"bbox", "segm"}, results
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]
     prefix = "roi_heads.box_predictor."
     columns = C_SMALL + (name == "eqlv2")
@@ -650,20 +651,20 @@ def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, t
     else:  # the image frequencies of the training set were saved
         assert torch.isfinite(state[prefix + "cls_loss.image_frequency"]).all()
     # eval-only needs no training data (statistics come with the weights): same numbers
-    again = run_train_net(small_synthetic, tmp_path / "eval", config, "--eval-only",
-                          "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                          "DATASETS.TRAIN", "('no_such_dataset',)",
-                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
-    assert summary(again.stdout) == table
+    again = train_net_in_process(small_synthetic, tmp_path / "eval", config, "--eval-only",
+                                 "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                 "DATASETS.TRAIN", "('no_such_dataset',)",
+                                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
 
 
 @pytest.fixture(scope="module")
 def ce_weights(small_synthetic, tmp_path_factory):
     """model_final.pth of a 10-iteration softmax-CE run: the first stage of BaGS and LOCE."""
-    from test_train_net import run_train_net
+    from e2e import train_net_in_process
     out = tmp_path_factory.mktemp("ce")
-    run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
-                  "SOLVER.MAX_ITER", "10")
+    train_net_in_process(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml",
+                         "SOLVER.MAX_ITER", "10", "DATASETS.TEST", "()")
     return out / "model_final.pth"
 
 
@@ -673,7 +674,7 @@ def ce_weights(small_synthetic, tmp_path_factory):
     ("loce", ["proposal_generator.", "roi_heads.box_predictor.", "roi_heads.mask_head."])])
 def test_decoupled_run_trains_only_its_parts(name, trainable, small_synthetic, ce_weights,
                                              tmp_path):
-    from test_train_net import run_train_net, summary
+    from e2e import run_train_net, summary
     config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"
     proc = run_train_net(small_synthetic, tmp_path / name, config, "SOLVER.MAX_ITER", "10",
                          "SOLVER.STEPS", "(5,)", "MODEL.WEIGHTS", str(ce_weights))

@@ -583,7 +583,7 @@ def test_fine_tuning_from_a_converted_model_resumes_the_seesaw_counts(
 
 @pytest.mark.slow
 def test_train_net_eval_only_runs_a_converted_model(tiny, small_synthetic, tmp_path):
-    from test_train_net import run_train_net, summary
+    from e2e import run_train_net, summary
     _, zoo, weights = tiny
     proc = run_train_net(small_synthetic, tmp_path, str(zoo / "tiny_seesaw.yaml"), "--eval-only",
                          "MODEL.WEIGHTS", weights)

@@ -219,7 +219,8 @@ def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_
         "--train", "hs_train", "--test", "hs_val", "--output-dir", str(tmp_path),
         "--opts", "MODEL.ROI_HEADS.NUM_CLASSES", "12", "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
-        "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.DEVICE", "cpu",
+        "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+        "MODEL.DEVICE", "cpu",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,13 +12,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_net import NUM_CLASSES, run_train_net, summary
+from e2e import NUM_CLASSES, SEESAW, summary
 
 from seesaw_ecm import export, model_zoo
 from seesaw_ecm.data.datasets import load_lvis_format_json
 from seesaw_ecm.errors import SeesawEcmError
-
-SEESAW = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
 
 
 def sha256(path):
@@ -170,15 +168,9 @@ def test_ecm_margins_travel_with_the_weights_into_a_predictor(small_synthetic, t
 # --- on a short training run -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(small_synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo_run")
-    # 20 iterations at a low learning rate (at 0.02 the box regression may blow up, leaving no
-    # boxes), every detection kept (threshold 0) so that the comparisons bite; fewer proposals
-    # and detections than the recipe, to evaluate faster
-    proc = run_train_net(small_synthetic, out, SEESAW, "SOLVER.BASE_LR", "0.005",
-                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-                         "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "TEST.DETECTIONS_PER_IMAGE", "20")
-    return out, proc
+def trained(seesaw_run):
+    """conftest's shared Seesaw run: (run folder, its CompletedProcess)."""
+    return seesaw_run
 
 
 def export_cli(run_dir, zoo, *extra):

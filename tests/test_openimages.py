@@ -392,7 +392,8 @@ def test_train_net_trains_and_evaluates_on_open_images_files(tiny_oi, tmp_path):
                tiny_oi["train"]["classes"])[0])),
            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "2",
            "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
-           "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)]
+           "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "MODEL.DEVICE", "cpu", "OUTPUT_DIR",
+           str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"AP\s+AP1\s+AP2\s+AP3\s+AP4\s+AP5\n", proc.stdout + proc.stderr)

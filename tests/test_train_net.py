@@ -1,55 +1,14 @@
 """End-to-end runs of train_net.py on a small synthetic set (marked slow; CI runs them)."""
 import json
 import os
-import re
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
+from e2e import (NUM_CLASSES, SEESAW, SEESAW_RUN_OPTS, eval_seesaw_run, run_train_net,
+                 summary, train_net_in_process)
 
 pytestmark = pytest.mark.slow
-NUM_CLASSES = 12
-
-
-def run_train_net(data, out_dir, config, *extra, num_gpus=1, check=True):
-    """train_net.py on `data`; `extra`: flags (--eval-only, --resume) and config overrides."""
-    flags = [e for e in extra if e.startswith("--")]
-    opts = [e for e in extra if not e.startswith("--")]
-    cmd = [
-        sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus),
-        *flags,
-        "--dataset", f"small_train={data['train_json']}:{data['image_root']}",
-        "--dataset", f"small_val={data['val_json']}:{data['image_root']}",
-        "DATASETS.TRAIN", "('small_train',)", "DATASETS.TEST", "('small_val',)",
-        "MODEL.ROI_HEADS.NUM_CLASSES", str(NUM_CLASSES), "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10",
-        "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.DEVICE", "cpu",
-        "OUTPUT_DIR", str(out_dir), *opts,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def summary(stdout):
-    """The AP table train_net prints at the end: {task: [AP, AP50, APr, APc, APf]}."""
-    rows = re.findall(r"^\s+(bbox|segm)((?:\s+(?:[\d.]+|n/a)){5})\s*$", stdout, re.M)
-    return {task: vals.split() for task, vals in rows}
-
-
-@pytest.fixture(scope="module")
-def seesaw_run(small_synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("seesaw")
-    proc = run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml")
-    return out, proc
-
-
-def eval_seesaw_run(out, data, tmp_path, *opts):
-    """train_net.py --eval-only of the seesaw_run fixture's final model, with `opts`."""
-    return run_train_net(data, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
-                         "MODEL.WEIGHTS", str(out / "model_final.pth"), "--eval-only", *opts)
 
 
 def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
@@ -67,16 +26,12 @@ def test_train_writes_metrics_events_checkpoints_and_summary(seesaw_run):
     assert "eta:" in open(out / "log.txt").read()
 
 
-def test_eval_only_reproduces_the_final_evaluation(seesaw_run, small_synthetic, tmp_path):
-    out, proc = seesaw_run
-    again = eval_seesaw_run(out, small_synthetic, tmp_path)
-    assert summary(again.stdout) == summary(proc.stdout)
-
-
-def test_eval_only_with_ap_fixed_pool_and_boundary(seesaw_run, small_synthetic, tmp_path):
-    """The LVIS metric keys from the command line: the summary gets the AP-fixed and AP-pool
-    columns and a boundary row, the standard AP is unchanged (each image's best are still
-    kept, with their masks), and lvis_fast_eval.json has per-category AP-fixed."""
+def test_eval_only_reproduces_the_run_and_adds_ap_fixed_pool_and_boundary(
+        seesaw_run, small_synthetic, tmp_path):
+    """--eval-only of the final model gives the run's final standard AP again, also with the LVIS
+    metric keys from the command line: the summary gets the AP-fixed and AP-pool columns and a
+    boundary row, the standard AP is unchanged (each image's best are still kept, with their
+    masks), and lvis_fast_eval.json has per-category AP-fixed."""
     out, proc = seesaw_run
     again = eval_seesaw_run(out, small_synthetic, tmp_path, "TEST.AP_FIXED.ENABLED", "True",
                             "TEST.AP_FIXED.TOPK_PER_CLASS", "20", "TEST.AP_POOL", "True",
@@ -88,8 +43,10 @@ def test_eval_only_with_ap_fixed_pool_and_boundary(seesaw_run, small_synthetic, 
                           "APf-pool"], lines[:5]
     rows = {row.split()[0]: row.split()[1:] for row in lines[2:5]}
     assert set(rows) == {"bbox", "segm", "boundary"}
-    for task, values in summary(proc.stdout).items():
-        assert rows[task][:5] == values  # standard AP as without AP-fixed
+    standard = summary(proc.stdout)
+    assert set(standard) == {"bbox", "segm"}
+    for task, values in standard.items():
+        assert rows[task][:5] == values  # standard AP as in the run, without AP-fixed
     report = json.loads((tmp_path / "inference" / "small_val" / "lvis_fast_eval.json").read_text())
     assert set(report) == {"bbox", "segm", "boundary"}
     assert "AP_fixed" in report["segm"]["per_category_ap"][0] and "pooled" in report["segm"]
@@ -113,14 +70,17 @@ def test_eval_only_with_test_time_augmentation(seesaw_run, small_synthetic, tmp_
     assert isinstance(json.loads(results.read_text()), list)
 
 
-def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic):
-    out, _ = seesaw_run
+def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic, tmp_path):
+    run_dir, _ = seesaw_run
+    out = tmp_path / "resumed"  # a copy: the shared run's own files stay as they are
+    out.mkdir()
+    shutil.copy(run_dir / "model_0000009.pth", out)
     ckpt = torch.load(out / "model_0000009.pth", map_location="cpu")
     key = "roi_heads.box_predictor.cls_loss.cum_samples"
     assert ckpt["model"][key].sum() > 0
     (out / "last_checkpoint").write_text("model_0000009.pth")
-    proc = run_train_net(small_synthetic, out, "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
-                         "--resume", "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", "12")
+    proc = run_train_net(small_synthetic, out, SEESAW, *SEESAW_RUN_OPTS, "--resume",
+                         "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", "12")
     assert "Starting training from iteration 10" in proc.stdout + proc.stderr
     final = torch.load(out / "model_final.pth", map_location="cpu")["model"][key]
     # counts continued from the checkpoint's: two more iterations of foreground RoIs
@@ -128,20 +88,21 @@ def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic):
 
 
 def test_ecm_short_training_run_learns(small_synthetic, tmp_path):
-    proc = run_train_net(small_synthetic, tmp_path, "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
-                         "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "10")
+    results = train_net_in_process(small_synthetic, tmp_path,
+                                   "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+                                   "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "10")
     stats = json.loads((tmp_path / "class_statistics.json").read_text())
     assert len(stats["counts"]) == NUM_CLASSES and min(stats["counts"]) >= 1
     rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
     losses = [r["loss_cls"] for r in rows if "loss_cls" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    assert set(summary(proc.stdout)) == {"bbox", "segm"}
+    assert set(results["small_val"]) == {"bbox", "segm"}
     # eval-only takes the margins from the checkpoint: no training data needed, same numbers
-    again = run_train_net(small_synthetic, tmp_path / "eval",
-                          "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
-                          "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                          "DATASETS.TRAIN", "('no_such_dataset',)")
-    assert summary(again.stdout) == summary(proc.stdout)
+    again = train_net_in_process(small_synthetic, tmp_path / "eval",
+                                 "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+                                 "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                 "DATASETS.TRAIN", "('no_such_dataset',)")
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
 
 
 def test_two_process_cpu_run(small_synthetic, tmp_path):
@@ -178,14 +139,14 @@ def test_cascade_and_htc_lite_short_training_run(small_synthetic, tmp_path, conf
     (statistics and counts of every stage come from the checkpoint)."""
     name, *opts = config.split()
     path = f"configs/Synthetic/{name}.yaml"
-    proc = run_train_net(small_synthetic, tmp_path, path, *opts, "SOLVER.MAX_ITER", "8")
+    results = train_net_in_process(small_synthetic, tmp_path, path, *opts, "SOLVER.MAX_ITER", "8")
     rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
     last = [r for r in rows if "total_loss" in r][-1]
     assert {f"{k}_stage{s}" for k in per_stage for s in range(3)} <= set(last)
     assert all(torch.isfinite(torch.tensor(last[f"loss_cls_stage{s}"])) for s in range(3))
     assert ("loss_context" in last) == name.startswith("htc_lite")
-    assert "bbox" in summary(proc.stdout)  # evaluated (8 iterations may segment nothing yet)
-    again = run_train_net(small_synthetic, tmp_path / "eval", path, *opts, "--eval-only",
-                          "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                          "DATASETS.TRAIN", "('no_such_dataset',)")
-    assert summary(again.stdout) == summary(proc.stdout)
+    assert "bbox" in results["small_val"]  # evaluated (8 iterations may segment nothing yet)
+    again = train_net_in_process(small_synthetic, tmp_path / "eval", path, *opts, "--eval-only",
+                                 "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                 "DATASETS.TRAIN", "('no_such_dataset',)")
+    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN too
