@@ -1,4 +1,5 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
+import functools
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from detectron2.utils import comm
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
 from .data.samplers import CeilRepeatSampler
-from .epochs import EpochProgressHook, apply_epoch_schedule, ceil_train_sampler
+from .epochs import EpochProgressHook, plan_training
 from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
@@ -73,20 +74,23 @@ class Trainer(DefaultTrainer):
     (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler)."""
 
     def __init__(self, cfg):
-        cfg, self.epoch_schedule = apply_epoch_schedule(cfg)
-        super().__init__(cfg)
+        plan = plan_training(cfg)  # DATASETS.TRAIN read once: schedule and sampler
+        self.epoch_schedule = plan.schedule
+        # DefaultTrainer.__init__ builds the loader through self.build_train_loader(cfg)
+        self.build_train_loader = functools.partial(self.build_train_loader, plan=plan)
+        super().__init__(plan.cfg)
         if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu":
             amp = self._trainer  # detectron2's (CUDA-only) AMPTrainer: same model, loader, opt.
             self._trainer = CPUAMPTrainer(amp.model, amp.data_loader, amp.optimizer)
             logging.getLogger(__name__).info("SOLVER.AMP.ENABLED on CPU: bfloat16 autocast")
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg, plan=None):
         """detectron2's train loader, with an image that cannot be read reported by name; with
         "ceil" repeat-factor rounding its sampler is a CeilRepeatSampler whose epochs are
-        padded to the schedule's epoch size."""
+        padded to the schedule's epoch size. `plan`: cfg's TrainPlan when already made."""
         mapper = CheckedDatasetMapper(cfg, True)
-        ceil = ceil_train_sampler(cfg)
+        ceil = (plan or plan_training(cfg)).ceil
         if ceil is None:
             return build_detection_train_loader(cfg, mapper=mapper)
         dicts, sampler = ceil

@@ -16,6 +16,7 @@ by epoch. Warm-up stays in iterations (SOLVER.WARMUP_ITERS), as in the official 
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from detectron2.data import get_detection_dataset_dicts
@@ -103,39 +104,48 @@ def schedule_from_cfg(cfg, dataset_dicts, sampling):
         epoch_steps=cfg.SOLVER.EPOCH_STEPS)
 
 
-def apply_epoch_schedule(cfg):
-    """(cfg, schedule): with SOLVER.EPOCHS > 0 a copy of cfg whose SOLVER.MAX_ITER and STEPS are
-    derived from DATASETS.TRAIN (a deterministic function of the annotation files and cfg, hence
-    the same on every rank), logged; otherwise (cfg, None). Checks the keys first."""
+@dataclass(frozen=True)
+class TrainPlan:
+    """What training takes from DATASETS.TRAIN, read once by :func:`plan_training`.
+
+    cfg: the config to train with (with SOLVER.EPOCHS > 0 a copy whose SOLVER.MAX_ITER and
+    STEPS are derived); schedule: the EpochSchedule (None with SOLVER.EPOCHS 0); ceil: under
+    "ceil" repeat-factor rounding the (dataset dicts, CeilRepeatSampler) of the train loader,
+    its epochs padded to the schedule's epoch size, else None (detectron2's train loader then
+    builds its own sampler).
+    """
+    cfg: object
+    schedule: Optional[EpochSchedule] = None
+    ceil: Optional[tuple] = None
+
+
+def plan_training(cfg):
+    """The TrainPlan of cfg: the epoch keys checked, DATASETS.TRAIN read at most once (only when
+    the schedule is in epochs or the sampler rounds up), the schedule derived from it (a
+    deterministic function of the annotation files and cfg, hence the same on every rank) and
+    logged."""
     sampling = sampling_of(cfg)
     check_epoch_keys(cfg)
-    if cfg.SOLVER.EPOCHS == 0:
-        return cfg, None
-    if sampling is None:
+    if cfg.SOLVER.EPOCHS and sampling is None:
         raise SeesawEcmError(
             f"SOLVER.EPOCHS needs DATALOADER.SAMPLER_TRAIN \"TrainingSampler\" or "
             f"\"RepeatFactorTrainingSampler\" (got {cfg.DATALOADER.SAMPLER_TRAIN!r}); set "
             "SOLVER.EPOCHS 0 and SOLVER.MAX_ITER instead.")
-    schedule = schedule_from_cfg(cfg, train_dataset_dicts(cfg), sampling)
+    if not cfg.SOLVER.EPOCHS and sampling != "ceil":
+        return TrainPlan(cfg)
+    dicts = train_dataset_dicts(cfg)
+    schedule = schedule_from_cfg(cfg, dicts, sampling)
+    ceil = (dicts, CeilRepeatSampler(schedule.copies, schedule.epoch_size)) \
+        if sampling == "ceil" else None
+    if not cfg.SOLVER.EPOCHS:
+        return TrainPlan(cfg, None, ceil)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = schedule.max_iter, schedule.steps
     cfg.freeze()
     logger.info(f"Epoch schedule ({sampling} sampling of {cfg.DATASETS.TRAIN}): "
                 + schedule.describe() + " (SOLVER.EPOCHS 0 to set MAX_ITER and STEPS instead)")
-    return cfg, schedule
-
-
-def ceil_train_sampler(cfg):
-    """(dataset dicts, CeilRepeatSampler) of DATASETS.TRAIN under "ceil" repeat-factor rounding,
-    its epochs padded to the schedule's epoch size; None for any other sampling (detectron2's
-    train loader builds those samplers itself)."""
-    sampling = sampling_of(cfg)
-    if sampling != "ceil":
-        return None
-    dicts = train_dataset_dicts(cfg)
-    schedule = schedule_from_cfg(cfg, dicts, sampling)
-    return dicts, CeilRepeatSampler(schedule.copies, schedule.epoch_size)
+    return TrainPlan(cfg, schedule, ceil)
 
 
 class EpochProgressHook(HookBase):

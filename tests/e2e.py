@@ -1,7 +1,9 @@
 """train_net.py as a user runs it, for the end-to-end tests: one command, its output parsed."""
+import io
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 NUM_CLASSES = 12  # of conftest's small_synthetic set
 SEESAW = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
@@ -46,11 +48,16 @@ def summary(stdout):
     return {task: vals.split() for task, vals in rows}
 
 
+class InProcessRun(NamedTuple):
+    results: dict  # {dataset: {task: {metric: value}}} of the final evaluation
+    log: str  # the INFO lines of detectron2's and seesaw_ecm's loggers
+
+
 def train_net_in_process(data, out_dir, config, *extra):
     """train_net.py's main() with the arguments run_train_net gives it, in this process (no
     interpreter start and torch import per run), for tests of training and evaluation rather
-    than of the command line: {dataset: {task: {metric: value}}} of the final evaluation. The
-    log handlers the run adds are removed again, so runs do not log into each other's files."""
+    than of the command line: an InProcessRun. The log handlers the run adds are removed again,
+    so runs do not log into each other's files."""
     import logging
 
     import detectron2.utils.logger as d2_logger
@@ -69,6 +76,11 @@ def train_net_in_process(data, out_dir, config, *extra):
         "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "OUTPUT_DIR", str(out_dir), *opts])
     loggers = [logging.getLogger(n) for n in ("", "detectron2", "fvcore", "seesaw_ecm", "d2")]
     before = {id(lg): list(lg.handlers) for lg in loggers}
+    log = io.StringIO()
+    for name in ("detectron2", "seesaw_ecm"):  # what the run's log.txt would hold
+        handler = logging.StreamHandler(log)
+        handler.setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
     try:
         results = train_net.main(args)
     finally:
@@ -79,4 +91,4 @@ def train_net_in_process(data, out_dir, config, *extra):
         d2_logger.setup_logger.cache_clear()
     if results and "small_val" not in results:  # one test set: detectron2 unwraps it
         results = {"small_val": results}
-    return results
+    return InProcessRun(results, log.getvalue())

@@ -100,7 +100,7 @@ def test_lvis_scale_batch_has_lvis_like_instance_counts():
     assert math.isclose(throughput.class_counts(1203)[0], 1000)
 
 
-@pytest.mark.slow
+@pytest.mark.extra  # about a minute: CI runs it after the suite (bash tools/run_tests.sh -m extra)
 def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "tools.gpu_check.run", "--tiny", "--out",

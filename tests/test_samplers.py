@@ -12,10 +12,11 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.samplers import RepeatFactorTrainingSampler
 
 import seesaw_ecm.data.samplers
+import seesaw_ecm.epochs
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.data.datasets import load_lvis_format_json, register_lvis_format
 from seesaw_ecm.data.samplers import CeilRepeatSampler, repeat_counts
-from seesaw_ecm.epochs import apply_epoch_schedule, ceil_train_sampler, derive_schedule
+from seesaw_ecm.epochs import derive_schedule, plan_training
 from seesaw_ecm.errors import SeesawEcmError
 
 
@@ -131,17 +132,27 @@ def registered(small_synthetic):
     return name
 
 
-def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts, train_cfg):
+def test_plan_sets_max_iter_and_steps_and_reads_the_data_once(
+        registered, dicts, train_cfg, monkeypatch):
     rfs = ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler",
            "DATALOADER.REPEAT_THRESHOLD", "0.2", "DATALOADER.REPEAT_ROUNDING", "ceil"]
-    cfg, schedule = apply_epoch_schedule(
+    reads = []
+    read = seesaw_ecm.epochs.train_dataset_dicts
+    monkeypatch.setattr(seesaw_ecm.epochs, "train_dataset_dicts",
+                        lambda cfg: reads.append(cfg) or read(cfg))
+    plan = plan_training(
         train_cfg(registered, *rfs, "SOLVER.EPOCHS", "3", "SOLVER.EPOCH_STEPS", "(2,)"))
     expected = derive_schedule(dicts, sampling="ceil", threshold=0.2, ims_per_batch=4, epochs=3,
                                epoch_steps=(2,))
-    assert schedule == expected
-    assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (expected.max_iter, expected.steps)
+    assert plan.schedule == expected and len(reads) == 1
+    derived = plan.cfg.SOLVER
+    assert (derived.MAX_ITER, derived.STEPS) == (expected.max_iter, expected.steps)
+    assert plan.ceil[1].epoch_size == expected.epoch_size  # the loader's sampler, same read
     off = train_cfg(registered, *rfs)
-    assert apply_epoch_schedule(off) == (off, None)  # EPOCHS 0: MAX_ITER as set
+    no_epochs = plan_training(off)  # EPOCHS 0: MAX_ITER as set; "ceil" still reads once
+    assert no_epochs.cfg is off and no_epochs.schedule is None and len(reads) == 2
+    plain = train_cfg(registered)  # no epochs, detectron2's sampler: nothing to read
+    assert plan_training(plain) == seesaw_ecm.epochs.TrainPlan(plain) and len(reads) == 2
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -154,7 +165,7 @@ def test_apply_epoch_schedule_sets_max_iter_and_steps(registered, dicts, train_c
 ])
 def test_bad_sampler_or_epoch_keys_are_clear_errors(registered, opts, message, train_cfg):
     with pytest.raises(SeesawEcmError, match=message):
-        apply_epoch_schedule(train_cfg(registered, *opts))
+        plan_training(train_cfg(registered, *opts))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +202,7 @@ def _batches(loader_iter, n):
 
 def test_ceil_train_sampler_holds_the_counts_padded_to_the_schedule(tiny_train, tmp_path):
     cfg = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", "ceil")
-    dicts, sampler = ceil_train_sampler(cfg)
+    dicts, sampler = plan_training(cfg).ceil
     counts = repeat_counts(dicts, 0.3)
     schedule = derive_schedule(dicts, sampling="ceil", threshold=0.3, ims_per_batch=2, epochs=1)
     assert sampler.epoch_size == schedule.epoch_size >= int(counts.sum())
@@ -200,7 +211,7 @@ def test_ceil_train_sampler_holds_the_counts_padded_to_the_schedule(tiny_train, 
     padding = torch.bincount(epoch[:pad], minlength=len(counts))  # the epoch's first `pad`
     assert torch.equal(torch.bincount(epoch, minlength=len(counts)) - padding, counts)
     stochastic = _trainer_cfg(tiny_train, tmp_path, "DATALOADER.REPEAT_ROUNDING", "stochastic")
-    assert ceil_train_sampler(stochastic) is None  # detectron2 builds its own sampler
+    assert plan_training(stochastic).ceil is None  # detectron2 builds its own sampler
 
 
 def test_samplers_do_not_import_the_epoch_schedule():

@@ -88,9 +88,9 @@ def test_resume_restores_seesaw_counts(seesaw_run, small_synthetic, tmp_path):
 
 
 def test_ecm_short_training_run_learns(small_synthetic, tmp_path):
-    results = train_net_in_process(small_synthetic, tmp_path,
-                                   "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
-                                   "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "10")
+    results, _ = train_net_in_process(small_synthetic, tmp_path,
+                                      "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+                                      "SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "10")
     stats = json.loads((tmp_path / "class_statistics.json").read_text())
     assert len(stats["counts"]) == NUM_CLASSES and min(stats["counts"]) >= 1
     rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
@@ -98,10 +98,10 @@ def test_ecm_short_training_run_learns(small_synthetic, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert set(results["small_val"]) == {"bbox", "segm"}
     # eval-only takes the margins from the checkpoint: no training data needed, same numbers
-    again = train_net_in_process(small_synthetic, tmp_path / "eval",
-                                 "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
-                                 "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                                 "DATASETS.TRAIN", "('no_such_dataset',)")
+    again, _ = train_net_in_process(
+        small_synthetic, tmp_path / "eval", "configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml",
+        "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+        "DATASETS.TRAIN", "('no_such_dataset',)")
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
 
 
@@ -139,14 +139,15 @@ def test_cascade_and_htc_lite_short_training_run(small_synthetic, tmp_path, conf
     (statistics and counts of every stage come from the checkpoint)."""
     name, *opts = config.split()
     path = f"configs/Synthetic/{name}.yaml"
-    results = train_net_in_process(small_synthetic, tmp_path, path, *opts, "SOLVER.MAX_ITER", "8")
+    results, _ = train_net_in_process(small_synthetic, tmp_path, path, *opts,
+                                      "SOLVER.MAX_ITER", "8")
     rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
     last = [r for r in rows if "total_loss" in r][-1]
     assert {f"{k}_stage{s}" for k in per_stage for s in range(3)} <= set(last)
     assert all(torch.isfinite(torch.tensor(last[f"loss_cls_stage{s}"])) for s in range(3))
     assert ("loss_context" in last) == name.startswith("htc_lite")
     assert "bbox" in results["small_val"]  # evaluated (8 iterations may segment nothing yet)
-    again = train_net_in_process(small_synthetic, tmp_path / "eval", path, *opts, "--eval-only",
-                                 "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-                                 "DATASETS.TRAIN", "('no_such_dataset',)")
+    again, _ = train_net_in_process(small_synthetic, tmp_path / "eval", path, *opts, "--eval-only",
+                                    "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                    "DATASETS.TRAIN", "('no_such_dataset',)")
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)  # NaN too
