@@ -1,5 +1,6 @@
 """Open Images: the official metric (against a loop re-implementation of the official rules),
-the hierarchy expansion (against the official tool's recursion), the loader, class statistics,
+the hierarchy expansion (against a re-implementation of the current official tool, on its own
+test case and random DAG hierarchies), the loader, class statistics,
 the synthetic set and the evaluator."""
 import json
 import os
