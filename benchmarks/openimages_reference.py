@@ -1,31 +1,26 @@
 """A literal, loop-based re-implementation of the official Open Images challenge metric
 (TF Object Detection API: per_image_evaluation.py, object_detection_evaluation.py, metrics.py,
-oid_hierarchical_labels_expansion.py), written from their rules for checking
-seesaw_ecm.evaluation.openimages_fast (tests) and timing it (benchmarks.openimages_eval).
-Ties in score are ordered as a stable ascending sort reversed."""
+and the current, set-based oid_hierarchical_labels_expansion.py), written from their rules for
+checking seesaw_ecm.evaluation.openimages_fast (tests) and timing it
+(benchmarks.openimages_eval). Ties in score are ordered as a stable ascending sort reversed (the
+official code's unstable np.argsort has no fixed order for them)."""
 import numpy as np
 
 
 def official_expansion(tree):
-    """The official tool's parent / child maps (keyed_parent: all descendants, keyed_child: all
-    ancestors, with its multiplicity), by its own recursion over the tree."""
-    def build(node, skip_root=False):
-        children, keyed_parent, keyed_child = [], {}, {}
-        for sub in node.get("Subcategory", []):
-            p, c, ch = build(sub)
-            for mine, theirs in ((keyed_parent, p), (keyed_child, c)):
-                for k, v in theirs.items():
-                    mine.setdefault(k, []).extend(v)
-            children.extend(ch)
-        if not skip_root:
-            keyed_parent[node["LabelName"]] = children
-            children = [node["LabelName"]] + children
-            for k in keyed_child:
-                keyed_child[k].append(node["LabelName"])
-            keyed_child[node["LabelName"]] = []
-        return keyed_parent, keyed_child, children
-
-    keyed_parent, keyed_child, _ = build(tree, skip_root=True)
+    """The current official tool's maps: keyed_parent[label] = set of all labels below it,
+    keyed_child[label] = set of all labels above it (each once, however many paths lead there;
+    the root skipped), by one walk over every place of every label with its path."""
+    keyed_parent, keyed_child = {}, {}
+    stack = [(sub, ()) for sub in tree.get("Subcategory", [])]
+    while stack:
+        node, path = stack.pop()
+        label = node["LabelName"]
+        keyed_parent.setdefault(label, set())
+        keyed_child.setdefault(label, set()).update(path)
+        for above in path:
+            keyed_parent[above].add(label)
+        stack.extend((sub, path + (label,)) for sub in node.get("Subcategory", []))
     return keyed_parent, keyed_child
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import defaultdict
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -120,3 +121,16 @@ def official_lvis(dataset, results, iou_type, max_dets=300, eval_cls=None, eval_
         ev.params.max_dets = eval_max_dets
     ev.run()
     return ev
+
+
+def reference_ap_fixed(dataset, results, iou_type, k):
+    """large-vocab-devil's scripts/evaluate_ap_fixed.py: the first K of each category's
+    results sorted by score (stable), then LVISResults(max_dets=-1) and LVISEval with
+    params.max_dets = -1."""
+    per_cat = defaultdict(list)
+    for r in results:
+        per_cat[r["category_id"]].append(r)
+    top = []
+    for anns in per_cat.values():
+        top.extend(sorted(anns, key=lambda r: r["score"], reverse=True)[:k])
+    return official_lvis(dataset, top, iou_type, max_dets=-1, eval_max_dets=-1)

@@ -8,7 +8,7 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 
-from lvis_problems import official_lvis, random_problem, results_for
+from lvis_problems import official_lvis, random_problem, reference_ap_fixed, results_for
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.evaluation import lvis_fast
 
@@ -169,21 +169,18 @@ def _instances(results, height, width, cat_ids):
     return inst
 
 
-@pytest.fixture(scope="module")
-def tiny_lvis(tmp_path_factory):
-    """A registered LVIS-format dataset and model outputs for it: (name, inputs, outputs)."""
+def register_problem(name, dataset, results, root):
+    """Register `dataset` as LVIS-format dataset `name` (json under `root`); the model inputs
+    and outputs holding `results`, one per image in id order: (inputs, outputs)."""
     from detectron2.data import DatasetCatalog
 
     from seesaw_ecm.data.datasets import register_lvis_format
 
-    dataset, results = random_problem(7, max_images=8)
     for im in dataset["images"]:
         im["file_name"] = f"{im['id']}.jpg"
-    root = tmp_path_factory.mktemp("tiny_lvis")
-    json_file = str(root / "val.json")
+    json_file = str(root / f"{name}.json")
     with open(json_file, "w") as f:
         json.dump(dataset, f)
-    name = "tiny_lvis_eval_test"
     register_lvis_format(name, json_file, str(root))
     # loading sets the metadata (category id mapping) as the test loader does before the
     # evaluator is built; without it ids would be taken as contiguous + 1, and AP would be 0
@@ -194,6 +191,15 @@ def tiny_lvis(tmp_path_factory):
         mine = [r for r in results if r["image_id"] == im["id"]]
         inputs.append({"image_id": im["id"], "height": im["height"], "width": im["width"]})
         outputs.append({"instances": _instances(mine, im["height"], im["width"], cat_ids)})
+    return inputs, outputs
+
+
+@pytest.fixture(scope="module")
+def tiny_lvis(tmp_path_factory):
+    """A registered LVIS-format dataset and model outputs for it: (name, inputs, outputs)."""
+    dataset, results = random_problem(7, max_images=8)
+    name = "tiny_lvis_eval_test"
+    inputs, outputs = register_problem(name, dataset, results, tmp_path_factory.mktemp(name))
     return name, inputs, outputs, dataset
 
 
@@ -202,6 +208,33 @@ def _run(evaluator, inputs, outputs):
     for i in range(0, len(inputs), 3):
         evaluator.process(inputs[i:i + 3], outputs[i:i + 3])
     return evaluator.evaluate()
+
+
+def _run_two_ranks(monkeypatch, make_evaluator, inputs, outputs, ranks):
+    """Evaluators of make_evaluator() run as ranks 0 and 1 (comm faked in one process), rank r
+    given the inputs at indices ranks[r]; returns (rank 0's result, the gathered dicts)."""
+    from seesaw_ecm.evaluation import evaluator as module
+
+    rank = {"now": 0}
+    gathered = {}
+    monkeypatch.setattr(module.comm, "get_rank", lambda: rank["now"])
+    monkeypatch.setattr(module.comm, "is_main_process", lambda: rank["now"] == 0)
+    monkeypatch.setattr(module.comm, "gather", lambda data, dst=0: (
+        gathered.__setitem__(rank["now"], data) or ([gathered[r] for r in sorted(gathered)]
+                                                    if rank["now"] == 0 else [])))
+    evaluators = []
+    for r, indices in enumerate(ranks):
+        rank["now"] = r
+        ev = make_evaluator()
+        ev.reset()
+        for i in range(0, len(indices), 3):
+            ev.process([inputs[j] for j in indices[i:i + 3]],
+                       [outputs[j] for j in indices[i:i + 3]])
+        evaluators.append(ev)
+    rank["now"] = 1
+    assert evaluators[1].evaluate() is None
+    rank["now"] = 0
+    return evaluators[0].evaluate(), list(gathered.values())
 
 
 def test_evaluator_matches_detectron2_lvis_evaluator(tiny_lvis, tmp_path):
@@ -266,7 +299,8 @@ def test_trainer_picks_the_backend_from_the_config(tiny_lvis, tmp_path):
 def test_evaluator_two_processes_gather_records_not_predictions(
         tiny_lvis, tmp_path, monkeypatch):
     """Two ranks (comm faked in one process): each matches its own images; rank 0 gathers
-    MatchRecords only and gives the numbers and the results dump of one process."""
+    MatchRecords only and gives the numbers of one process, and the results dump in image-id
+    order (rank 0 holds the later images here), as one process evaluating in id order."""
     from detectron2.evaluation import LVISEvaluator
 
     from seesaw_ecm.evaluation import evaluator as module
@@ -274,30 +308,12 @@ def test_evaluator_two_processes_gather_records_not_predictions(
     name, inputs, outputs, _ = tiny_lvis
     (tmp_path / "lvis").mkdir()
     official = _run(LVISEvaluator(name, output_dir=str(tmp_path / "lvis")), inputs, outputs)
-    rank = {"now": 0}
-    gathered = []
-    monkeypatch.setattr(module.comm, "get_rank", lambda: rank["now"])
-    monkeypatch.setattr(module.comm, "is_main_process", lambda: rank["now"] == 0)
-
-    def gather(data, dst=0):
-        gathered.append(data)
-        return gathered if rank["now"] == 0 else []
-
-    monkeypatch.setattr(module.comm, "gather", gather)
-    evaluators = []
     half = len(inputs) // 2
-    for r, (ins, outs) in enumerate([(inputs[:half], outputs[:half]),
-                                     (inputs[half:], outputs[half:])]):
-        rank["now"] = r
-        ev = module.FastLVISEvaluator(name, output_dir=str(tmp_path / "fast"), chunk_images=2)
-        ev.reset()
-        ev.process(ins, outs)
-        evaluators.append(ev)
-    rank["now"] = 1
-    assert evaluators[1].evaluate() is None
-    rank["now"] = 0
-    fast = evaluators[0].evaluate()
-    assert all(set(p) == {"images", "results", "records", "ranking", "proposals"}
+    fast, gathered = _run_two_ranks(
+        monkeypatch, lambda: module.FastLVISEvaluator(name, output_dir=str(tmp_path / "fast"),
+                                                      chunk_images=2),
+        inputs, outputs, [range(half, len(inputs)), range(half)])
+    assert all(set(p) == {"images", "results", "records", "ranking", "proposals", "dumped"}
                and p["ranking"] is None for p in gathered)
     assert all(isinstance(rec, module.MatchRecords)
                for p in gathered for rec in p["records"].values())
@@ -307,6 +323,60 @@ def test_evaluator_two_processes_gather_records_not_predictions(
     name_json = "lvis_instances_results.json"
     assert (tmp_path / "fast" / name_json).read_bytes() == (
         tmp_path / "lvis" / name_json).read_bytes()
+    assert not [p for p in os.listdir(tmp_path / "fast") if p.endswith(".part")]
+
+
+def test_results_file_gives_the_reference_ap_fixed(tmp_path, monkeypatch):
+    """8 random problems whose scores take 3 values (ties straddle categories' K-th places),
+    images spread over two ranks out of id order: large-vocab-devil's selection (first K per
+    category of the file, stable by score; reference_ap_fixed) on the written results file gives
+    the evaluator's AP-fixed, per category, to float rounding. On the same results in
+    processing order (detectron2's file) it differs for some problems."""
+    from seesaw_ecm.evaluation.evaluator import (FIXED_METRICS, REPORT_FILE, RESULTS_FILE,
+                                                 FastLVISEvaluator)
+
+    def ap_fixed(ev):
+        """(AP-fixed metrics in percent, per-category AP in percent, NaN without gt)."""
+        p = ev.eval["precision"][:, :, :, 0]
+        with np.errstate(invalid="ignore"):
+            per_cat = np.where((p > -1).any(axis=(0, 1)), np.where(p > -1, p, 0).sum(
+                axis=(0, 1)) / (p > -1).sum(axis=(0, 1)), np.nan)
+        return {k: ev.results[m] * 100 for k, m in FIXED_METRICS.items()}, per_cat * 100
+
+    differs = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        dataset, results = random_problem(900 + seed, max_images=8, max_dets=40)
+        for r in results:
+            r["score"] = (0.3, 0.6, 0.9)[int(r["score"] * 10) % 3]
+        name = f"ap_fixed_file_{seed}"
+        inputs, outputs = register_problem(name, dataset, results, tmp_path)
+        order = rng.permutation(len(inputs)).tolist()  # not id order
+        ranks = [order[:len(order) // 2], order[len(order) // 2:]]
+        k = (2, 3, 5, 8)[seed % 4]
+        folder = tmp_path / name
+        fast, _ = _run_two_ranks(monkeypatch, lambda: FastLVISEvaluator(
+            name, output_dir=str(folder), chunk_images=2, topk_per_class=k), inputs, outputs,
+            ranks)
+        written = json.loads((folder / RESULTS_FILE).read_text())
+        report = json.loads((folder / REPORT_FILE).read_text())
+        ids = [r["image_id"] for r in written]
+        assert ids == sorted(ids)
+        # detectron2's file: rank 0's images in its order, then rank 1's
+        processed = [inputs[i]["image_id"] for i in order]
+        as_processed = sorted(written, key=lambda r: processed.index(r["image_id"]))
+        for task in ("bbox", "segm"):
+            metrics, per_cat = ap_fixed(reference_ap_fixed(
+                dataset, results_for(written, task), task, k))
+            for key, value in metrics.items():
+                assert abs(fast[task][key] - value) <= 1e-9, (seed, task, key)
+            ours = np.array([np.nan if c["AP_fixed"] is None else c["AP_fixed"]
+                             for c in report[task]["per_category_ap"]])
+            np.testing.assert_allclose(ours, per_cat, rtol=0, atol=1e-9)
+            other, _ = ap_fixed(reference_ap_fixed(dataset, results_for(as_processed, task),
+                                                   task, k))
+            differs += any(abs(fast[task][key] - v) > 1e-9 for key, v in other.items())
+    assert differs >= 8  # of 16 (problem, task) pairs
 
 
 def test_evaluator_optional_metrics(tiny_lvis, tmp_path):

@@ -1,12 +1,10 @@
 """AP-fixed, AP-pool and boundary AP of seesaw_ecm.evaluation.lvis_fast against the reference
 procedures run with the official `lvis` API (and independent re-implementations written here)."""
-from collections import defaultdict
-
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from lvis_problems import official_lvis, random_problem, results_for
+from lvis_problems import official_lvis, random_problem, reference_ap_fixed, results_for
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.evaluation import lvis_fast
 
@@ -17,21 +15,9 @@ FIXED_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
 
 def by_image(results):
     """Results grouped by image id, file order inside an image: the order in which the
-    reference's tie-breaking at the K-th score equals lvis_fast's (image, position)."""
+    reference's tie-breaking at the K-th score equals lvis_fast's (image, position), and the
+    order of FastLVISEvaluator's results file (test_lvis_eval.py checks the file)."""
     return sorted(results, key=lambda r: r["image_id"])
-
-
-def reference_ap_fixed(dataset, results, iou_type, k):
-    """large-vocab-devil's scripts/evaluate_ap_fixed.py: the first K of each category's
-    results sorted by score (stable), then LVISResults(max_dets=-1) and LVISEval with
-    params.max_dets = -1."""
-    per_cat = defaultdict(list)
-    for r in results:
-        per_cat[r["category_id"]].append(r)
-    top = []
-    for anns in per_cat.values():
-        top.extend(sorted(anns, key=lambda r: r["score"], reverse=True)[:k])
-    return official_lvis(dataset, top, iou_type, max_dets=-1, eval_max_dets=-1)
 
 
 def reference_pooled(ev):

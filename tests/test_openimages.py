@@ -1,5 +1,6 @@
 """Open Images: the official metric (against a loop re-implementation of the official rules),
-the hierarchy expansion (against the official tool's recursion), the loader, class statistics,
+the hierarchy expansion (against a re-implementation of the current official tool, on its own
+test case and random DAG hierarchies), the loader, class statistics,
 the synthetic set and the evaluator."""
 import json
 import os
@@ -28,7 +29,8 @@ from benchmarks.openimages_reference import official_expansion, reference_ap
 NUM_CLASSES = 12
 MIDS = [f"/m/c{k}" for k in range(NUM_CLASSES)]
 # root -> 8 (-> 0, 1, 9 (-> 2, 3)), 10 (-> 4, 9 (-> 2, 3)), 11 (-> 5, 6); 7 not in the tree.
-# Class 9 sits under 8 and 10: 2 and 3 get 9 twice (the official multiplicity).
+# Class 9 sits under 8 and 10: 2 and 3 reach 9 by two paths and get it once (the current
+# official tool's ancestor sets).
 TREE = {"LabelName": "/m/root", "Subcategory": [
     {"LabelName": "/m/c8", "Subcategory": [
         {"LabelName": "/m/c0"}, {"LabelName": "/m/c1"},
@@ -48,8 +50,9 @@ def _box(rng, size=100.0):
     return [float(x0), float(y0), float(x0 + w), float(y0 + h)]
 
 
-def random_problem(seed, num_images=30, ties=False):
-    """Leaf ground truth (LEAVES, some group-of, some duplicated boxes), verified labels,
+def random_problem(seed, num_images=30, ties=False, num_classes=NUM_CLASSES,
+                   box_classes=LEAVES):
+    """Ground truth of `box_classes` (some group-of, some duplicated boxes), verified labels,
     detections of all classes (near ground truth or anywhere, some degenerate). Returns
     (records (unexpanded), detections {image_id: [(cls, score, box)]})."""
     rng = np.random.default_rng(seed)
@@ -59,13 +62,13 @@ def random_problem(seed, num_images=30, ties=False):
         anns = []
         for _ in range(rng.integers(0, 6)):
             box = _box(rng)
-            anns.append({"bbox": box, "bbox_mode": 0, "category_id": int(rng.choice(LEAVES)),
+            anns.append({"bbox": box, "bbox_mode": 0, "category_id": int(rng.choice(box_classes)),
                          "is_group_of": bool(rng.random() < 0.25)})
             if rng.random() < 0.1:  # an identical second box
                 anns.append(dict(anns[-1]))
         present = {a["category_id"] for a in anns}
         pos = sorted(k for k in present if rng.random() < 0.7)
-        neg = sorted(int(k) for k in rng.choice(NUM_CLASSES, 3, replace=False)
+        neg = sorted(int(k) for k in rng.choice(num_classes, 3, replace=False)
                      if k not in present)
         records.append({"image_id": image_id, "annotations": anns, "pos_category_ids": pos,
                         "neg_category_ids": neg})
@@ -74,13 +77,13 @@ def random_problem(seed, num_images=30, ties=False):
             for _ in range(rng.integers(0, 4)):
                 x0, y0, x1, y1 = a["bbox"]
                 j = rng.normal(0, 0.15, 4) * (x1 - x0)
-                cls = a["category_id"] if rng.random() < 0.6 else int(rng.integers(NUM_CLASSES))
+                cls = a["category_id"] if rng.random() < 0.6 else int(rng.integers(num_classes))
                 dets.append((cls, [x0 + j[0], y0 + j[1], x1 + j[2], y1 + j[3]]))
                 if a["is_group_of"] and rng.random() < 0.5:  # a small box inside the group
                     cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
                     dets.append((cls, [cx - 2, cy - 2, cx + 2, cy + 2]))
         for _ in range(rng.integers(0, 8)):
-            dets.append((int(rng.integers(NUM_CLASSES)), _box(rng)))
+            dets.append((int(rng.integers(num_classes)), _box(rng)))
         if dets and rng.random() < 0.3:  # degenerate box: ignored
             dets.append((dets[0][0], [5.0, 5.0, 5.0, 9.0]))
         scores = rng.random(len(dets))
@@ -93,21 +96,21 @@ def random_problem(seed, num_images=30, ties=False):
     return records, detections
 
 
-def reference_images(records, tree):
+def reference_images(records, tree, mids=MIDS):
     """Expanded ground truth for the reference, by the official tool's maps."""
     keyed_parent, keyed_child = official_expansion(tree)
-    index = {m: k for k, m in enumerate(MIDS)}
+    index = {m: k for k, m in enumerate(mids)}
     images = {}
     for r in records:
         boxes, labels = [], set(r["neg_category_ids"])
         for a in r["annotations"]:
             boxes.append((a["category_id"], a["bbox"], a["is_group_of"]))
-            for p in keyed_child.get(MIDS[a["category_id"]], []):
+            for p in keyed_child.get(mids[a["category_id"]], []):
                 boxes.append((index[p], a["bbox"], a["is_group_of"]))
         for k in r["pos_category_ids"]:
-            labels |= {k} | {index[p] for p in keyed_child.get(MIDS[k], [])}
+            labels |= {k} | {index[p] for p in keyed_child.get(mids[k], [])}
         for k in r["neg_category_ids"]:
-            labels |= {index[c] for c in keyed_parent.get(MIDS[k], [])}
+            labels |= {index[c] for c in keyed_parent.get(mids[k], [])}
         images[r["image_id"]] = {"boxes": boxes, "labels": sorted(labels)}
     return images
 
@@ -124,12 +127,116 @@ def test_hierarchy_matches_the_official_tool():
     for k, mid in enumerate(MIDS):
         assert sorted(h.ancestors[k]) == sorted(MIDS.index(p) for p in keyed_child.get(mid, []))
         assert h.descendants[k] == sorted({MIDS.index(c) for c in keyed_parent.get(mid, [])})
-    assert sorted(h.ancestors[2]) == [8, 9, 9, 10]  # 9 twice, as the official tool has it
-    assert h.unique_ancestors[2] == [8, 9, 10] and h.ancestors[7] == []
+    assert h.ancestors[2] == [8, 9, 10] and h.ancestors[7] == []  # 9 once, by two paths
     source, parents = h.copy_detections(np.array([2, 7, 5]))
     assert source.tolist() == [0, 0, 0, 2] and parents.tolist() == [8, 9, 10, 11]
     with pytest.raises(SeesawEcmError, match="not in the class description"):
         LabelHierarchy({"LabelName": "r", "Subcategory": [{"LabelName": "/m/x"}]}, MIDS)
+
+
+def test_expansion_is_the_current_tool_on_its_own_test_case():
+    """The official tool's own test (oid_hierarchical_labels_expansion_test.py): 'f' sits under
+    'c' and under the root, 'd' under 'c' and under both places of 'f'; a box of 'd' gets one
+    copy for 'f' and one for 'c'."""
+    leaf = [{"LabelName": "d"}]
+    tree = {"LabelName": "a", "Subcategory": [
+        {"LabelName": "b"},
+        {"LabelName": "c", "Subcategory": [{"LabelName": "d"}, {"LabelName": "e"},
+                                           {"LabelName": "f", "Subcategory": leaf}]},
+        {"LabelName": "f", "Subcategory": leaf}]}
+    mids = ["b", "c", "d", "e", "f"]
+    b, c, d, e, f = range(5)
+    box_b, box_d = [10.0, 10.0, 20.0, 20.0], [20.0, 10.0, 30.0, 20.0]
+    records = [{"image_id": "123", "pos_category_ids": [], "neg_category_ids": [b, c],
+                "annotations": [
+                    {"bbox": box_b, "bbox_mode": 0, "category_id": b, "is_group_of": False},
+                    {"bbox": box_d, "bbox_mode": 0, "category_id": d, "is_group_of": False}]},
+               {"image_id": "124", "pos_category_ids": [d], "neg_category_ids": [],
+                "annotations": []}]
+    expected_boxes = sorted([(b, box_b), (d, box_d), (f, box_d), (c, box_d)])
+    h = LabelHierarchy(tree, mids)
+    first, second = (h.expand_record(r) for r in records)
+    assert sorted((a["category_id"], a["bbox"]) for a in first["annotations"]) == expected_boxes
+    assert first["neg_category_ids"] == [b, c, d, e, f]
+    assert second["pos_category_ids"] == [c, d, f]
+    reference = reference_images(records, tree, mids)
+    assert sorted((k, box) for k, box, _ in reference["123"]["boxes"]) == expected_boxes
+    assert reference["123"]["labels"] == [b, c, d, e, f]
+    assert reference["124"]["labels"] == [c, d, f]
+
+
+def random_dag_tree(rng, num_classes):
+    """A hierarchy JSON unfolded from a random DAG over classes 0..num_classes-2 (the last one
+    stays out of the tree): each class has 0, 1 or 2 parents among the classes before it in a
+    random order, so a class with children can sit under two parents (its subtree repeated at
+    both places, as in the challenge file). Returns (tree, mids, classes in the tree)."""
+    mids = [f"/m/d{k}" for k in range(num_classes)]
+    order = rng.permutation(num_classes - 1).tolist()
+    parents = {}
+    for i, k in enumerate(order):
+        parents[k] = rng.choice(order[:i], min(i, int(rng.choice(3, p=[0.3, 0.4, 0.3]))),
+                                replace=False).tolist() if i else []
+
+    def node(k):
+        sub = [node(j) for j in order if k in parents[j]]
+        return {"LabelName": mids[k], **({"Subcategory": sub} if sub else {})}
+
+    tree = {"LabelName": "/m/root", "Subcategory": [node(k) for k in order if not parents[k]]}
+    return tree, mids, order
+
+
+def paths_to_ancestors(tree):
+    """{(label, ancestor): number of paths}: the copies the tool's first, list-based version
+    made (more than one where an ancestor is reached by several paths)."""
+    count = {}
+
+    def walk(node, path):
+        for above in path:
+            count[node["LabelName"], above] = count.get((node["LabelName"], above), 0) + 1
+        for sub in node.get("Subcategory", []):
+            walk(sub, path + [node["LabelName"]])
+
+    for sub in tree["Subcategory"]:
+        walk(sub, [])
+    return count
+
+
+def test_expansion_on_random_dag_hierarchies_equals_the_reference():
+    """60 random hierarchies with classes under two parents: ancestors, descendants and
+    expanded records equal the reference's; in many of them an ancestor is reached by two
+    paths (where the list-based tool made two copies)."""
+    several_paths = 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        tree, mids, in_tree = random_dag_tree(rng, 10)
+        h = LabelHierarchy(tree, mids)
+        keyed_parent, keyed_child = official_expansion(tree)
+        for k, mid in enumerate(mids):
+            assert h.ancestors[k] == sorted(mids.index(p) for p in keyed_child.get(mid, ()))
+            assert h.descendants[k] == sorted(mids.index(c) for c in keyed_parent.get(mid, ()))
+        several_paths += max(paths_to_ancestors(tree).values(), default=0) > 1
+        records, _ = random_problem(seed, num_images=10, num_classes=10, box_classes=in_tree)
+        reference = reference_images(records, tree, mids)
+        for r in records:
+            mine = h.expand_record(r)
+            assert sorted((a["category_id"], a["bbox"]) for a in mine["annotations"]) == sorted(
+                (k, box) for k, box, _ in reference[r["image_id"]]["boxes"])
+            assert sorted(set(mine["pos_category_ids"]) | set(mine["neg_category_ids"])) == (
+                reference[r["image_id"]]["labels"])
+    assert several_paths >= 40  # of 60
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metric_on_random_dag_hierarchies_equals_the_official_rules(seed):
+    rng = np.random.default_rng(100 + seed)
+    tree, mids, in_tree = random_dag_tree(rng, 10)
+    assert max(paths_to_ancestors(tree).values()) > 1
+    records, detections = random_problem(seed, ties=True, num_classes=10, box_classes=in_tree)
+    expanded = [LabelHierarchy(tree, mids).expand_record(r) for r in records]
+    expected = reference_ap(reference_images(records, tree, mids), detections, 10)
+    result = evaluate(expanded, to_results(detections), num_classes=10, chunk_images=7)
+    np.testing.assert_allclose(result.per_class_ap, expected, rtol=0, atol=1e-12)
+    assert (expected[~np.isnan(expected)] > 0).any()
 
 
 @pytest.mark.parametrize("seed,ties", [(0, False), (1, False), (2, True), (3, True)])
@@ -255,10 +362,10 @@ def test_loader_reads_official_files(tmp_path):
     assert (r1["pos_category_ids"], r2["neg_category_ids"], r2["annotations"]) == ([2], [8], [])
     assert open(os.path.join(files["image_root"], "image_sizes.csv")).read().count("\n") == 3
     expanded = openimages.load_openimages(files, mids, LabelHierarchy(TREE, mids))
-    assert [a["category_id"] for a in expanded[0]["annotations"]] == [2, 9, 8, 9, 10, 5, 11]
+    assert [a["category_id"] for a in expanded[0]["annotations"]] == [2, 8, 9, 10, 5, 11]
     assert expanded[1]["neg_category_ids"] == [0, 1, 2, 3, 8, 9]
     # class statistics through the project's path: group-of boxes are instances
-    assert count_classes(expanded, NUM_CLASSES).tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 1, 2, 1, 1]
+    assert count_classes(expanded, NUM_CLASSES).tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1]
     assert count_classes(expanded, NUM_CLASSES, "image_count")[9] == 1
 
 
@@ -325,7 +432,7 @@ def test_synthetic_set_has_hierarchy_group_of_negatives_and_a_long_tail(tiny_oi)
     meta = MetadataCatalog.get("tiny_oi_train")
     num_classes = len(meta.thing_classes)
     leaves = 12
-    assert num_classes > leaves and all(meta.hierarchy.unique_ancestors[k]
+    assert num_classes > leaves and all(meta.hierarchy.ancestors[k]
                                         for k in range(leaves))
     anns = [a for r in train for a in r["annotations"]]
     assert max(a["category_id"] for a in anns) < leaves  # not expanded in this mode

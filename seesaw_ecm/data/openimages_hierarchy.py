@@ -5,12 +5,13 @@ copies each box and each positive image label to every ancestor of its class and
 image label to every descendant; the challenge metric is computed on ground truth expanded this
 way, while detections are not expanded (a detector must cover parent classes itself).
 
-Multiplicity, as the official tool has it: a class gets one copy of a box per occurrence of an
-ancestor above it in the tree. A class listed under several parents gets each ancestor once
-unless that ancestor itself appears at several places of the tree (then once per place, and
-the extra copies are duplicate ground truth the official metric counts). The root of the JSON
-(Entity) is not a class. Classes of the class list that are absent from the tree have no
-ancestors (the official tool would stop with an assertion on their boxes).
+Multiplicity, as the current official tool has it: it collects each class' ancestors (and
+descendants) in a set, so a box gets one copy per distinct ancestor even where a class is
+reached through several paths (a class listed under several parents, or a class below one).
+The tool's first version collected lists and copied a box once per path; the project follows
+the current one. The root of the JSON (Entity) is not a class. Classes of the class list that
+are absent from the tree have no ancestors (the official tool would stop with an assertion on
+their boxes).
 """
 import numpy as np
 
@@ -18,18 +19,18 @@ from ..errors import SeesawEcmError
 
 
 class LabelHierarchy:
-    """ancestors[k]: class indices above class k, with the official multiplicity;
-    unique_ancestors[k], descendants[k]: sorted unique class indices above / below k."""
+    """ancestors[k], descendants[k]: sorted class indices above / below class k, each once
+    (over every place where k occurs in the tree)."""
 
     def __init__(self, tree, mids, source="hierarchy"):
         """tree: the parsed hierarchy JSON ({"LabelName", optional "Subcategory": [...]}, the
         root not a class); mids: class MIDs in contiguous-id order; source: named in errors."""
         index = {m: k for k, m in enumerate(mids)}
-        self.ancestors = [[] for _ in mids]
+        ancestors = [set() for _ in mids]
         descendants = [set() for _ in mids]
 
         def visit(node, depth):
-            """Class indices in the subtree below `node` (unique); records ancestors."""
+            """Class indices in the subtree below `node`; records ancestors / descendants."""
             if not isinstance(node, dict) or "LabelName" not in node:
                 raise SeesawEcmError(f"{source}: node {node!r:.80} has no 'LabelName'. Give the "
                                      "challenge hierarchy JSON (LabelName / Subcategory tree).")
@@ -47,23 +48,23 @@ class LabelHierarchy:
                                          "description file. Use the hierarchy that belongs to "
                                          "the class list.")
                 for j in below:
-                    self.ancestors[j].append(k)
+                    ancestors[j].add(k)
                 descendants[k] |= below
                 below = below | {k}
             return below
 
         visit(tree, 0)
         self.num_classes = len(mids)
-        self.unique_ancestors = [sorted(set(a)) for a in self.ancestors]
+        self.ancestors = [sorted(a) for a in ancestors]
         self.descendants = [sorted(d) for d in descendants]
-        counts = np.array([len(a) for a in self.unique_ancestors], np.int64)
+        counts = np.array([len(a) for a in self.ancestors], np.int64)
         self._ptr = np.concatenate([[0], np.cumsum(counts)])
-        self._flat = np.array([k for a in self.unique_ancestors for k in a], np.int64)
+        self._flat = np.array([k for a in self.ancestors for k in a], np.int64)
 
     def expand_record(self, record):
         """A dataset dict with the official expansion: after each box its copies for every
-        ancestor; positive labels plus their ancestors, negative labels plus their
-        descendants (sorted unique)."""
+        ancestor (ascending class index); positive labels plus their ancestors, negative
+        labels plus their descendants (sorted unique)."""
         anns = []
         for a in record["annotations"]:
             anns.append(a)
@@ -78,7 +79,7 @@ class LabelHierarchy:
 
     def copy_detections(self, classes):
         """For detections of `classes` (N,): (source index (M,), ancestor class (M,)) of one
-        copy per detection and unique ancestor of its class."""
+        copy per detection and ancestor of its class."""
         classes = np.asarray(classes, np.int64)
         start, count = self._ptr[classes], np.diff(self._ptr)[classes]
         source = np.repeat(np.arange(len(classes)), count)

@@ -7,9 +7,13 @@ What differs is memory: every `chunk_images` images, each process matches its pr
 against the ground truth and keeps only compact `MatchRecords` (a few dozen bytes per evaluated
 detection, no masks); `evaluate` gathers those records, not the predictions. The optional
 `lvis_instances_results.json` dump is streamed: each process appends its results to a part file
-as it goes, and the main process concatenates the parts (same bytes as detectron2's
-json.dumps of the whole list). detectron2's `instances_predictions.pth` is not written (it would
-hold every prediction in memory at once).
+as it goes, and the main process copies them out image by image in image-id order, each image's
+results in the model's order (the bytes of detectron2's json.dumps of that list; detectron2
+writes the processing order instead). That is AP-fixed's tie rule: a reader that keeps the
+first K of each category's results sorted by score (stable), as large-vocab-devil's
+evaluate_ap_fixed.py does, keeps exactly the detections this evaluator keeps, whatever the
+number of processes or the order of the test images. detectron2's `instances_predictions.pth`
+is not written (it would hold every prediction in memory at once).
 
 Extra outputs: AR@300, ARs/ARm/ARl and per-category AP per task, logged as a table by frequency
 group and written to `lvis_fast_eval.json` in the output folder.
@@ -25,8 +29,8 @@ without AP-fixed, before detector_postprocess dropped empty boxes).
 import itertools
 import json
 import os
-import shutil
 from collections import OrderedDict
+from contextlib import ExitStack
 
 import numpy as np
 import detectron2.utils.comm as comm
@@ -80,6 +84,8 @@ class FastLVISEvaluator(LVISEvaluator):
         self._caps = []  # per image: (N,) bool, in the model's per-image top (TEST.AP_FIXED)
         self._num_images = 0
         self._num_results = 0
+        self._dumped = []  # per image in this process' part: (image_id, byte offset, bytes)
+        self._part_size = 0
         self._matchers = {}  # task -> LvisMatcher
         self._ranking = (TopKPerClass(self._topk, self._gt.num_categories, len(self._gt.img_ids))
                          if self._topk > 0 else None)
@@ -109,7 +115,8 @@ class FastLVISEvaluator(LVISEvaluator):
 
     def _flush(self):
         """Match the buffered images' results; append them to this process' dump part."""
-        results = list(itertools.chain(*self._buffer))
+        images = [r for r in self._buffer if r]
+        results = list(itertools.chain(*images))
         in_cap = (np.concatenate(self._caps) if self._caps and len(self._caps) == len(self._buffer)
                   else None)
         self._buffer, self._caps = [], []
@@ -117,8 +124,12 @@ class FastLVISEvaluator(LVISEvaluator):
             return
         if self._dump:
             with open(self._part_path, "ab") as f:
-                f.write(((", " if self._num_results else "")
-                         + ", ".join(json.dumps(r) for r in results)).encode())
+                for image_results in images:
+                    data = ", ".join(json.dumps(r) for r in image_results).encode()
+                    f.write(data)
+                    self._dumped.append((image_results[0]["image_id"], self._part_size,
+                                         len(data)))
+                    self._part_size += len(data)
         self._num_results += len(results)
         if not self._matchers:
             tasks = self._tasks or self._tasks_from_predictions(results)
@@ -133,7 +144,8 @@ class FastLVISEvaluator(LVISEvaluator):
         self._flush()
         own = {"images": self._num_images, "results": self._num_results,
                "records": {t: m.records() for t, m in self._matchers.items()},
-               "ranking": self._ranking, "proposals": self._predictions}
+               "ranking": self._ranking, "proposals": self._predictions,
+               "dumped": (comm.get_rank(), self._dumped)}
         if self._distributed:
             comm.synchronize()
             parts = comm.gather(own, dst=0)
@@ -149,7 +161,7 @@ class FastLVISEvaluator(LVISEvaluator):
         if proposals:
             self._eval_box_proposals(proposals)
         if self._dump:
-            self._write_results(len(parts))
+            self._write_results(dict(p["dumped"] for p in parts))
         if not self._do_evaluation:
             self._logger.info("Annotations are not available for evaluation.")
             return self._results
@@ -223,10 +235,11 @@ class FastLVISEvaluator(LVISEvaluator):
         entry["per_category_ap"] = per_cat
         return entry
 
-    def _write_results(self, num_ranks):
-        """Concatenate the processes' parts into lvis_instances_results.json (streamed)."""
-        parts = [os.path.join(self._output_dir, f".{RESULTS_FILE}.rank{r}.part")
-                 for r in range(num_ranks)]
+    def _write_results(self, dumped):
+        """Write lvis_instances_results.json from the processes' parts, images in id order
+        (streamed). dumped: {rank: [(image_id, byte offset, bytes) per image in its part]}."""
+        ranks = sorted(dumped)
+        parts = [os.path.join(self._output_dir, f".{RESULTS_FILE}.rank{r}.part") for r in ranks]
         missing = [p for p in parts if not os.path.exists(p)]
         if missing:
             self._logger.warning(f"Not writing {RESULTS_FILE}: {missing[0]} is not visible from "
@@ -234,17 +247,14 @@ class FastLVISEvaluator(LVISEvaluator):
             return
         path = os.path.join(self._output_dir, RESULTS_FILE)
         self._logger.info(f"Saving results to {path}")
-        with open_atomic(path) as out:
+        images = sorted((image_id, i, offset, size)
+                        for i, r in enumerate(ranks) for image_id, offset, size in dumped[r])
+        with ExitStack() as stack, open_atomic(path) as out:
+            files = [stack.enter_context(open(part, "rb")) for part in parts]
             out.write(b"[")
-            first = True
-            for part in parts:
-                if os.path.getsize(part) == 0:
-                    continue
-                if not first:
-                    out.write(b", ")
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
-                first = False
+            for n, (_, i, offset, size) in enumerate(images):
+                files[i].seek(offset)
+                out.write((b", " if n else b"") + files[i].read(size))
             out.write(b"]")
         for part in parts:
             os.unlink(part)

@@ -42,7 +42,7 @@ Beyond lvis 0.5.3 (facts and sources: docs of the project, "LVIS metrics"):
   their (image, category) pair. So one set of records gives standard AP (records flagged
   `in_cap`) and AP-fixed (records in the top K). Ties at a category's K-th score are broken by
   (image id, position in the image's results); the reference keeps the results file's order,
-  the same when the file is grouped by image in id order.
+  the same when the file is grouped by image in id order (as FastLVISEvaluator writes it).
 - AP-pool (same paper, `LVISPooledEval`): the same matching, one precision / recall curve per
   pool of categories (all, r, c, f; area "all"), all detections of the pool ranked together.
 - Boundary AP (Cheng et al. 2021, boundary-iou-api): iou_type "boundary", IoU = min(mask IoU,

@@ -20,10 +20,12 @@ utils/metrics.py), with group-of weight 1 as in the challenge evaluator:
   label (positive or negative) or the class of one of its boxes; others are ignored, as are
   detections of images without ground truth and boxes with x0 >= x1 or y0 >= y1;
 - per (image, class), detections in score order (descending; equal scores: later input first,
-  what the official `np.argsort(scores)[::-1]` gives whenever numpy's sort is stable for the
-  array, e.g. always for up to 16 detections, and for any size without equal scores). Each
-  takes the non-group-of box of highest IoU (first one on ties), whether already matched or
-  not: IoU >= 0.5 and box unmatched -> TP (box matched); otherwise FP;
+  the project's rule, a stable ascending sort reversed). The official code ranks with
+  `np.argsort(scores)[::-1]`, numpy's default sort, which is not stable (numpy 2 on an AVX-512
+  CPU reorders equal scores even among 4 detections), so its order of equal scores depends on
+  the numpy build and the CPU; without equal scores the two orders are the same. Each takes
+  the non-group-of box of highest IoU (first one on ties), whether already matched or not:
+  IoU >= 0.5 and box unmatched -> TP (box matched); otherwise FP;
 - every detection that is not a TP then takes the group-of box of highest IoA (intersection
   over the detection's area; first on ties): IoA >= 0.5 -> the detection is removed, and each
   group-of box hit this way adds one TP with the highest score of its detections (if > 0);
@@ -32,7 +34,8 @@ utils/metrics.py), with group-of weight 1 as in the challenge evaluator:
   ground truth; mAP = nan-mean over classes. No cap on detections per image.
 - per class, entries are ranked by score over images in sorted image-id order (the order of
   the official script's `groupby('ImageID')`), each image's valid detections in their order,
-  then its group-of TPs in box order; equal scores as above (later entry first).
+  then its group-of TPs in box order; equal scores as above (later entry first: the project's
+  rule, where the official order depends on numpy's unstable sort).
 
 AP1..AP5 (EQLv2's protocol): the classes sorted by training instance count (ties by class
 index) and cut into 5 groups of (almost) equal size, AP1 the rarest; each the mean AP of its
