@@ -85,18 +85,15 @@ def images_per_class(cfg):
 class LOCEInitPassHook(HookBase):
     """Runs :func:`run_init_pass` in before_train over this rank's
     :func:`balanced_image_indices` of DATASETS.TRAIN (mapped by the training mapper, in batches
-    of the per-GPU training batch), unless the run resumes (iteration > 0: the checkpoint's mean
-    scores are the measured ones; the memory, never checkpointed, refills in training)."""
+    of the per-GPU training batch). A resumed run (iteration > 0) gets its memory, which
+    checkpoints do not hold, refilled the same way, but keeps the checkpoint's mean scores (an
+    uninterrupted run has them; the official reruns the whole pass on resume)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.images_per_class = images_per_class(cfg)
 
     def before_train(self):
-        if self.trainer.iter > 0:
-            logger.info(f"LOCE initialisation pass skipped: resuming at iteration "
-                        f"{self.trainer.iter} (the mean scores come from the checkpoint)")
-            return
         cfg, world = self.cfg, comm.get_world_size()
         dicts = train_dataset_dicts(cfg)
         chosen = balanced_image_indices(dicts, self.images_per_class, comm.get_rank(), world)
@@ -107,18 +104,21 @@ class LOCEInitPassHook(HookBase):
             num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator)
         model = self.trainer.model
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        heads = model.roi_heads
-        before = heads.box_predictor.cls_loss.mean_score.clone()
+        memory, score = model.roi_heads.memory, model.roi_heads.box_predictor.cls_loss.mean_score
+        before, resumed = score.clone(), self.trainer.iter > 0
         logger.info(f"LOCE initialisation pass: {len(chosen)} images ({self.images_per_class} "
-                    f"per class and GPU) in {len(loader)} batches, eval mode, no gradients")
+                    f"per class and GPU) in {len(loader)} batches, eval mode, no gradients"
+                    + (f"; resuming at iteration {self.trainer.iter}: it refills the feature "
+                       "memory, the mean scores stay the checkpoint's" if resumed else ""))
         start = time.perf_counter()
         run_init_pass(model, loader)
-        memory = heads.memory
+        measured = int((score[:-1] != before[:-1]).sum())
+        if resumed:
+            score.copy_(before)
         filled = 0 if memory.filled is None else int((memory.filled > 0).sum())
-        measured = int((heads.box_predictor.cls_loss.mean_score[:-1] != before[:-1]).sum())
         logger.info(f"LOCE initialisation pass done in {time.perf_counter() - start:.1f} s: "
                     f"feature memory filled for {filled} of {memory.num_classes} classes, mean "
-                    f"score measured for {measured}")
+                    f"score " + ("kept" if resumed else f"measured for {measured}"))
 
 
 def loce_init_hooks(cfg):

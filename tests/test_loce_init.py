@@ -131,15 +131,39 @@ def test_hook_switches():
         images_per_class(cfg)
 
 
-def test_hook_skips_a_resumed_run():
+@pytest.fixture(scope="module")
+def loce_trainer(small_synthetic):
+    """A LOCE model of the small synthetic set's 12 classes, its cfg (DATASETS.TRAIN that set)
+    and a stand-in trainer at iteration 0 (what the hook reads: iter, model)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from seesaw_ecm.data.datasets import register_lvis_format
+    if "loce_init_train" not in DatasetCatalog.list():
+        register_lvis_format("loce_init_train", small_synthetic["train_json"],
+                             small_synthetic["image_root"])
     cfg = small_cfg("loce", **{"MODEL.ROI_HEADS.NAME": "LOCEROIHeads",
-                               "DATASETS.TRAIN": "('no_such_dataset',)"})
-    model = build_small_model("loce", False, heads="LOCEROIHeads")
+                               "MODEL.ROI_HEADS.NUM_CLASSES": 12, "SOLVER.IMS_PER_BATCH": 2,
+                               "DATASETS.TRAIN": "('loce_init_train',)",
+                               "DATALOADER.NUM_WORKERS": 0})
+    return cfg, lambda: SimpleNamespace(iter=0, model=build_model(cfg))
+
+
+def test_hook_fills_every_class_and_keeps_the_mean_scores_on_resume(loce_trainer):
+    cfg, new_trainer = loce_trainer
     hook = LOCEInitPassHook(cfg)
-    hook.trainer = SimpleNamespace(iter=7, model=model)
-    hook.before_train()  # would fail reading the unknown dataset if it ran
-    assert model.roi_heads.memory.filled is None
-    assert (model.roi_heads.box_predictor.cls_loss.mean_score == 0.01).all()
-    hook.trainer.iter = 0
-    with pytest.raises(KeyError, match="no_such_dataset"):
-        hook.before_train()
+    hook.trainer = new_trainer()
+    heads = hook.trainer.model.roi_heads
+    torch.manual_seed(0)
+    hook.before_train()
+    assert (heads.memory.filled > 0).all()  # all 12 classes of the set
+    assert (heads.box_predictor.cls_loss.mean_score[:-1] != 0.01).all()
+    resumed = new_trainer()
+    resumed.iter = 7
+    score = resumed.model.roi_heads.box_predictor.cls_loss.mean_score
+    score[:-1] = torch.linspace(0.1, 0.9, 12)  # as loaded from a checkpoint
+    before = score.clone()
+    hook.trainer = resumed
+    hook.before_train()
+    assert (resumed.model.roi_heads.memory.filled > 0).all()  # the memory refilled
+    assert torch.equal(score, before)  # the checkpoint's mean scores kept
