@@ -3,12 +3,14 @@ the class-balanced image choice against a loop re-implementation of the official
 DistributedBalancedSampler, the pass filling exactly the memories and mean scores of the classes
 it sees while leaving the model's parameters and statistics alone, the hook's switches; the end-
 to-end run is tests/test_baselines.py's LOCE decoupled run."""
+import os
 import random
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import multiprocessing as mp
 from torch import nn
 
 from seesaw_ecm.errors import SeesawEcmError
@@ -167,3 +169,40 @@ def test_hook_fills_every_class_and_keeps_the_mean_scores_on_resume(loce_trainer
     hook.before_train()
     assert (resumed.model.roi_heads.memory.filled > 0).all()  # the memory refilled
     assert torch.equal(score, before)  # the checkpoint's mean scores kept
+
+
+def _two_rank_worker(rank, data, out_dir):
+    from detectron2.modeling import build_model
+    from torch import distributed as dist
+
+    from seesaw_ecm.data.datasets import register_lvis_format
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=2)
+    try:
+        register_lvis_format("loce_init_train", data["train_json"], data["image_root"])
+        cfg = small_cfg("loce", **{"MODEL.ROI_HEADS.NAME": "LOCEROIHeads",
+                                   "MODEL.ROI_HEADS.NUM_CLASSES": 12, "SOLVER.IMS_PER_BATCH": 4,
+                                   "MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS": 2,
+                                   "DATASETS.TRAIN": "('loce_init_train',)",
+                                   "DATALOADER.NUM_WORKERS": 0})
+        torch.manual_seed(rank)
+        hook = LOCEInitPassHook(cfg)
+        hook.trainer = SimpleNamespace(iter=0, model=build_model(cfg))
+        hook.before_train()
+        heads = hook.trainer.model.roi_heads
+        torch.save({"score": heads.box_predictor.cls_loss.mean_score,
+                    "filled": heads.memory.filled}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_fill_their_memories_and_share_the_mean_scores(small_synthetic, tmp_path):
+    """Each rank forwards its share (2 images per class each, batches of IMS_PER_BATCH / 2),
+    fills every class's memory; the mean scores are all-reduced: the same on both ranks."""
+    mp.spawn(_two_rank_worker, args=(small_synthetic, str(tmp_path)), nprocs=2)
+    states = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for state in states:
+        assert (state["filled"] > 0).all() and (state["score"][:-1] != 0.01).all()
+    torch.testing.assert_close(states[0]["score"], states[1]["score"], rtol=0, atol=0)

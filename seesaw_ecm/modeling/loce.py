@@ -68,7 +68,7 @@ class LOCEROIHeads(LongTailROIHeads):
         logger.info(
             f"LOCE feature memory: {memory.num_classes} classes x {memory.queue_size} x "
             f"{memory.feature_shape} {loce.MEMORY_DTYPE} = {memory.nbytes() / 1e9:.3f} GB on "
-            f"{loce.MEMORY_DEVICE} (allocated at the first training iteration)")
+            f"{loce.MEMORY_DEVICE} (allocated when first filled)")
         ret["memory"] = memory
         return ret
 
