@@ -73,7 +73,8 @@ def run_init_pass(model, batches, log_period=100):
 
 
 def images_per_class(cfg):
-    """MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS, 0 = the official QUEUE_SIZE // 16."""
+    """MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS; 0 = the official QUEUE_SIZE // 16 (at
+    least 1)."""
     loce = cfg.MODEL.LONG_TAIL.LOCE
     if loce.INIT_PASS.IMAGES_PER_CLASS < 0:
         raise SeesawEcmError(f"MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS "
