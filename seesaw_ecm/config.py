@@ -166,6 +166,15 @@ def add_long_tail_baselines_config(cfg):
     cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DEVICE = "cpu"
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_CLASSES = 8  # classes replayed per iteration (by 1 / m_c)
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_FEATURES = 4  # features replayed per drawn class
+    # Initialisation pass (the official InitializerHook; seesaw_ecm/loce_init.py): before
+    # iteration 1, the training forward in eval mode and without gradients over IMAGES_PER_CLASS
+    # images of every class per GPU, filling every class's feature memory and measuring its
+    # mean score (on resume: the memory only; the mean scores stay the checkpoint's). Off =
+    # empty memories, mean scores at INITIAL_SCORE.
+    cfg.MODEL.LONG_TAIL.LOCE.INIT_PASS = CN()
+    cfg.MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED = True  # run the pass (official: yes)
+    # Images per class and GPU; 0 = QUEUE_SIZE // 16 (the official: 5 at 80 slots, 16 per box).
+    cfg.MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS = 0
 
 
 def add_gradient_balance_config(cfg):

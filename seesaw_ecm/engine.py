@@ -21,6 +21,7 @@ from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.openimages_evaluator import OpenImagesEvaluator
 from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_class_info
+from .loce_init import loce_init_hooks
 from .modeling.decoupled import freeze_all_but
 from .modeling.tta import LongTailRCNNWithTTA
 from .roi_align import use_vectorized_roi_align_backward
@@ -160,7 +161,8 @@ class Trainer(DefaultTrainer):
         """detectron2's hooks, with a checkpointer that writes atomically (a job killed while
         saving leaves the previous checkpoint as the last one); with
         MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
-        checkpointer, whose checkpoints then hold its sums)."""
+        checkpointer, whose checkpoints then hold its sums); for LOCE with
+        MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED its initialisation pass (seesaw_ecm/loce_init.py)."""
         old = self.checkpointer  # DefaultTrainer.__init__ builds it just before build_hooks()
         self.checkpointer = AtomicCheckpointer(old.model, old.save_dir,
                                                save_to_disk=old.save_to_disk,
@@ -172,6 +174,7 @@ class Trainer(DefaultTrainer):
         schedule = self.epoch_schedule
         ret.insert(0, EpochProgressHook(self.cfg.SOLVER.IMS_PER_BATCH,
                                         schedule.epoch_size if schedule else None))
+        ret[:0] = loce_init_hooks(self.cfg)  # LOCE's initialisation pass: first in before_train
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
             return ret

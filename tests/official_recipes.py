@@ -230,6 +230,9 @@ ROWS = {
         ("MODEL.LONG_TAIL.LOCE.QUEUE_SIZE", 80, LOCE_FT + ": 80 features per class"),
         ("MODEL.LONG_TAIL.LOCE.SAMPLED_CLASSES", 8, LOCE_FT + ": 8 classes per iteration"),
         ("MODEL.LONG_TAIL.LOCE.SAMPLED_FEATURES", 4, LOCE_FT + ": 4 features per class"),
+        ("MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED", True, LOCE_FT + ": InitializerHook"),
+        ("MODEL.LONG_TAIL.LOCE.INIT_PASS.IMAGES_PER_CLASS", 0,  # 0 = QUEUE_SIZE // 16
+         "fcjian/LOCE mmdet/apis/train.py: init_num_samples=queue_size // 16"),
     ],
     "r50": [("MODEL.RESNETS.DEPTH", 50, MASK_RCNN + ": ResNet depth=50")],
     "r101": [("MODEL.RESNETS.DEPTH", 101,

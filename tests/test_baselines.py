@@ -693,6 +693,11 @@ def test_decoupled_run_trains_only_its_parts(name, trainable, small_synthetic, c
     else:  # the running mean scores moved and were saved
         assert (state["roi_heads.box_predictor.cls_loss.mean_score"][:-1] != 0.01).any()
         assert "LOCE feature memory: 12 classes x 80 x (64, 7, 7) float32" in log
+        # the initialisation pass (5 images per class) ran before iteration 1 and filled all
+        done = log.index("LOCE initialisation pass done")
+        assert log.index("Starting training from iteration 0") < done < log.index(" iter: ")
+        assert "LOCE initialisation pass: 60 images (5 per class and GPU) in 30 batches" in log
+        assert "memory filled for 12 of 12 classes, mean score measured for 12" in log
     again, _ = train_net_in_process(small_synthetic, tmp_path / "eval", config, "--eval-only",
                                     "MODEL.WEIGHTS", str(tmp_path / name / "model_final.pth"),
                                     "DATASETS.TRAIN", "('no_such_dataset',)")

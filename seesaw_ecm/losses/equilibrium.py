@@ -13,7 +13,8 @@ class EquilibriumLoss(nn.Module):
     (background last), i.e. CE of z + log m.
 
     ``mean_score`` m (C + 1,) is a persistent buffer (checkpoints carry it), initialised to
-    ``initial_score``; m_bg is fixed at ``background_score``. It is updated by
+    ``initial_score`` (then measured by LOCE's initialisation pass before training, where it
+    runs); m_bg is fixed at ``background_score``. It is updated by
     :meth:`update_mean_score`, which the LOCE ROI heads call before every loss (the official
     order): an entry is one ground-truth instance (its positive RoIs' mean softmax score of its
     class) or one memory-sampled class; per class with n entries this batch (all ranks),

@@ -33,8 +33,8 @@ class FeatureMemory:
     the boxes): 1,203 x 80 x 256 x 7 x 7 x 4 B = 4.83 GB for LVIS in float32, half in float16.
     :meth:`nbytes` states it before anything is allocated; the tensors are allocated at the
     first :meth:`enqueue`, on ``device`` ("cpu", as the official default, or "model": the
-    device of the features). Not a module and not in checkpoints: a resumed run refills it
-    within a few iterations.
+    device of the features), by LOCE's initialisation pass when it runs. Not a module and not
+    in checkpoints: a resumed run refills it within a few iterations.
 
     Args:
         num_classes: C.

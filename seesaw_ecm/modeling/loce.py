@@ -31,7 +31,11 @@ class LOCEROIHeads(LongTailROIHeads):
     3. the equilibrium loss's mean scores are updated from this batch's scores (one entry per
        ground-truth instance, one per replayed class), then the losses are computed.
 
-    Inference is LongTailROIHeads' (plain softmax scores). MODEL.LONG_TAIL.LOSS must be "loce".
+    Before iteration 1 the initialisation pass (seesaw_ecm/loce_init.py,
+    MODEL.LONG_TAIL.LOCE.INIT_PASS) runs these steps over a class-balanced set of training
+    images without gradients, so that training starts with filled memories and measured mean
+    scores. Inference is LongTailROIHeads' (plain softmax scores). MODEL.LONG_TAIL.LOSS must be
+    "loce".
     """
 
     @configurable
@@ -64,7 +68,7 @@ class LOCEROIHeads(LongTailROIHeads):
         logger.info(
             f"LOCE feature memory: {memory.num_classes} classes x {memory.queue_size} x "
             f"{memory.feature_shape} {loce.MEMORY_DTYPE} = {memory.nbytes() / 1e9:.3f} GB on "
-            f"{loce.MEMORY_DEVICE} (allocated at the first training iteration)")
+            f"{loce.MEMORY_DEVICE} (allocated when first filled)")
         ret["memory"] = memory
         return ret
 
