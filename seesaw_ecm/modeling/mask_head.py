@@ -1,6 +1,8 @@
 """Mask head with a normalized (cosine) 1x1 predictor, as in the Seesaw / ECM "normed mask"
 configs, and the options every ROI heads class of the project composes around its mask head
 (:func:`with_mask_options`)."""
+from torch import nn
+
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
@@ -12,7 +14,10 @@ from .mask_scoring import build_mask_scoring_head
 @ROI_MASK_HEAD_REGISTRY.register()
 class NormedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     """MaskRCNNConvUpsampleHead whose predictor is a NormedConv2d: per-pixel cosine similarity
-    of the (R, D, 2S, 2S) mask features with each class's weight, times a temperature."""
+    of the (R, D, 2S, 2S) mask features with each class's weight, times a temperature.
+
+    The predictor starts as the official one (mmdetection's FCNMaskHead.init_weights):
+    kaiming_normal weights (mode fan_out, relu gain), zero bias."""
 
     @configurable
     def __init__(self, input_shape, *, num_classes, conv_dims, temperature=20.0, **kwargs):
@@ -20,6 +25,8 @@ class NormedMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         in_channels = self.predictor.in_channels
         self.predictor = NormedConv2d(in_channels, self.predictor.out_channels, kernel_size=1,
                                       temperature=temperature)
+        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.predictor.bias)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
