@@ -267,6 +267,10 @@ def add_mask_head_config(cfg):
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
     # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
+    # Initial weights of the normalized mask predictor: "pytorch" (default, as before: nn.Conv2d's
+    # own init and bias) or "kaiming_normal" (the official: mmdetection's FCNMaskHead, kaiming
+    # normal with mode fan_out and the relu gain, zero bias; set in the LVIS recipes).
+    cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT = "pytorch"
 
 
 def add_mask_scoring_config(cfg):

@@ -36,6 +36,7 @@ from .modeling.cascade import LongTailCascadeROIHeads
 from .modeling.cls_loss import (ecm_statistic, loss_spec, statistics_from_train,
                                 uses_cosine_classifier)
 from .modeling.htc_lite import HTCLiteRCNN, HTCLiteROIHeads
+from .modeling.mask_head import NORMED_INITS
 from .modeling.roi_heads import LongTailROIHeads
 from .modeling.rpn import LowQualityFloorRPN
 from .modeling.tta import check_tta_config
@@ -218,8 +219,12 @@ def check_long_tail(cfg, eval_only):
 def check_keys_the_model_reads(cfg, eval_only):
     """Keys that the chosen parts would silently ignore: MODEL.LONG_TAIL.LOSS other than "ce"
     with ROI heads that build no long-tail loss (detectron2's StandardROIHeads trains softmax
-    CE), MODEL.RPN.LOW_QUALITY_MIN_IOU > 0 with a proposal generator that has no floor."""
+    CE), MODEL.RPN.LOW_QUALITY_MIN_IOU > 0 with a proposal generator that has no floor; and the
+    values of that floor and of MODEL.ROI_MASK_HEAD.NORMED_INIT."""
     problems = []
+    if cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT not in NORMED_INITS:
+        problems.append(f"MODEL.ROI_MASK_HEAD.NORMED_INIT {cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT!r}: "
+                        f"valid choices are {', '.join(map(repr, NORMED_INITS))}.")
     heads, loss = _roi_heads(cfg), cfg.MODEL.LONG_TAIL.LOSS
     if heads is not None and loss != "ce" and not issubclass(
             heads, (LongTailROIHeads, LongTailCascadeROIHeads)):

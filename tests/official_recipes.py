@@ -201,6 +201,9 @@ ROWS = {
         ("MODEL.ROI_MASK_HEAD.NAME", "NormedMaskRCNNConvUpsampleHead",
          ECM_1X + " and the seesaw *normed_mask* configs: predictor NormedConv2d"),
         ("MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE", 20.0, ECM_1X + ": NormedConv2d tempearture=20"),
+        ("MODEL.ROI_MASK_HEAD.NORMED_INIT", "kaiming_normal",
+         MM + "mmdet/models/roi_heads/mask_heads/fcn_mask_head.py: init_weights, kaiming_normal_ "
+         "mode='fan_out', nonlinearity='relu', bias 0"),
     ],
     "plain_mask": [
         ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",

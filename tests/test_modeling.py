@@ -448,12 +448,19 @@ def test_low_quality_floor_rpn_from_config_labels_as_detectron2_at_zero():
 
 
 def test_normed_mask_predictor_starts_as_the_official():
-    """kaiming_normal (fan_out = classes for a 1x1 kernel, relu gain) and zero bias, as
-    mmdetection's FCNMaskHead.init_weights; PyTorch's default init has std 1 / sqrt(3 fan_in)."""
+    """NORMED_INIT "kaiming_normal": kaiming normal (fan_out = classes for a 1x1 kernel, relu
+    gain), zero bias, as mmdetection's FCNMaskHead.init_weights; "pytorch" (the default) keeps
+    nn.Conv2d's uniform init with std 1 / sqrt(3 fan_in) and its bias."""
     torch.manual_seed(0)
-    cfg = small_cfg(**{"MODEL.ROI_HEADS.NUM_CLASSES": 400, "MODEL.ROI_MASK_HEAD.CONV_DIM": 256})
-    head = NormedMaskRCNNConvUpsampleHead(cfg, ShapeSpec(channels=256, height=14, width=14))
+    cfg = small_cfg(**{"MODEL.ROI_HEADS.NUM_CLASSES": 400, "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+                       "MODEL.ROI_MASK_HEAD.NORMED_INIT": "kaiming_normal"})
+    shape = ShapeSpec(channels=256, height=14, width=14)
+    head = NormedMaskRCNNConvUpsampleHead(cfg, shape)
     weight, bias = head.predictor.weight, head.predictor.bias
     assert weight.shape == (400, 256, 1, 1) and torch.equal(bias, torch.zeros(400))
     assert weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
     assert weight.mean().abs() < 0.003 and weight.abs().max() > 3 * weight.std()  # normal
+    cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT = "pytorch"
+    stock = NormedMaskRCNNConvUpsampleHead(cfg, shape).predictor
+    assert stock.weight.std().item() == pytest.approx((3 * 256) ** -0.5, rel=0.02)
+    assert stock.weight.abs().max() <= 256 ** -0.5 and (stock.bias != 0).all()

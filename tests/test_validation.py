@@ -245,6 +245,8 @@ def test_unreadable_files_keeps_order_across_chunks(tmp_path):
      "floor on its low-quality matches): set MODEL.PROPOSAL_GENERATOR.NAME 'LowQualityFloorRPN'"),
     (("MODEL.PROPOSAL_GENERATOR.NAME", "LowQualityFloorRPN", "MODEL.RPN.LOW_QUALITY_MIN_IOU", 1.5),
      "MODEL.RPN.LOW_QUALITY_MIN_IOU must be in [0, 1]"),
+    (("MODEL.ROI_MASK_HEAD.NORMED_INIT", "kaiming"),
+     "MODEL.ROI_MASK_HEAD.NORMED_INIT 'kaiming': valid choices are 'pytorch', 'kaiming_normal'."),
 ])
 def test_config_problems(small, opts, message):
     found = problems_of(small, *opts)
