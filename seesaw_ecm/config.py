@@ -25,10 +25,10 @@ def add_seesaw_ecm_config(cfg):
     """Add seesaw_ecm's keys to a detectron2 config (in place). Call before merge_from_file."""
     for add in (add_datasets_config, add_long_tail_config, add_long_tail_baselines_config,
                 add_gradient_balance_config, add_htc_lite_config, add_cascade_config,
-                add_tsd_config, add_mask_head_config, add_mask_scoring_config, add_carafe_config,
-                add_resnest_config, add_fpg_config, add_train_augmentation_config,
-                add_roi_align_config, add_sampling_config, add_solver_config,
-                add_evaluation_config):
+                add_tsd_config, add_rpn_config, add_mask_head_config, add_mask_scoring_config,
+                add_carafe_config, add_resnest_config, add_fpg_config,
+                add_train_augmentation_config, add_roi_align_config, add_sampling_config,
+                add_solver_config, add_evaluation_config):
         add(cfg)
     for old, (new, how) in RENAMED_KEYS.items():
         if not cfg.key_is_renamed(old):  # (yacs refuses a second registration)
@@ -112,6 +112,10 @@ def add_long_tail_config(cfg):
     # Per-class statistic of the ECM margins, counted on DATASETS.TRAIN: "instance_count" (as
     # the official ECM file) or "image_count".
     cfg.MODEL.LONG_TAIL.ECM.STATISTIC = "instance_count"
+    # Precision of the class weights a log((1 + a) / a): "float64" (default: the exact value of
+    # the formula) or "float32" (the official code: (1 + a) / a rounds for the rarest classes,
+    # LVIS v1 w = 1.110 instead of 1.000; the LVIS ECM recipes set it to train as published).
+    cfg.MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE = "float64"
 
     # Federated loss: its negatives are sampled by the training image count of each class
     # (always image counts, whatever ECM.STATISTIC says).
@@ -258,11 +262,24 @@ def add_tsd_config(cfg):
     cfg.MODEL.TSD.PC_LOSS_WEIGHT = 1.0  # weight of loss_pc_cls and loss_pc_loc; 0 = no PC
 
 
+def add_rpn_config(cfg):
+    """MODEL.RPN: the floor of the low-quality matches (PROPOSAL_GENERATOR.NAME
+    "LowQualityFloorRPN")."""
+    # Low-quality matches (a ground-truth box's best anchors, positive below the IoU threshold)
+    # only for boxes whose best anchor IoU is >= this: mmdetection's min_pos_iou (0.3 in the
+    # official LVIS recipes). 0 = no floor, detectron2's RPN.
+    cfg.MODEL.RPN.LOW_QUALITY_MIN_IOU = 0.0
+
+
 def add_mask_head_config(cfg):
     """MODEL.ROI_MASK_HEAD: the normalized mask predictor."""
     # Temperature of the normalized mask predictor (ROI_MASK_HEAD.NAME
     # "NormedMaskRCNNConvUpsampleHead").
     cfg.MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE = 20.0
+    # Initial weights of the normalized mask predictor: "pytorch" (default, as before: nn.Conv2d's
+    # own init and bias) or "kaiming_normal" (the official: mmdetection's FCNMaskHead, kaiming
+    # normal with mode fan_out and the relu gain, zero bias; set in the LVIS recipes).
+    cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT = "pytorch"
 
 
 def add_mask_scoring_config(cfg):

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY
 
 from .data.augmentation import check_train_augmentation_config
 from .data.datasets import read_lvis_json
@@ -31,11 +31,14 @@ from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.lvis_fast import FREQ_LABELS
 from .gradient_balance import check_period
+from .losses.ecm import WEIGHT_DTYPES
 from .modeling.cascade import LongTailCascadeROIHeads
 from .modeling.cls_loss import (ecm_statistic, loss_spec, statistics_from_train,
                                 uses_cosine_classifier)
 from .modeling.htc_lite import HTCLiteRCNN, HTCLiteROIHeads
+from .modeling.mask_head import NORMED_INITS
 from .modeling.roi_heads import LongTailROIHeads
+from .modeling.rpn import LowQualityFloorRPN
 from .modeling.tta import check_tta_config
 from .modeling.deform_conv import check_deform_conv_config
 from .modeling.tsd import check_config as check_tsd_config
@@ -183,8 +186,8 @@ LOSS_ARGUMENTS = {
 @config_check
 def check_long_tail(cfg, eval_only):
     """For the long-tail ROI heads, MODEL.LONG_TAIL: LOSS with OBJECTNESS, CLASSIFIER,
-    STATISTICS_FROM, ECM.STATISTIC, and the values the chosen loss requires (LOSS_ARGUMENTS),
-    without building the loss (the model builds it once)."""
+    STATISTICS_FROM, ECM.STATISTIC and WEIGHT_DTYPE, and the values the chosen loss requires
+    (LOSS_ARGUMENTS), without building the loss (the model builds it once)."""
     heads = _roi_heads(cfg)
     if heads is None or not issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
         return []
@@ -195,6 +198,10 @@ def check_long_tail(cfg, eval_only):
     if statistic not in STATISTICS:
         raise SeesawEcmError(f"MODEL.LONG_TAIL.ECM.STATISTIC {statistic!r}: valid choices are "
                              f"{STATISTICS}.")
+    if cfg.MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE not in WEIGHT_DTYPES:
+        raise SeesawEcmError(f"MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE "
+                             f"{cfg.MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE!r}: valid choices are "
+                             f"{', '.join(map(repr, WEIGHT_DTYPES))}.")
     lt = cfg.MODEL.LONG_TAIL
     if lt.LOSS == "loce" and cfg.MODEL.ROI_HEADS.NAME != "LOCEROIHeads":
         raise SeesawEcmError('MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME '
@@ -205,6 +212,37 @@ def check_long_tail(cfg, eval_only):
         if not valid(value):
             problems.append(f"MODEL.LONG_TAIL.{key} must be {requirement} for LOSS {lt.LOSS!r}, "
                             f"got {value}.")
+    return problems
+
+
+@config_check
+def check_keys_the_model_reads(cfg, eval_only):
+    """Keys that the chosen parts would silently ignore: MODEL.LONG_TAIL.LOSS other than "ce"
+    with ROI heads that build no long-tail loss (detectron2's StandardROIHeads trains softmax
+    CE), MODEL.RPN.LOW_QUALITY_MIN_IOU > 0 with a proposal generator that has no floor; and the
+    values of that floor and of MODEL.ROI_MASK_HEAD.NORMED_INIT."""
+    problems = []
+    if cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT not in NORMED_INITS:
+        problems.append(f"MODEL.ROI_MASK_HEAD.NORMED_INIT {cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT!r}: "
+                        f"valid choices are {', '.join(map(repr, NORMED_INITS))}.")
+    heads, loss = _roi_heads(cfg), cfg.MODEL.LONG_TAIL.LOSS
+    if heads is not None and loss != "ce" and not issubclass(
+            heads, (LongTailROIHeads, LongTailCascadeROIHeads)):
+        problems.append(
+            f"MODEL.LONG_TAIL.LOSS {loss!r} is ignored by MODEL.ROI_HEADS.NAME "
+            f"{cfg.MODEL.ROI_HEADS.NAME!r} (it trains its own softmax CE): set "
+            "MODEL.ROI_HEADS.NAME 'LongTailROIHeads' (cascade: 'LongTailCascadeROIHeads', "
+            "HTC-Lite: 'HTCLiteROIHeads'), or MODEL.LONG_TAIL.LOSS 'ce'.")
+    floor, rpn = cfg.MODEL.RPN.LOW_QUALITY_MIN_IOU, cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if not 0 <= floor <= 1:
+        problems.append(f"MODEL.RPN.LOW_QUALITY_MIN_IOU must be in [0, 1] (an IoU; 0 = no "
+                        f"floor), got {floor}.")
+    elif floor > 0 and rpn in PROPOSAL_GENERATOR_REGISTRY and not issubclass(
+            PROPOSAL_GENERATOR_REGISTRY.get(rpn), LowQualityFloorRPN):
+        problems.append(
+            f"MODEL.RPN.LOW_QUALITY_MIN_IOU {floor} is ignored by MODEL.PROPOSAL_GENERATOR.NAME "
+            f"{rpn!r} (no floor on its low-quality matches): set MODEL.PROPOSAL_GENERATOR.NAME "
+            "'LowQualityFloorRPN', or MODEL.RPN.LOW_QUALITY_MIN_IOU 0.")
     return problems
 
 

@@ -30,6 +30,8 @@ DROPLOSS = "timy90022/DropLoss projects/DropLoss_v1 (shipped base config)"
 LOCE_DIR = "fcjian/LOCE configs/loce/"
 LOCE_STAGE1 = LOCE_DIR + "mask_rcnn_r50_fpn_normed_mask_mstrain_2x_lvis_v1.py"
 LOCE_FT = LOCE_DIR + "loce_mask_rcnn_r50_fpn_normed_mask_mstrain_2x_lvis_v1.py"
+ECM_WEIGHT = "janghyuncho/ECM-Loss mmdet/models/losses/ecm_utils.py"
+HTC = MM + "configs/htc/htc_without_semantic_r50_fpn_1x_coco.py"
 
 
 def schedule_rows(epochs, steps, schedule_source, warmup_iters, warmup_ratio, clip, source):
@@ -76,6 +78,9 @@ ROWS = {
         ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 256, MASK_RCNN + ": rpn sampler num=256"),
         ("MODEL.RPN.POSITIVE_FRACTION", 0.5, MASK_RCNN + ": rpn sampler pos_fraction=0.5"),
         ("MODEL.RPN.IOU_THRESHOLDS", (0.3, 0.7), MASK_RCNN + ": neg_iou_thr=0.3, pos_iou_thr=0.7"),
+        ("MODEL.PROPOSAL_GENERATOR.NAME", "LowQualityFloorRPN",
+         MASK_RCNN + ": rpn MaxIoUAssigner with min_pos_iou (the RPN that reads the floor)"),
+        ("MODEL.RPN.LOW_QUALITY_MIN_IOU", 0.3, MASK_RCNN + ": rpn assigner min_pos_iou=0.3"),
         ("MODEL.RPN.NMS_THRESH", 0.7, MASK_RCNN + ": rpn_proposal nms iou_threshold=0.7"),
         ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000, MASK_RCNN + ": rpn_proposal nms_pre=2000"),
         ("MODEL.RPN.PRE_NMS_TOPK_TEST", 1000, MASK_RCNN + ": test rpn nms_pre=1000"),
@@ -115,7 +120,24 @@ ROWS = {
         ("MODEL.ROI_BOX_CASCADE_HEAD.IOUS", (0.5, 0.6, 0.7),
          CASCADE + ": rcnn assigners pos_iou_thr 0.5 / 0.6 / 0.7"),
     ],
-    # mmdetection's cascade (MODEL.CASCADE, issue 15 item 3); skipped while the node is absent
+    # the ROI heads: one group per architecture (LOCE's is in its loss group)
+    "heads_standard": [
+        ("MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+         MASK_RCNN + ": StandardRoIHead, softmax CrossEntropyLoss (detectron2's own)"),
+    ],
+    "heads_long_tail": [
+        ("MODEL.ROI_HEADS.NAME", "LongTailROIHeads",
+         SEESAW + ", " + ECM_1X + ": StandardRoIHead with the long-tail loss_cls"),
+    ],
+    "heads_cascade": [
+        ("MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads",
+         CASCADE + ": CascadeRoIHead, 3 stages, the long-tail loss_cls in each"),
+    ],
+    "heads_htc_lite": [
+        ("MODEL.ROI_HEADS.NAME", "HTCLiteROIHeads",
+         HTC + " (HTC-Lite: no official code): cascade box stages, interleaved mask"),
+    ],
+    # mmdetection's cascade (MODEL.CASCADE): the switches off detectron2's cascade
     "cascade_mmdet": [
         ("MODEL.CASCADE.STAGE_LOSS_WEIGHTS", (1.0, 0.5, 0.25),
          CASCADE + ": stage_loss_weights=[1, 0.5, 0.25]"),
@@ -169,6 +191,8 @@ ROWS = {
         ("MODEL.LONG_TAIL.ECM.FG_BG_RATIO", 6.3313, ECM_1X + ": fg_bg_ratio=6.3313"),
         ("MODEL.LONG_TAIL.ECM.STATISTIC", "instance_count",
          "janghyuncho/ECM-Loss: per-class instance counts of LVIS v1 train"),
+        ("MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE", "float32",
+         ECM_WEIGHT + ": get_detection_weight on the float32 counts tensor"),
         ("MODEL.LONG_TAIL.LOSS_WEIGHT", 1.0, ECM_1X + ": loss_weight=1.0"),
         ("MODEL.LONG_TAIL.CLASSIFIER", "auto", ECM_1X + ": NormedLinear (cosine, via 'auto')"),
         ("MODEL.LONG_TAIL.TEMPERATURE", 20.0, ECM_1X + ": NormedLinear tempearture=20"),
@@ -177,6 +201,9 @@ ROWS = {
         ("MODEL.ROI_MASK_HEAD.NAME", "NormedMaskRCNNConvUpsampleHead",
          ECM_1X + " and the seesaw *normed_mask* configs: predictor NormedConv2d"),
         ("MODEL.ROI_MASK_HEAD.NORMED_TEMPERATURE", 20.0, ECM_1X + ": NormedConv2d tempearture=20"),
+        ("MODEL.ROI_MASK_HEAD.NORMED_INIT", "kaiming_normal",
+         MM + "mmdet/models/roi_heads/mask_heads/fcn_mask_head.py: init_weights, kaiming_normal_ "
+         "mode='fan_out', nonlinearity='relu', bias 0"),
     ],
     "plain_mask": [
         ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
@@ -258,6 +285,14 @@ def groups_for(name):
     else:
         groups.append("schedule_seesaw_2x")
     groups += ["cascade", "cascade_mmdet"] if stages else ["mask_rcnn"]
+    if name.startswith("htc_lite"):
+        groups.append("heads_htc_lite")
+    elif stages:
+        groups.append("heads_cascade")
+    elif loss == "ce":
+        groups.append("heads_standard")
+    elif loss != "loce":
+        groups.append("heads_long_tail")
     if name.startswith("cascade"):  # HTC-Lite keeps one mask head after the last stage
         groups.append("cascade_mmdet_mask")
     return groups

@@ -9,6 +9,7 @@ import warnings
 from decimal import Decimal, getcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,6 +342,60 @@ def test_ecm_background_roi_is_positive_of_background_column():
     assert out.item() == pytest.approx(expected, rel=1e-12)
     (g,) = grads(out, logits)
     assert g[0, 3] < 0 and (g[0, :3] > 0).all()
+
+
+def lvis_like_counts():
+    """1,203 instance counts summing to LVIS v1 train's 1,270,141, 145 of them in 1..5."""
+    rare = [1, 2, 3, 4, 5] * 29
+    others = [6 + (i * 37) % 2000 for i in range(1057)]
+    return rare + others + [1_270_141 - sum(rare) - sum(others)]
+
+
+def ecm_official_float32_weights(counts, fg_bg_ratio):
+    """The official get_detection_weight on a float32 counts tensor, one float32 op at a time."""
+    f = np.float32
+    n = [f(c) for c in counts]
+    fg = f(0)
+    for x in n:
+        fg = f(fg + x)
+    n.append(f(fg * f(fg_bg_ratio)))
+    total = f(0)
+    for x in n:
+        total = f(total + x)
+    weights = []
+    for x in n:
+        a = f(f(total - x) / x)
+        weights.append(float(f(a * np.log(f(f(f(1) + a) / a)))))
+    return weights
+
+
+def test_ecm_float32_weights_are_the_official_float32_computation():
+    counts, ratio = lvis_like_counts(), 6.3313
+    assert len(counts) == 1203 and counts[-1] > 3000
+    exact = effective_class_margins(counts, ratio)
+    official = effective_class_margins(counts, ratio, weight_dtype="float32")
+    expected = torch.tensor(ecm_official_float32_weights(counts, ratio), dtype=torch.float64)
+    # to 2 float32 ulps: torch's and numpy's float32 log differ in their last bits
+    torch.testing.assert_close(official["weight"], expected, rtol=3e-7, atol=0)
+    assert official["weight"].dtype == torch.float64
+    for key in ("counts", "pos_margin", "neg_margin", "margin"):  # the margins agree
+        assert torch.equal(official[key], exact[key]), key
+    # the classes with <= 5 instances: 1.110 in float32, 1.000 exactly
+    rare = torch.tensor(counts + [counts[-1]]) <= 5  # (the background column: frequent)
+    assert int(rare.sum()) == 145
+    assert torch.allclose(official["weight"][rare], torch.tensor(1.110, dtype=torch.float64),
+                          atol=1e-3)
+    assert torch.allclose(exact["weight"][rare], torch.ones(145, dtype=torch.float64), atol=1e-5)
+    # the frequent classes and the background: the same to float32 precision
+    torch.testing.assert_close(official["weight"][~rare][-2:], exact["weight"][~rare][-2:],
+                               rtol=1e-5, atol=0)
+    module = ECMLoss(counts, ratio, weight_dtype="float32")
+    assert torch.equal(module.weight, official["weight"])
+    logits, labels = torch.randn(4, 1204, dtype=torch.float64), torch.tensor([0, 7, 144, 1203])
+    assert not torch.allclose(module(logits, labels)["loss_cls"],
+                              ECMLoss(counts, ratio)(logits, labels)["loss_cls"], rtol=1e-3)
+    with pytest.raises(ValueError, match="weight_dtype 'half'"):
+        effective_class_margins(counts, ratio, weight_dtype="half")
 
 
 def test_ecm_zero_count_classes_are_finite_and_warn():

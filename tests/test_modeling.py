@@ -6,7 +6,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
+from detectron2.modeling import build_model, build_proposal_generator
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -20,6 +21,8 @@ from seesaw_ecm.layers import NormedConv2d, NormedLinear
 from seesaw_ecm.losses import CrossEntropyLoss, ECMLoss, FederatedLoss, SeesawLoss
 from seesaw_ecm.modeling import LOSS_SPECS, LongTailOutputLayers, build_cls_loss
 from seesaw_ecm.modeling.cls_loss import uses_cosine_classifier
+from seesaw_ecm.modeling.mask_head import NormedMaskRCNNConvUpsampleHead
+from seesaw_ecm.modeling.rpn import LowQualityFloorMatcher, LowQualityFloorRPN
 
 C = 3
 
@@ -171,6 +174,10 @@ def test_ecm_statistics_from_registered_dataset(tiny_dataset, tmp_path):
     saved = json.loads((tmp_path / "class_statistics.json").read_text())
     assert saved["counts"] == [3, 1, 0] and saved["datasets"] == [tiny_dataset]
     assert class_statistics(cfg, "image_count").tolist() == [2, 1, 0]
+    cfg.MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE = "float32"
+    official = build_cls_loss(cfg)
+    assert torch.equal(official.weight, ECMLoss([3, 1, 0], weight_dtype="float32").weight)
+    assert not torch.equal(official.weight, expected.weight)  # float32 rounding
     cfg.MODEL.LONG_TAIL.ECM.STATISTIC = "image_count"
     torch.testing.assert_close(build_cls_loss(cfg).sample_counts, ECMLoss([2, 1, 0]).sample_counts)
 
@@ -374,3 +381,86 @@ def test_global_norm_clipping():
     steps = [b - p.detach() for b, p in zip(before, model.parameters())]
     for s, g in zip(steps, grads):
         torch.testing.assert_close(s, g * (2.0 / total), rtol=1e-4, atol=1e-6)
+
+
+def random_quality(seed, num_gt=6, num_pred=40):
+    """(num_gt, num_pred) IoUs in [0, 0.8], many zeros, some ties, and a box with no overlap;
+    multiples of 1/16, exact in float32 and never equal to a threshold 0.3 / 0.7."""
+    g = torch.Generator().manual_seed(seed)
+    iou = (torch.rand(num_gt, num_pred, generator=g) * 0.8 * 16).floor() / 16
+    iou[torch.rand(num_gt, num_pred, generator=g) < 0.5] = 0
+    iou[0] = 0  # a box no prediction overlaps
+    return iou
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rpn_floor_zero_is_detectron2s_matcher(seed):
+    iou = random_quality(seed)
+    stock = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(iou)
+    floored = LowQualityFloorMatcher([0.3, 0.7], [0, -1, 1], low_quality_min_iou=0.0)(iou)
+    assert all(torch.equal(a, b) for a, b in zip(stock, floored))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rpn_floor_matches_mmdetections_min_pos_iou(seed):
+    """Against mmdetection's MaxIoUAssigner rule, in a loop: a box's best predictions (ties
+    included) turn positive only if that best IoU is >= min_pos_iou."""
+    iou = random_quality(seed)
+    matches, labels = LowQualityFloorMatcher([0.3, 0.7], [0, -1, 1], 0.3)(iou)
+    best, _ = iou.max(dim=0)
+    expected = [0 if v < 0.3 else (-1 if v < 0.7 else 1) for v in best.tolist()]
+    for gt in range(iou.shape[0]):
+        top = iou[gt].max().item()
+        if top >= 0.3:
+            expected = [1 if iou[gt, j].item() == top else e for j, e in enumerate(expected)]
+    assert labels.tolist() == expected
+    assert torch.equal(matches, iou.max(dim=0)[1])
+    stock = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(iou)[1]
+    assert (stock == 1).sum() > (labels == 1).sum()  # the stock matcher made more positives
+
+
+def test_rpn_floor_leaves_a_box_below_it_without_positive_anchors():
+    iou = torch.tensor([[0.2, 0.1, 0.0, 0.0],    # best 0.2: below the floor
+                        [0.0, 0.0, 0.5, 0.35]])  # best 0.5: its best anchor turns positive
+    stock = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(iou)[1]
+    floored = LowQualityFloorMatcher([0.3, 0.7], [0, -1, 1], 0.3)(iou)[1]
+    assert stock.tolist() == [1, 0, 1, -1] and floored.tolist() == [0, 0, 1, -1]
+
+
+def test_low_quality_floor_rpn_from_config_labels_as_detectron2_at_zero():
+    cfg = small_cfg(**{"MODEL.PROPOSAL_GENERATOR.NAME": "LowQualityFloorRPN"})
+    shape = {f: ShapeSpec(channels=8, stride=s)
+             for f, s in zip(cfg.MODEL.RPN.IN_FEATURES, (4, 8, 16, 32, 64))}
+    anchors = [Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 60.0, 60.0],
+                                   [0.0, 0.0, 64.0, 64.0], [30.0, 0.0, 40.0, 8.0]]))]
+    gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0],
+                                                          [30.0, 30.0, 34.0, 34.0]])))
+    labels = {}
+    for name, floor in (("RPN", 0.0), ("LowQualityFloorRPN", 0.0), ("LowQualityFloorRPN", 0.3)):
+        cfg.MODEL.PROPOSAL_GENERATOR.NAME, cfg.MODEL.RPN.LOW_QUALITY_MIN_IOU = name, floor
+        rpn = build_proposal_generator(cfg, shape)
+        assert isinstance(rpn, LowQualityFloorRPN) == (name == "LowQualityFloorRPN")
+        torch.manual_seed(0)
+        labels[name, floor] = rpn.label_and_sample_anchors(anchors, [gt])[0][0].tolist()
+    # gt 1 (IoU 0.01 with its best anchor) gets a positive only without the floor
+    assert labels["RPN", 0.0] == labels["LowQualityFloorRPN", 0.0] == [1, 1, 0, 0]
+    assert labels["LowQualityFloorRPN", 0.3] == [1, 0, 0, 0]
+
+
+def test_normed_mask_predictor_starts_as_the_official():
+    """NORMED_INIT "kaiming_normal": kaiming normal (fan_out = classes for a 1x1 kernel, relu
+    gain), zero bias, as mmdetection's FCNMaskHead.init_weights; "pytorch" (the default) keeps
+    nn.Conv2d's uniform init with std 1 / sqrt(3 fan_in) and its bias."""
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"MODEL.ROI_HEADS.NUM_CLASSES": 400, "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+                       "MODEL.ROI_MASK_HEAD.NORMED_INIT": "kaiming_normal"})
+    shape = ShapeSpec(channels=256, height=14, width=14)
+    head = NormedMaskRCNNConvUpsampleHead(cfg, shape)
+    weight, bias = head.predictor.weight, head.predictor.bias
+    assert weight.shape == (400, 256, 1, 1) and torch.equal(bias, torch.zeros(400))
+    assert weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
+    assert weight.mean().abs() < 0.003 and weight.abs().max() > 3 * weight.std()  # normal
+    cfg.MODEL.ROI_MASK_HEAD.NORMED_INIT = "pytorch"
+    stock = NormedMaskRCNNConvUpsampleHead(cfg, shape).predictor
+    assert stock.weight.std().item() == pytest.approx((3 * 256) ** -0.5, rel=0.02)
+    assert stock.weight.abs().max() <= 256 ** -0.5 and (stock.bias != 0).all()

@@ -10,7 +10,6 @@ from official_recipes import ROWS, groups_for
 from seesaw_ecm import add_seesaw_ecm_config
 
 RECIPES = sorted(glob.glob("configs/LVISv1/*.yaml"))
-CASCADE_GROUPS = ("cascade_mmdet", "cascade_mmdet_mask")
 
 
 def resolve(path):
@@ -59,21 +58,7 @@ def test_every_recipe_is_covered_and_every_row_is_sourced():
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_recipe_matches_the_official_values(path):
-    groups = [g for g in groups_for(os.path.basename(path)) if g not in CASCADE_GROUPS]
-    assert mismatches(resolve(path), groups) == []
-
-
-CASCADE_RECIPES = [p for p in RECIPES if "cascade_mmdet" in groups_for(os.path.basename(p))]
-
-
-@pytest.mark.parametrize("path", CASCADE_RECIPES)
-def test_cascade_recipe_matches_mmdetection_cascade(path):
-    cfg = resolve(path)
-    if "CASCADE" not in cfg.MODEL:
-        pytest.skip("MODEL.CASCADE (mmdetection's cascade switches, issue 15 item 3) is not in "
-                    "this checkout's config.py yet; these rows run once it is merged")
-    groups = [g for g in groups_for(os.path.basename(path)) if g in CASCADE_GROUPS]
-    assert mismatches(cfg, groups) == []
+    assert mismatches(resolve(path), groups_for(os.path.basename(path))) == []
 
 
 def mutate(value):
@@ -92,10 +77,11 @@ def mutate(value):
 @pytest.mark.parametrize("name", ["mask_rcnn_R_50_FPN_2x_ce_random.yaml",
                                   "mask_rcnn_R_50_FPN_1x_ecm_rfs.yaml",
                                   "mask_rcnn_R_101_FPN_2x_seesaw_rfs.yaml",
-                                  "cascade_mask_rcnn_R_101_FPN_2x_ecm_rfs.yaml"])
+                                  "cascade_mask_rcnn_R_101_FPN_2x_ecm_rfs.yaml",
+                                  "htc_lite_R_50_FPN_2x_ecm_rfs.yaml"])
 def test_changing_any_recipe_value_fails_the_comparison(name):
     cfg = resolve("configs/LVISv1/" + name)
-    groups = [g for g in groups_for(name) if "CASCADE" in cfg.MODEL or g not in CASCADE_GROUPS]
+    groups = groups_for(name)
     keys = [row[0] for g in groups for row in ROWS[g]]
     for key in keys:
         broken = cfg.clone()

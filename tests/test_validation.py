@@ -4,6 +4,7 @@ plus a few end-to-end train_net.py runs (slow) that must exit 2 with one message
 and nothing written."""
 import ast
 import copy
+import glob
 import inspect
 import itertools
 import json
@@ -28,8 +29,9 @@ from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.gradient_balance import check_period
 import seesaw_ecm
 from seesaw_ecm.modeling.cls_loss import LOSS_SPECS, build_cls_loss
-from seesaw_ecm.validation import (CONFIG_CHECKS, DATASET_CHECKS, LOSS_ARGUMENTS, find_problems,
-                                   unreadable_files, validate_run)
+from seesaw_ecm.validation import (CONFIG_CHECKS, DATASET_CHECKS, LOSS_ARGUMENTS,
+                                   check_keys_the_model_reads, find_problems, unreadable_files,
+                                   validate_run)
 
 SEESAW = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
 NUM_CLASSES = 12  # the small_synthetic fixture
@@ -233,10 +235,34 @@ def test_unreadable_files_keeps_order_across_chunks(tmp_path):
      "'full_model'."),
     (("MODEL.LONG_TAIL.LOSS", "loce", "MODEL.LONG_TAIL.OBJECTNESS", False),
      'MODEL.LONG_TAIL.LOSS "loce" needs MODEL.ROI_HEADS.NAME "LOCEROIHeads"'),
+    (("MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE", "float16"),
+     "MODEL.LONG_TAIL.ECM.WEIGHT_DTYPE 'float16': valid choices are 'float64', 'float32'."),
+    (("MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
+     "MODEL.LONG_TAIL.LOSS 'seesaw' is ignored by MODEL.ROI_HEADS.NAME 'StandardROIHeads' (it "
+     "trains its own softmax CE): set MODEL.ROI_HEADS.NAME 'LongTailROIHeads'"),
+    (("MODEL.RPN.LOW_QUALITY_MIN_IOU", 0.3),
+     "MODEL.RPN.LOW_QUALITY_MIN_IOU 0.3 is ignored by MODEL.PROPOSAL_GENERATOR.NAME 'RPN' (no "
+     "floor on its low-quality matches): set MODEL.PROPOSAL_GENERATOR.NAME 'LowQualityFloorRPN'"),
+    (("MODEL.PROPOSAL_GENERATOR.NAME", "LowQualityFloorRPN", "MODEL.RPN.LOW_QUALITY_MIN_IOU", 1.5),
+     "MODEL.RPN.LOW_QUALITY_MIN_IOU must be in [0, 1]"),
+    (("MODEL.ROI_MASK_HEAD.NORMED_INIT", "kaiming"),
+     "MODEL.ROI_MASK_HEAD.NORMED_INIT 'kaiming': valid choices are 'pytorch', 'kaiming_normal'."),
 ])
 def test_config_problems(small, opts, message):
     found = problems_of(small, *opts)
     assert len(found) == 1 and found[0].startswith(message), found
+
+
+def test_keys_the_model_reads_pass_where_they_are_read(small):
+    assert problems_of(small, "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
+                       "MODEL.LONG_TAIL.LOSS", "ce") == []
+    assert problems_of(small, "MODEL.PROPOSAL_GENERATOR.NAME", "LowQualityFloorRPN",
+                       "MODEL.RPN.LOW_QUALITY_MIN_IOU", 0.3) == []
+    for path in sorted(glob.glob("configs/LVISv1/*.yaml")):  # every recipe sets what it reads
+        cfg = get_cfg()
+        add_seesaw_ecm_config(cfg)
+        cfg.merge_from_file(path)
+        assert check_keys_the_model_reads(cfg, False) == [], path
 
 
 def _bad_loss_arguments():

@@ -10,9 +10,11 @@ from .cascade import LongTailCascadeROIHeads
 from .roi_heads import LongTailROIHeads
 from .loce import LOCEROIHeads
 from .resnest import ResNeSt
+from .rpn import LowQualityFloorRPN
 from .tsd import TSDOutputLayers
 
 __all__ = ["CARAFEFPN", "CARAFEPack", "FPG", "LOSS_SPECS", "GlobalContextEncoder", "HTCLiteRCNN",
            "HTCLiteROIHeads", "LongTailCascadeROIHeads", "LOCEROIHeads", "LongTailOutputLayers",
-           "LongTailROIHeads", "NormedMaskRCNNConvUpsampleHead", "ResNeSt", "TSDOutputLayers",
-           "build_cls_loss", "build_resnet_dcn_backbone", "build_resnet_fpn_dcn_backbone"]
+           "LongTailROIHeads", "LowQualityFloorRPN", "NormedMaskRCNNConvUpsampleHead", "ResNeSt",
+           "TSDOutputLayers", "build_cls_loss", "build_resnet_dcn_backbone",
+           "build_resnet_fpn_dcn_backbone"]

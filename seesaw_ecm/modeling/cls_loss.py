@@ -73,7 +73,7 @@ def _ecm(cfg):
     lt = cfg.MODEL.LONG_TAIL
     counts = class_statistics(cfg, ecm_statistic(cfg)) if statistics_from_train(cfg) else None
     return ECMLoss(counts, fg_bg_ratio=lt.ECM.FG_BG_RATIO, loss_weight=lt.LOSS_WEIGHT,
-                   num_classes=_num_classes(cfg))
+                   num_classes=_num_classes(cfg), weight_dtype=lt.ECM.WEIGHT_DTYPE)
 
 
 def _federated(cfg):
