@@ -14,13 +14,13 @@ SEESAW_RUN_OPTS = ("SOLVER.BASE_LR", "0.005", "MODEL.ROI_HEADS.SCORE_THRESH_TEST
                    "TEST.DETECTIONS_PER_IMAGE", "20")
 
 
-def run_train_net(data, out_dir, config, *extra, num_gpus=1, check=True):
-    """train_net.py on `data`; `extra`: flags (--eval-only, --resume) and config overrides."""
+def train_net_args(data, out_dir, config, *extra):
+    """train_net.py's arguments for a short run on `data` (conftest's small_synthetic); `extra`:
+    flags (--eval-only, --resume) and config overrides, which win."""
     flags = [e for e in extra if e.startswith("--")]
     opts = [e for e in extra if not e.startswith("--")]
-    cmd = [
-        sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus),
-        *flags,
+    return [
+        "--config-file", config, *flags,
         "--dataset", f"small_train={data['train_json']}:{data['image_root']}",
         "--dataset", f"small_val={data['val_json']}:{data['image_root']}",
         "DATASETS.TRAIN", "('small_train',)", "DATASETS.TEST", "('small_val',)",
@@ -30,6 +30,12 @@ def run_train_net(data, out_dir, config, *extra, num_gpus=1, check=True):
         # 100 proposals per test image (not 1,000): the final evaluations stay quick
         "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "OUTPUT_DIR", str(out_dir), *opts,
     ]
+
+
+def run_train_net(data, out_dir, config, *extra, num_gpus=1, check=True):
+    """train_net.py on `data` in a new process (train_net_args)."""
+    cmd = [sys.executable, "train_net.py", "--num-gpus", str(num_gpus),
+           *train_net_args(data, out_dir, config, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -54,7 +60,7 @@ class InProcessRun(NamedTuple):
 
 
 def train_net_in_process(data, out_dir, config, *extra):
-    """train_net.py's main() with the arguments run_train_net gives it, in this process (no
+    """train_net.py's main() with train_net_args, in this process (no
     interpreter start and torch import per run), for tests of training and evaluation rather
     than of the command line: an InProcessRun. The log handlers the run adds are removed again,
     so runs do not log into each other's files."""
@@ -63,17 +69,7 @@ def train_net_in_process(data, out_dir, config, *extra):
     import detectron2.utils.logger as d2_logger
     import train_net
 
-    flags = [e for e in extra if e.startswith("--")]
-    opts = [e for e in extra if not e.startswith("--")]
-    args = train_net.build_parser().parse_args([
-        "--config-file", config, *flags,
-        "--dataset", f"small_train={data['train_json']}:{data['image_root']}",
-        "--dataset", f"small_val={data['val_json']}:{data['image_root']}",
-        "DATASETS.TRAIN", "('small_train',)", "DATASETS.TEST", "('small_val',)",
-        "MODEL.ROI_HEADS.NUM_CLASSES", str(NUM_CLASSES), "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", "20", "SOLVER.WARMUP_ITERS", "5", "SOLVER.CHECKPOINT_PERIOD", "10",
-        "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.DEVICE", "cpu",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "OUTPUT_DIR", str(out_dir), *opts])
+    args = train_net.build_parser().parse_args(train_net_args(data, out_dir, config, *extra))
     loggers = [logging.getLogger(n) for n in ("", "detectron2", "fvcore", "seesaw_ecm", "d2")]
     before = {id(lg): list(lg.handlers) for lg in loggers}
     log = io.StringIO()
