@@ -7,7 +7,7 @@ Cases (batch 4, 64 channels, 96 px images; RoIs of 4-60 px, random): the box poo
 128 RoIs) and the mask pooler (14 x 14, 32 RoIs) on the stride-4 map (24 x 24), and the box
 pooler on the stride-8 map (12 x 12); sampling ratio 0 and aligned, as configs/Demo. Prints
 the median ms of each and the ratio (vectorized / torchvision); asserts nothing
-(docs/BENCHMARKS.md "RoIAlign's CPU backward" records the output).
+(docs/BENCHMARKS.md "Where a CPU iteration's time goes" records the output).
 """
 import argparse
 import statistics

@@ -54,7 +54,7 @@ def add_datasets_config(cfg):
     # "NAME=JSON_FILE:IMAGE_ROOT" (train_net.py --dataset appends here). Images are found through
     # each image's `file_name`, else the last two parts of its `coco_url`, under IMAGE_ROOT.
     cfg.DATASETS.LVIS_FORMAT = []
-    # Open Images datasets (official challenge files; README "Open Images") to register, each as
+    # Open Images datasets (official challenge files; docs/EVALUATION.md) to register, each as
     # "NAME=BOXES_CSV:LABELS_CSV:CLASSES_CSV:HIERARCHY_JSON:IMAGE_ROOT[:SIZES_CSV]"
     # (train_net.py --openimages-dataset appends here).
     cfg.DATASETS.OPENIMAGES = []
@@ -317,7 +317,7 @@ def add_resnest_config(cfg):
     # ResNeSt backbones (seesaw_ecm/modeling/resnest.py, timm's networks; the LVIS 2020 entry's
     # ResNeSt-200 + DCNv2): MODEL.BACKBONE.NAME "build_resnest_fpn_backbone" (detectron2's FPN
     # and its MODEL.FPN keys) or "build_resnest_backbone"; MODEL.BACKBONE.FREEZE_AT as for ResNet.
-    # timm's weights expect RGB input normalized by ImageNet mean / std (README "ResNeSt").
+    # timm's weights expect RGB input normalized by ImageNet mean / std (docs/LVIS2020.md).
     cfg.MODEL.RESNEST = CN()
     # 50 (timm resnest50d), 101 (resnest101e), 200 (resnest200e, the entry's); also 14, 26, 269.
     cfg.MODEL.RESNEST.DEPTH = 50

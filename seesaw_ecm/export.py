@@ -34,7 +34,7 @@ TABLE_HEADER = ("| name | config | schedule | box AP | box APr | mask AP | mask 
                 "|---|---|---|---|---|---|---|---|\n")
 TABLE_TEMPLATE = """# Model zoo
 
-Models exported with `tools/export_model.py` (see the README, "Model zoo and deployment"). Each
+Models exported with `tools/export_model.py` (see docs/DEPLOYMENT.md). Each
 weights file is named `<name>_<first 8 hex digits of its sha256>`; `seesaw_ecm.model_zoo`
 checks that hash before loading. AP values are percentages on the dataset of the model's
 `<name>_metrics.json`; schedule = iterations x images per batch.

@@ -2,7 +2,8 @@
 
 torchvision's CPU ``_roi_align_backward`` recomputes every sample's bilinear weights once per
 channel and adds them one scalar at a time; on the demo's cascade it took 18% of a training
-iteration, 5-8x its own forward on the same RoIs (docs/BENCHMARKS.md "RoIAlign's CPU backward").
+iteration, 5-8x its own forward on the same RoIs (docs/BENCHMARKS.md "Where a CPU
+iteration's time goes").
 No maintained library has a faster CPU kernel, so the gradient is written here with torch ops:
 RoIAlign's weights are separable, each output bin averaging a rows x columns grid of bilinear
 samples, so the gradient of one RoI is ``A^T (g / count) B`` with ``A`` (bins x H) the summed

@@ -19,7 +19,7 @@ SCHEDULE_1X = MM + "configs/_base_/schedules/schedule_1x.py"
 SCHEDULE_2X = MM + "configs/_base_/schedules/schedule_2x.py"
 LVIS_DATA = MM + "configs/_base_/datasets/lvis_v1_instance.py"
 FED = "facebookresearch/detectron2 detectron2/config/defaults.py (main)"
-# the other long-tail baselines (issue 18; facts: ../shared/docs/baselines-reference.md)
+# the other long-tail baselines (their official sources: docs/METHODS.md)
 EQLV2_DIR = "tztztztztz/eqlv2 configs/"
 EQL_1X, EQLV2_1X, CE_1X, BAGS_1X = (EQLV2_DIR + f for f in (
     "end2end/eql_r50_8x2_1x.py", "end2end/eqlv2_r50_8x2_1x.py", "end2end/mask_rcnn_r50_8x2_1x.py",

@@ -147,7 +147,7 @@ DEMO_ROWS["htc_lite_ResNeSt_14_FPN_seesaw_dcnv2"] = dict(
 
 @pytest.mark.parametrize("row", DEMO_ROWS)
 def test_each_demo_ablation_row_changes_its_part_only(row):
-    """The built-in set's ablation rows (docs/BENCHMARKS.md): each is the demo HTC-Lite Seesaw
+    """The built-in set's ablation rows (docs/LVIS2020.md): each is the demo HTC-Lite Seesaw
     config with exactly its part's keys (and its own OUTPUT_DIR)."""
     base, cfg = flat(resolve(DEMO)), flat(resolve(f"configs/Demo/LVIS2020/{row}.yaml"))
     changed = {k: v for k, v in cfg.items() if base[k] != v and k != "OUTPUT_DIR"}

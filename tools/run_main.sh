@@ -3,9 +3,8 @@
 # built-in long-tailed dataset (if absent), train and evaluate softmax CE, Seesaw and ECM on it
 # with the same model, schedule and seed (configs/Demo/cascade_mask_rcnn_R18_FPN_*.yaml, three
 # runs side by side, one thread each), and print one table: box and mask AP, AP50, APr, APc,
-# APf per loss with its change against CE. From a fresh clone, install included, at the demo's
-# 750 iterations: 12 min 03 s on a 2-core Intel VM on 2026-12-03, about 17 minutes (an
-# estimate) in that VM's slow hours (README "Two commands"). The run folders stay
+# APf per loss with its change against CE. From a fresh clone, install included: 10-12 minutes
+# on 2 CPU cores (docs/BENCHMARKS.md "The main job"). The run folders stay
 # in output/demo/ (long_tail_benchmark.json, long_tail_per_class_ap.png, cascade_<loss>/seed1/
 # with each model and its logs).
 # With arguments: one training run of train_net.py, as before, e.g.

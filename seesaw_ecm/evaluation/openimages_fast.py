@@ -1,7 +1,7 @@
 """The official Open Images Challenge detection metric, exact, streamed and fast (numpy only).
 
 The metric is the TF Object Detection API's `OpenImagesDetectionChallengeEvaluator` (what
-`metrics/oid_challenge_evaluation.py` runs; ../shared/docs/open-images.md). That code needs
+`metrics/oid_challenge_evaluation.py` runs; docs/EVALUATION.md). That code needs
 TensorFlow's protobuf I/O and keeps every image's ground truth and per-class score lists in
 Python objects; its matching is a Python loop per (image, class). Matching is local to one
 (image, class) pair, so, as `lvis_fast` does for LVIS, the work is split in two:

@@ -79,7 +79,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 house, root, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
-# on the GPU image (/work/.library/device/KINDS.md) or not needed there
+# on the GPU image (tools/gpu_check/README.md) or not needed there
 IMAGE_HAS = {"torch", "torchvision", "numpy", "pillow", "matplotlib", "opencv-python-headless",
              "safetensors", "tabulate", "tensorboard", "pyyaml", "tqdm", "cloudpickle",
              "packaging", "typing-extensions", "scipy", "six"}

@@ -3,7 +3,7 @@
 #
 #   bash tools/install/install.sh          # idempotent; a second run takes seconds
 #
-# What it does (see ../shared/docs/dependencies.md for why):
+# What it does (docs/GETTING_STARTED.md "Install" says why):
 #   1. checks platform (Linux x86_64) and Python (CPython 3.10-3.13);
 #   2. creates .venv (or $SEESAW_ECM_VENV); with SEESAW_ECM_SYSTEM_SITE_PACKAGES=1 the venv sees
 #      the system's packages, and a working torch/torchvision/detectron2 found there is kept;

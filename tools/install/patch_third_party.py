@@ -9,7 +9,7 @@ Usage::
 
 Each fix is a literal text substitution that must match exactly once per listed file; a source
 that differs from the pinned release fails loudly instead of being half-patched. Re-running on an
-already patched tree is a no-op. Why each fix exists is in ../shared/docs/dependencies.md; the
+already patched tree is a no-op. Why each fix exists is stated beside it; the
 fixes mirror what detectron2's main branch did after v0.6 (except where noted).
 
 Why this is hand-written: the sdists are fetched by pinned hash and nothing on PyPI carries a
