@@ -2,21 +2,29 @@
 the official code (tydpan/NorCal, CalibrationFastRCNNOutputLayers.predict_probs), logit
 adjustment against its definition, both on every loss's head, bit-exact no-ops at 0, the
 cascade's order (NorCal after the stages' mean), the counts each loss gives, and the errors."""
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
 
+from seesaw_ecm.data.datasets import register_from_cfg
+from seesaw_ecm.engine import Trainer
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss,
                                EQLLoss, EQLv2Loss, EquilibriumLoss, FederatedLoss, SeesawLoss)
 from seesaw_ecm.modeling.calibration import ScoreCalibration
 from seesaw_ecm.modeling.cascade import LongTailCascadeROIHeads
 from seesaw_ecm.modeling.predictor import LongTailOutputLayers
+from seesaw_ecm.validation import config_problems
+from tools import calibration_sweep
+from tools.calibration_sweep import sweep
 
 C = 4
 COUNTS = [400.0, 60.0, 7.0, 1.0]
@@ -274,3 +282,142 @@ def test_config_errors(make_cfg):
     cfg = make_cfg(None, "MODEL.ROI_HEADS.CALIBRATION.METHOD", "norcal", "DATASETS.TRAIN", ())
     with pytest.raises(SeesawEcmError, match="DATASETS.TRAIN, which is empty"):
         ScoreCalibration.from_config(cfg, CrossEntropyLoss(C))
+
+
+def test_stock_heads_are_refused_and_their_ce_model_loads_into_the_long_tail_heads(make_cfg):
+    """The plain CE configs use detectron2's StandardROIHeads, whose predictor has no
+    calibration: validation names the fix, and the fix gives the same detections."""
+    config = "configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml"
+    opts = ("MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", C, "DATASETS.TRAIN", (),
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+    problems = config_problems(make_cfg(config, *opts, "MODEL.ROI_HEADS.CALIBRATION.METHOD",
+                                        "norcal"), eval_only=True)
+    assert any("\"LongTailROIHeads\"" in p for p in problems)
+    assert not config_problems(make_cfg(config, *opts), eval_only=True)
+    stock = random_model(make_cfg(config, *opts))
+    long_tail = build_model(make_cfg(config, *opts, "MODEL.ROI_HEADS.NAME", "LongTailROIHeads"))
+    long_tail.load_state_dict(stock.state_dict())  # strict: the same parameters and buffers
+    torch.manual_seed(3)
+    images = [{"image": torch.randint(0, 255, (3, 64, 80)).float()} for _ in range(2)]
+    with torch.no_grad():
+        for a, b in zip(stock(images), long_tail.eval()(images)):
+            a, b = a["instances"], b["instances"]
+            assert len(a) > 0 and torch.equal(a.scores, b.scores)
+            assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+# ---- the sweep tool (tools/calibration_sweep.py) ----
+
+class Recorder(DatasetEvaluator):
+    """An evaluator that keeps every detection (exact comparisons, not only AP)."""
+
+    def reset(self):
+        self.seen = []
+
+    def process(self, inputs, outputs):
+        for x, out in zip(inputs, outputs):
+            inst = out["instances"]
+            self.seen.append((x["image_id"], inst.pred_boxes.tensor, inst.scores,
+                              inst.pred_classes, getattr(inst, "in_image_cap", None)))
+
+    def evaluate(self):
+        return {"bbox": {"records": self.seen}}
+
+
+def same_records(a, b):
+    return len(a) == len(b) and all(
+        x[0] == y[0] and all(torch.equal(u, v) if u is not None else v is None
+                             for u, v in zip(x[1:], y[1:])) for x, y in zip(a, b))
+
+
+SWEEP_OPTS = ("MODEL.ROI_HEADS.NUM_CLASSES", 12, "MODEL.DEVICE", "cpu",
+              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 20,
+              "MODEL.RPN.POST_NMS_TOPK_TEST", 60, "DATALOADER.NUM_WORKERS", 0,
+              "DATASETS.TRAIN", ("small_train",), "DATASETS.TEST", ("small_val",),
+              "MODEL.LONG_TAIL.STATISTICS_FROM", "checkpoint", "MODEL.MASK_ON", False)
+
+
+def small_datasets(data):
+    return [f"small_train={data['train_json']}:{data['image_root']}",
+            f"small_val={data['val_json']}:{data['image_root']}"]
+
+
+def sweep_cfg(make_cfg, data, config, method, key, value, *opts):
+    cfg = make_cfg(config, *SWEEP_OPTS, "DATASETS.LVIS_FORMAT", small_datasets(data),
+                   "MODEL.ROI_HEADS.CALIBRATION.METHOD", method,
+                   f"MODEL.ROI_HEADS.CALIBRATION.{key}", value, *opts)
+    register_from_cfg(cfg)
+    return cfg
+
+
+def random_model(cfg, state=None):
+    """A random-init model (seeded) in eval mode, or one with `state`."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config, method, key, values, opts", [
+    ("configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml", "norcal", "GAMMA", [0.0, 1.0],
+     ("MODEL.ROI_HEADS.NAME", "LongTailROIHeads")),
+    ("configs/Synthetic/mask_rcnn_R18_FPN_ecm.yaml", "logit_adjustment", "TAU", [1.0, 0.0],
+     ("MODEL.LONG_TAIL.STATISTICS_FROM", "train")),
+    ("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", "norcal", "GAMMA", [0.5, 2.0],
+     ("TEST.AP_FIXED.ENABLED", True, "TEST.AP_FIXED.TOPK_PER_CLASS", 30)),
+])
+def test_sweep_equals_a_full_evaluation_per_value(make_cfg, small_synthetic, monkeypatch,
+                                                  tmp_path, config, method, key, values, opts):
+    """One forward per image; each value's detections (boxes, scores, classes, the AP-fixed
+    filter's marks) equal those of a model built with the key at that value."""
+    monkeypatch.setattr(Trainer, "build_evaluator", classmethod(lambda cls, *a: Recorder()))
+    cfg = sweep_cfg(make_cfg, small_synthetic, config, method, key, values[0], *opts)
+    model = random_model(cfg)
+    if method == "norcal":  # Seesaw's counts, as a trained model has them
+        for m in model.modules():
+            if isinstance(m, SeesawLoss):
+                m.cum_samples = torch.arange(12.0) ** 3
+    forwards = []
+    forward = model.forward
+    model.forward = lambda inputs: forwards.append(len(inputs)) or forward(inputs)
+    (per_value,) = sweep(cfg, model, values, str(tmp_path)).values()
+    assert len(forwards) == len(DatasetCatalog.get("small_val")) == sum(forwards)
+    records = [r["bbox"]["records"] for r in per_value]
+    assert not same_records(*records)  # the values do change the detections
+    for value, got in zip(values, records):
+        cfg_v = sweep_cfg(make_cfg, small_synthetic, config, method, key, value, *opts)
+        full = inference_on_dataset(random_model(cfg_v, model.state_dict()),
+                                    Trainer.build_test_loader(cfg_v, "small_val"), Recorder())
+        assert same_records(got, full["bbox"]["records"])
+
+
+def test_sweep_command(make_cfg, small_synthetic, tmp_path, capsys):
+    """The command: its table and results.json hold each gamma's metrics, equal to an
+    evaluation with MODEL.ROI_HEADS.CALIBRATION.GAMMA at that value; the plot is written."""
+    config = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
+    cfg = sweep_cfg(make_cfg, small_synthetic, config, "none", "GAMMA", 0.0)
+    model = random_model(cfg)
+    for m in model.modules():
+        if isinstance(m, SeesawLoss):
+            m.cum_samples = torch.arange(12.0) ** 3
+    weights = str(tmp_path / "model.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    opts = [str(v) for v in SWEEP_OPTS[:-2]] + ["MODEL.WEIGHTS", weights]
+    out = tmp_path / "sweep"
+    code = calibration_sweep.main([
+        "--config-file", config, "--output-dir", str(out),
+        *[a for d in small_datasets(small_synthetic) for a in ("--dataset", d)],
+        *opts, "--gammas", "0", "1.5"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "AP-pool" in printed and "gamma" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["values"] == [0.0, 1.5] and (out / "small_val" / "calibration_sweep.png").is_file()
+    for value, got in zip(saved["values"], saved["results"]["small_val"]):
+        cfg_v = sweep_cfg(make_cfg, small_synthetic, config, "norcal", "GAMMA", value,
+                          "TEST.AP_FIXED.ENABLED", True, "TEST.AP_POOL", True,
+                          "OUTPUT_DIR", str(tmp_path / f"full{value}"))
+        full = Trainer.test(cfg_v, random_model(cfg_v, model.state_dict()))
+        assert got["bbox"] == pytest.approx(dict(full["bbox"]), nan_ok=True)
+        assert f"{got['bbox']['AP']:.2f}" in printed

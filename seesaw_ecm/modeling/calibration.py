@@ -81,8 +81,7 @@ class ScoreCalibration(nn.Module):
         """
         super().__init__()
         if method not in METHODS[1:]:
-            raise SeesawEcmError(f"MODEL.ROI_HEADS.CALIBRATION.METHOD {method!r}: valid choices "
-                                 f"are {', '.join(map(repr, METHODS))}")
+            raise ValueError(f"method {method!r}: valid choices are {METHODS[1:]}")
         self.method, self.gamma, self.tau, self.renormalize = method, gamma, tau, renormalize
         self.register_buffer("counts", None if counts is None else
                              torch.as_tensor(counts, dtype=torch.float64), persistent=False)
@@ -92,12 +91,10 @@ class ScoreCalibration(nn.Module):
         """The calibration MODEL.ROI_HEADS.CALIBRATION asks for, for a predictor whose loss is
         `cls_loss`, or None (METHOD "none"). Counts the training set if the loss keeps no
         counts (or COUNTS asks for them)."""
+        check_config(cfg)
         calib = cfg.MODEL.ROI_HEADS.CALIBRATION
         if calib.METHOD == "none":
             return None
-        if calib.COUNTS not in COUNTS:
-            raise SeesawEcmError(f"MODEL.ROI_HEADS.CALIBRATION.COUNTS {calib.COUNTS!r}: valid "
-                                 f"choices are {', '.join(map(repr, COUNTS))}")
         counts = None
         if calib.COUNTS != "model" or loss_counts(cls_loss) is None:
             counts = training_counts(cfg, "instance_count" if calib.COUNTS == "model"
@@ -113,11 +110,11 @@ class ScoreCalibration(nn.Module):
     def class_counts(self, cls_loss):
         """(C,) float64 counts, each >= the smallest positive one."""
         counts = self.counts if self.counts is not None else loss_counts(cls_loss).double()
-        if not (counts > 0).any():  # (NaN placeholders, before weights are loaded, too)
+        if not (counts > 0).any():
             raise SeesawEcmError(
-                f"The class counts of {type(cls_loss).__name__} are all 0 (weights without "
-                "them?): set MODEL.ROI_HEADS.CALIBRATION.COUNTS \"instance_count\" to count "
-                "DATASETS.TRAIN instead.")
+                f"The class counts of {type(cls_loss).__name__} are not set (all 0 or NaN: "
+                "weights without them?): set MODEL.ROI_HEADS.CALIBRATION.COUNTS "
+                "\"instance_count\" to count DATASETS.TRAIN instead.")
         return counts.clamp(min=counts[counts > 0].min())
 
     def forward(self, cls_loss, class_outputs, rescale=True):
@@ -146,6 +143,15 @@ class ScoreCalibration(nn.Module):
         value = f"gamma={self.gamma}" if self.method == "norcal" else f"tau={self.tau}"
         counts = "loss" if self.counts is None else "training set"
         return f"{self.method}, {value}, renormalize={self.renormalize}, counts={counts}"
+
+
+def check_config(cfg):
+    """Raise SeesawEcmError for a MODEL.ROI_HEADS.CALIBRATION.METHOD or COUNTS not known."""
+    calib = cfg.MODEL.ROI_HEADS.CALIBRATION
+    for key, choices in (("METHOD", METHODS), ("COUNTS", COUNTS)):
+        if calib[key] not in choices:
+            raise SeesawEcmError(f"MODEL.ROI_HEADS.CALIBRATION.{key} {calib[key]!r}: valid "
+                                 f"choices are {', '.join(map(repr, choices))}")
 
 
 def loss_counts(cls_loss):
