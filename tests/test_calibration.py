@@ -270,6 +270,27 @@ def test_counts_from_config(make_cfg, loss, counts, expected):
         assert calib.counts.tolist() == expected
 
 
+def test_training_counts_are_counted_once_per_registration(make_cfg):
+    """The predictors of a model (cascade stages) share one count of DATASETS.TRAIN; a dataset
+    registered again is counted again."""
+    loads = []
+
+    def register(anns):
+        if "calibration_recount" in DatasetCatalog.list():
+            DatasetCatalog.remove("calibration_recount")
+        DatasetCatalog.register("calibration_recount", lambda: loads.append(1) or [
+            {"file_name": "0.jpg", "annotations": [{"category_id": c} for c in anns]}])
+
+    cfg = make_cfg(None, "MODEL.ROI_HEADS.NUM_CLASSES", C, "MODEL.ROI_HEADS.CALIBRATION.METHOD",
+                   "norcal", "DATASETS.TRAIN", ("calibration_recount",), "OUTPUT_DIR", "")
+    register([0, 1])
+    counts = [ScoreCalibration.from_config(cfg, CrossEntropyLoss(C)).counts for _ in range(3)]
+    assert len(loads) == 1 and all(c.tolist() == [1, 1, 0, 0] for c in counts)
+    register([2])
+    assert ScoreCalibration.from_config(cfg, CrossEntropyLoss(C)).counts.tolist() == [0, 0, 1, 0]
+    assert len(loads) == 2
+
+
 def test_config_errors(make_cfg):
     assert ScoreCalibration.from_config(make_cfg(), CrossEntropyLoss(C)) is None  # default off
     cfg = make_cfg(None, "MODEL.ROI_HEADS.CALIBRATION.METHOD", "norcall")
@@ -366,6 +387,8 @@ def random_model(cfg, state=None):
      ("MODEL.LONG_TAIL.STATISTICS_FROM", "train")),
     ("configs/Synthetic/cascade_mask_rcnn_R18_FPN_seesaw.yaml", "norcal", "GAMMA", [0.5, 2.0],
      ("TEST.AP_FIXED.ENABLED", True, "TEST.AP_FIXED.TOPK_PER_CLASS", 30)),
+    pytest.param("configs/Synthetic/htc_lite_R18_FPN_seesaw_tsd.yaml", "logit_adjustment", "TAU",
+                 [0.0, 2.0], ("MODEL.CASCADE.TEST_SCORE", "logits"), marks=pytest.mark.slow),
 ])
 def test_sweep_equals_a_full_evaluation_per_value(make_cfg, small_synthetic, monkeypatch,
                                                   tmp_path, config, method, key, values, opts):
@@ -374,10 +397,9 @@ def test_sweep_equals_a_full_evaluation_per_value(make_cfg, small_synthetic, mon
     monkeypatch.setattr(Trainer, "build_evaluator", classmethod(lambda cls, *a: Recorder()))
     cfg = sweep_cfg(make_cfg, small_synthetic, config, method, key, values[0], *opts)
     model = random_model(cfg)
-    if method == "norcal":  # Seesaw's counts, as a trained model has them
-        for m in model.modules():
-            if isinstance(m, SeesawLoss):
-                m.cum_samples = torch.arange(12.0) ** 3
+    for m in model.modules():  # Seesaw's counts, as a trained model has them
+        if isinstance(m, SeesawLoss):
+            m.cum_samples = torch.arange(12.0) ** 3
     forwards = []
     forward = model.forward
     model.forward = lambda inputs: forwards.append(len(inputs)) or forward(inputs)
@@ -390,6 +412,12 @@ def test_sweep_equals_a_full_evaluation_per_value(make_cfg, small_synthetic, mon
         full = inference_on_dataset(random_model(cfg_v, model.state_dict()),
                                     Trainer.build_test_loader(cfg_v, "small_val"), Recorder())
         assert same_records(got, full["bbox"]["records"])
+        if value == 0:  # and those of the model without calibration, to the last bit
+            cfg_v = sweep_cfg(make_cfg, small_synthetic, config, "none", key, 0.0, *opts)
+            plain = inference_on_dataset(random_model(cfg_v, model.state_dict()),
+                                         Trainer.build_test_loader(cfg_v, "small_val"),
+                                         Recorder())
+            assert same_records(got, plain["bbox"]["records"])
 
 
 def test_sweep_command(make_cfg, small_synthetic, tmp_path, capsys):

@@ -16,9 +16,9 @@ calibration at that value, followed by the model's own post-processing (score th
 detections per image, TEST.AP_FIXED's top-K filter) and one evaluator per value. Box AP only:
 the model runs without its mask head (MODEL.MASK_ON False), since the masks of each value's
 detections would need the mask head again. One process. AP-pool (TEST.AP_FIXED + TEST.AP_POOL)
-is turned on unless --no-pool. Writes, under --output-dir (default OUTPUT_DIR/calibration_sweep):
-results.json, calibration_sweep.png (APr and APf against the value), and the evaluators' files
-in one folder per value.
+is turned on for LVIS-format test sets unless --no-pool. Writes, under --output-dir (default
+OUTPUT_DIR/calibration_sweep): results.json and, per test set, calibration_sweep.png (APr and
+APf against the value) and the evaluators' files in one folder per value.
 """
 import argparse
 import copy
@@ -30,6 +30,7 @@ import sys
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import inference_context
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.utils.logger import setup_logger
@@ -167,8 +168,9 @@ def plot(values, per_value, key, path, title):
 
 
 def setup(args):
-    """The config of the sweep: args' file and opts, the grid's calibration method at its first
-    value, no mask head, statistics from the weights, AP-pool unless --no-pool."""
+    """The config of the sweep (its datasets registered): args' file and opts, the grid's
+    calibration method at its first value, no mask head, statistics from the weights, AP-pool
+    unless --no-pool or a test set is not LVIS-format."""
     grid = "gammas" if args.gammas is not None else "taus"
     method, key = GRIDS[grid]
     cfg = get_cfg()
@@ -181,7 +183,9 @@ def setup(args):
     cfg.MODEL.MASK_ON = False
     cfg.MODEL.MASK_SCORING.ON = False
     cfg.TEST.BOUNDARY_AP = False
-    if args.pool:
+    register_from_cfg(cfg)
+    if args.pool and all(MetadataCatalog.get(name).get("evaluator_type") == "lvis"
+                         for name in cfg.DATASETS.TEST):
         cfg.TEST.AP_FIXED.ENABLED = True
         cfg.TEST.AP_POOL = True
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -211,7 +215,6 @@ def main(argv=None):
     setup_logger(name="seesaw_ecm")
     try:
         cfg, grid, key = setup(args)
-        register_from_cfg(cfg)
         validate_run(cfg, eval_only=True)
         out = args.output_dir or os.path.join(cfg.OUTPUT_DIR, "calibration_sweep")
         model = Trainer.build_model(cfg)

@@ -26,7 +26,10 @@ that keeps none (CE, cosine CE, EQLv2, Federated, LOCE) gets the instance counts
 DATASETS.TRAIN. A class never counted is treated as the rarest counted class. GAMMA 0 (NorCal)
 or TAU 0 (logit adjustment) returns the loss's probabilities untouched, bit for bit.
 """
+import functools
+
 import torch
+from detectron2.data import DatasetCatalog
 from torch import nn
 
 from ..data.statistics import dataset_class_counts
@@ -165,12 +168,20 @@ def loss_counts(cls_loss):
 
 
 def training_counts(cfg, statistic):
-    """(C,) `statistic` counts over DATASETS.TRAIN (main process, shared with every rank)."""
-    names = list(cfg.DATASETS.TRAIN)
+    """(C,) `statistic` counts over DATASETS.TRAIN (main process, shared with every rank),
+    counted once for all the predictors of a model (cascade stages, TSD's sibling)."""
+    names = tuple(cfg.DATASETS.TRAIN)
     if not names:
         raise SeesawEcmError(
             "MODEL.ROI_HEADS.CALIBRATION needs the training class counts, counted on "
             "DATASETS.TRAIN, which is empty: give the training datasets (registered, e.g. with "
             "train_net.py --dataset), or use a loss that keeps counts with COUNTS \"model\".")
-    return on_main_process(dataset_class_counts, names, cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-                           statistic)
+    # the registered loader functions are part of the key: a dataset registered again is
+    # counted again
+    loaders = tuple(DatasetCatalog.data.get(name) for name in names)
+    return _counted(names, loaders, cfg.MODEL.ROI_HEADS.NUM_CLASSES, statistic).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _counted(names, loaders, num_classes, statistic):
+    return on_main_process(dataset_class_counts, list(names), num_classes, statistic)
