@@ -78,6 +78,8 @@ def logit_adjustment_loop(loss, logits, counts, tau):
             rows.append([math.exp(v) / norm for v in z])
         elif isinstance(loss, EQLLoss):  # sigmoid of C, background column 0
             rows.append([sigmoid(v) for v in z] + [0.0])
+        elif isinstance(loss, FederatedLoss):  # sigmoid of every column
+            rows.append([sigmoid(v) for v in z])
         else:  # ECM, EQLv2: sigmoid(z_c) (1 - sigmoid(z_bg)), sigmoid(z_bg)
             bg = sigmoid(z[C])
             rows.append([sigmoid(v) * (1 - bg) for v in z[:C]] + [bg])
@@ -164,7 +166,7 @@ def test_norcal_treats_an_uncounted_class_as_the_rarest():
         calibration("norcal", 1.0)(loss, outputs)
 
 
-@pytest.mark.parametrize("name", ["ce", "eql", "ecm", "eqlv2"])
+@pytest.mark.parametrize("name", ["ce", "eql", "ecm", "eqlv2", "federated"])
 @pytest.mark.parametrize("tau", [0.5, 1.0])
 def test_logit_adjustment_against_its_definition(name, tau):
     loss, outputs = head_outputs(name)
