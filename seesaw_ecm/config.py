@@ -28,7 +28,7 @@ def add_seesaw_ecm_config(cfg):
                 add_tsd_config, add_rpn_config, add_mask_head_config, add_mask_scoring_config,
                 add_carafe_config, add_resnest_config, add_fpg_config,
                 add_train_augmentation_config, add_roi_align_config, add_sampling_config,
-                add_solver_config, add_evaluation_config):
+                add_solver_config, add_evaluation_config, add_calibration_config):
         add(cfg)
     for old, (new, how) in RENAMED_KEYS.items():
         if not cfg.key_is_renamed(old):  # (yacs refuses a second registration)
@@ -191,6 +191,25 @@ def add_gradient_balance_config(cfg):
     cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED = False
     # Iterations between all-reduces of the sums and TensorBoard / metrics.json summaries.
     cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE.PERIOD = 20
+
+
+def add_calibration_config(cfg):
+    """MODEL.ROI_HEADS.CALIBRATION: test-time calibration of the class scores
+    (seesaw_ecm/modeling/calibration.py), for every box predictor and cascade stage."""
+    cfg.MODEL.ROI_HEADS.CALIBRATION = CN()
+    # "none" (the loss's own scores), "norcal" (scores / count^GAMMA, background apart) or
+    # "logit_adjustment" (class logits - TAU log(prior), then the loss's activation).
+    cfg.MODEL.ROI_HEADS.CALIBRATION.METHOD = "none"
+    # NorCal's exponent of the class counts (official: tuned on held-out data; 0 = no change).
+    cfg.MODEL.ROI_HEADS.CALIBRATION.GAMMA = 0.0
+    # Logit adjustment's factor of log(prior) (1 = the Bayes-optimal shift; 0 = no change).
+    cfg.MODEL.ROI_HEADS.CALIBRATION.TAU = 0.0
+    # NorCal: divide each proposal's C + 1 re-weighted scores by their sum (official: True).
+    cfg.MODEL.ROI_HEADS.CALIBRATION.RENORMALIZE = True
+    # Class counts: "model" = those the loss keeps in the checkpoint (Seesaw, ECM, BaGS, EQL,
+    # DropLoss), else the instance counts of DATASETS.TRAIN; or "instance_count" / "image_count"
+    # of DATASETS.TRAIN (the official NorCal: LVIS image counts).
+    cfg.MODEL.ROI_HEADS.CALIBRATION.COUNTS = "model"
 
 
 def add_htc_lite_config(cfg):

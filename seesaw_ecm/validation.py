@@ -32,6 +32,7 @@ from .evaluation.evaluator import lvis_evaluator_class
 from .evaluation.lvis_fast import FREQ_LABELS
 from .gradient_balance import check_period
 from .losses.ecm import WEIGHT_DTYPES
+from .modeling.calibration import check_config as check_calibration_config
 from .modeling.cascade import LongTailCascadeROIHeads
 from .modeling.cls_loss import (ecm_statistic, loss_spec, statistics_from_train,
                                 uses_cosine_classifier)
@@ -252,6 +253,20 @@ def check_cascade(cfg, eval_only):
     heads = _roi_heads(cfg)
     if heads is not None and issubclass(heads, LongTailCascadeROIHeads):
         heads.check_config(cfg)
+
+
+@config_check
+def check_calibration(cfg, eval_only):
+    """MODEL.ROI_HEADS.CALIBRATION: known values, and ROI heads whose predictors calibrate."""
+    check_calibration_config(cfg)
+    heads = _roi_heads(cfg)
+    if (cfg.MODEL.ROI_HEADS.CALIBRATION.METHOD != "none" and heads is not None
+            and not issubclass(heads, (LongTailROIHeads, LongTailCascadeROIHeads))):
+        raise SeesawEcmError(
+            f"MODEL.ROI_HEADS.CALIBRATION needs the long-tail box predictor, which "
+            f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r} has not: set it "
+            "\"LongTailROIHeads\" (the weights of a StandardROIHeads CE model load into it, with "
+            "MODEL.LONG_TAIL.LOSS \"ce\", and give the same detections).")
 
 
 @config_check

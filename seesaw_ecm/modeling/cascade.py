@@ -245,11 +245,16 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
         return losses
 
     def _cascade_scores(self, head_outputs):
-        """Per image (Ri, C + 1) class scores, background last, from every stage's outputs."""
+        """Per image (Ri, C + 1) class scores, background last, from every stage's outputs;
+        a calibration's (MODEL.ROI_HEADS.CALIBRATION) NorCal step on the stages' mean."""
         n = self.num_cascade_stages
         if self.test_score == "probs":
-            per_stage = [h[0].predict_probs(h[1], h[2]) for h in head_outputs]
-            return [sum(s) * (1.0 / n) for s in zip(*per_stage)]
+            per_stage = [h[0].predict_probs(h[1], h[2], rescale=False) for h in head_outputs]
+            mean = [sum(s) * (1.0 / n) for s in zip(*per_stage)]
+            last = head_outputs[-1][0]
+            if last.calibration is None:
+                return mean
+            return [last.calibration.rescale(last.cls_loss, m) for m in mean]
         mean_logits = sum(h[1][0] for h in head_outputs) / n
         predictor, _, proposals = head_outputs[-1]
         return predictor.predict_probs((mean_logits, None), proposals)

@@ -9,6 +9,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..layers import NormedLinear
+from .calibration import ScoreCalibration
 from .cls_loss import build_cls_loss, uses_cosine_classifier
 
 
@@ -34,18 +35,21 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     """
 
     @configurable
-    def __init__(self, input_shape, *, cls_loss, cosine=True, temperature=20.0, **kwargs):
+    def __init__(self, input_shape, *, cls_loss, cosine=True, temperature=20.0,
+                 calibration=None, **kwargs):
         """
         Args:
             cls_loss: a loss of seesaw_ecm.losses (its ``uses_objectness`` and
                 ``num_logits`` decide the layout, its ``bias_init`` the classifier bias).
             cosine: NormedLinear classifier(s) instead of nn.Linear.
             temperature: scale of the cosine classifier.
+            calibration: a calibration.ScoreCalibration of the test scores, or None.
             kwargs: as FastRCNNOutputLayers (box2box_transform, num_classes, ...).
         """
         super().__init__(input_shape, **kwargs)
         input_size = self.cls_score.in_features
         self.cls_loss = cls_loss
+        self.calibration = calibration
         self.uses_objectness = cls_loss.uses_objectness
         # C class logits + 1 background logit (C with the objectness branch), unless the loss
         # says otherwise (EQL, DropLoss: C; BaGS: its group layout)
@@ -62,10 +66,12 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape, cls_loss=None):
         ret = super().from_config(cfg, input_shape)
+        cls_loss = build_cls_loss(cfg) if cls_loss is None else cls_loss
         ret.update(
-            cls_loss=build_cls_loss(cfg) if cls_loss is None else cls_loss,
+            cls_loss=cls_loss,
             cosine=uses_cosine_classifier(cfg),
             temperature=cfg.MODEL.LONG_TAIL.TEMPERATURE,
+            calibration=ScoreCalibration.from_config(cfg, cls_loss),
         )
         return ret
 
@@ -130,10 +136,15 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             storage.put_scalar("fast_rcnn/fg_cls_accuracy", fg_correct.float().mean().item())
             storage.put_scalar("fast_rcnn/false_negative", pred_bg[fg].float().mean().item())
 
-    def predict_probs(self, predictions, proposals):
-        """list of (Ri, C + 1) class probabilities per image, background last."""
-        scores = predictions[0]
-        probs = self.cls_loss.get_probs(*self._split(scores))
+    def predict_probs(self, predictions, proposals, rescale=True):
+        """list of (Ri, C + 1) class probabilities per image, background last, calibrated by
+        `calibration` if set (`rescale` False: without its last step, NorCal's, which the
+        cascade applies to its stages' mean)."""
+        class_outputs = self._split(predictions[0])
+        if self.calibration is None:
+            probs = self.cls_loss.get_probs(*class_outputs)
+        else:
+            probs = self.calibration(self.cls_loss, class_outputs, rescale)
         return probs.split([len(p) for p in proposals], dim=0)
 
 
