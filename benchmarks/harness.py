@@ -30,8 +30,8 @@ from seesaw_ecm.fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "bags",
-          "loce")
+LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "gol",
+          "bags", "loce")
 # Decoupled methods: trained from the finished run of another loss (same arch and seed), whose
 # model_final.pth becomes MODEL.WEIGHTS (BaGS: the classifier of the softmax CE model; LOCE: its
 # fine-tune of the CE model).

@@ -409,7 +409,7 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
         assert demo.MODEL.LONG_TAIL.LOSS == synthetic.MODEL.LONG_TAIL.LOSS, loss
         assert demo.MODEL.LONG_TAIL.TRAINABLE == synthetic.MODEL.LONG_TAIL.TRAINABLE or (
             loss == "bags"), loss  # BaGS: the cascade's three classifiers too
-        for key, images in (("EQL", 110), ("DROPLOSS", 177)):
+        for key, images in (("EQL", 110), ("DROPLOSS", 177), ("GOL", 110)):
             if loss == key.lower():
                 assert demo.MODEL.LONG_TAIL[key].LAMBDA_ * 800 == pytest.approx(images)
                 assert synthetic.MODEL.LONG_TAIL[key].LAMBDA_ * 2000 == pytest.approx(images)
