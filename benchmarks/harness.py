@@ -2,6 +2,12 @@
 schedule through train_net.py, or collect finished run folders, then aggregate box / mask AP,
 AP50, APr, APc, APf, seconds per iteration and per-class AP against training instance count.
 
+Decoupled methods (DECOUPLED_FROM: BaGS, LOCE) fine-tune a finished first-stage run; each gets
+a control, the first-stage loss given the same second stage (same trainable parts, solver and
+seed, from the same weights), and the report shows each method's change against that control
+beside its change against the first stage: extra training of the same parts is not credited to
+the method.
+
 What a finished run folder holds (train_net.py writes it): config.yaml, metrics.json (training
 rows with "time"; an evaluation row with "bbox/AP", "segm/AP", ...), and
 inference/<test dataset>/lvis_instances_results.json (the detections LVISEvaluator scored).
@@ -11,6 +17,7 @@ per category the mean of the precision entries > -1 over IoU thresholds and reca
 area all, the average LVISEval.summarize takes over all categories. `python -m
 benchmarks.long_tail` is the command line.
 """
+import functools
 import json
 import logging
 import os
@@ -30,16 +37,21 @@ from seesaw_ecm.fileio import write_atomic, write_figure
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "bags",
-          "loce")
+LOSSES = ("ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2", "droploss", "gol",
+          "bags", "loce")
 # Decoupled methods: trained from the finished run of another loss (same arch and seed), whose
 # model_final.pth becomes MODEL.WEIGHTS (BaGS: the classifier of the softmax CE model; LOCE: its
 # fine-tune of the CE model).
 DECOUPLED_FROM = {"bags": "ce", "loce": "ce"}
+# The keys that make up a second stage, copied from the method's config into its control (the
+# first-stage loss's config fine-tuned the same way): the trainable parts and the whole solver.
+SECOND_STAGE_KEYS = ("MODEL.LONG_TAIL.TRAINABLE", "SOLVER")
 ARCHS = ("mask_rcnn", "cascade", "htc_lite")
 TASKS = ("bbox", "segm")
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 CONFIG_DIR = "configs/Synthetic"
+# written by the harness into a control's run folder: {"loss": its control_label}
+LABEL_FILE = "harness_label.json"
 # Cascade Mask R-CNN = the loss's Mask R-CNN config with these keys, exactly how
 # cascade_mask_rcnn_R18_FPN_{seesaw,ecm}.yaml are derived from mask_rcnn_R18_FPN_{seesaw,ecm}.yaml.
 CASCADE_OPTS = (
@@ -77,15 +89,67 @@ def run_dir(output_dir, loss, arch, seed):
     return os.path.join(output_dir, f"{arch}_{loss}", f"seed{seed}")
 
 
+def control_label(method):
+    """The run label of `method`'s control: its first-stage loss (DECOUPLED_FROM) given the same
+    second stage, e.g. "ce_ft_bags"."""
+    return f"{DECOUPLED_FROM[method]}_ft_{method}"
+
+
+def controlled_method(label):
+    """The decoupled method whose control `label` is, else None."""
+    return next((m for m in DECOUPLED_FROM if label == control_label(m)), None)
+
+
+def _load_config(config, opts):
+    from detectron2.config import get_cfg
+
+    from seesaw_ecm import add_seesaw_ecm_config
+    from seesaw_ecm.config import merge_config
+
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    merge_config(cfg, config, opts)
+    return cfg
+
+
+def _flat(node, prefix):
+    """(key, value) of every leaf under a config node, keys dotted from `prefix`."""
+    if not isinstance(node, dict):
+        return [(prefix, node)]
+    return [leaf for k in sorted(node) for leaf in _flat(node[k], f"{prefix}.{k}")]
+
+
+def second_stage_opts(method, arch, config_dir=CONFIG_DIR):
+    """Config overrides (KEY VALUE ...) that give the first-stage config of decoupled `method`
+    (its DECOUPLED_FROM loss on `arch`) the second stage of `method`: every SECOND_STAGE_KEYS
+    leaf whose value differs between the two configs (trainable parts, iterations, lr steps,
+    warm-up, ...). Values as Python literals, which train_net.py's opts parse back."""
+    stage = _load_config(*config_for(method, arch, config_dir))
+    first = _load_config(*config_for(DECOUPLED_FROM[method], arch, config_dir))
+    opts = []
+    for key in SECOND_STAGE_KEYS:
+        node = functools.reduce(lambda n, part: n[part], key.split("."), stage)
+        for leaf, value in _flat(node, key):
+            if value != functools.reduce(lambda n, part: n[part], leaf.split("."), first):
+                opts += [leaf, repr(value)]
+    return opts
+
+
 def train_command(loss, arch, seed, out, datasets=(), train=(), test=(), opts=(), num_gpus=1,
                   config_dir=CONFIG_DIR):
     """The train_net.py command line of one run (list of str). A decoupled loss starts from
-    the DECOUPLED_FROM run of the same arch and seed, beside `out`. Configs come from
-    `config_dir` (configs/Demo: the main job's)."""
-    config, extra = config_for(loss, arch, config_dir)
-    if loss in DECOUPLED_FROM:
+    the DECOUPLED_FROM run of the same arch and seed, beside `out`; so does the control of one
+    (`loss` = control_label(method)): the DECOUPLED_FROM loss's config with the method's
+    second stage (second_stage_opts). Configs come from `config_dir` (configs/Demo: the main
+    job's)."""
+    method = controlled_method(loss)
+    first = DECOUPLED_FROM.get(method or loss)
+    config, extra = config_for(first if method else loss, arch, config_dir)
+    if method:
+        extra = extra + second_stage_opts(method, arch, config_dir)
+    if first:
         base = os.path.join(os.path.dirname(os.path.dirname(out)),
-                            f"{arch}_{DECOUPLED_FROM[loss]}", f"seed{seed}", "model_final.pth")
+                            f"{arch}_{first}", f"seed{seed}", "model_final.pth")
         extra = extra + ["MODEL.WEIGHTS", base]
     cmd = [sys.executable, "train_net.py", "--config-file", config, "--num-gpus", str(num_gpus)]
     for spec in datasets:
@@ -116,42 +180,61 @@ def is_finished(folder, cmd=None):
     return os.path.isfile(stored) and json.load(open(stored)) == cmd[1:]
 
 
-def train_all(losses, archs, seeds, output_dir, force=False, jobs=1, **kwargs):
-    """Run train_net.py for every (arch, loss, seed); skip finished runs unless `force`.
-    `jobs` runs train side by side, each with OMP_NUM_THREADS = cores // jobs (at least 1;
-    kept when already set); decoupled losses start after every other run. On a 2-core
-    machine 2-3 single-thread runs side by side do ~30% more iterations per second in all
-    than one 2-thread run (docs/BENCHMARKS.md "The main job"). kwargs: as
-    :func:`train_command`. Returns the run folders."""
+def plan_runs(losses, archs, seeds, output_dir, controls=True, **kwargs):
+    """The runs of :func:`train_all`, in order: dicts with "label" (the loss, or a control's
+    control_label), "arch", "seed", "out" (run folder), "cmd" (train_command) and "wave" (0;
+    1 for those that start from another run: decoupled methods and, with `controls`, each
+    decoupled method's control, planned right after it). kwargs: as :func:`train_command`."""
     for loss in losses:  # before any training: a decoupled loss needs its base run first
         base = DECOUPLED_FROM.get(loss)
         if base and base not in losses[: list(losses).index(loss)] and not all(
                 is_finished(run_dir(output_dir, base, a, s)) for a in archs for s in seeds):
             raise SeesawEcmError(f"{loss!r} is trained from the {base!r} run of the same "
                                  f"architecture and seed: list {base!r} before it in --losses.")
-    folders, waves = [], ([], [])
+    labels = [label for loss in losses for label in [loss] + (
+        [control_label(loss)] if controls and loss in DECOUPLED_FROM else [])]
+    plan = []
     for arch in archs:  # seed by seed: with jobs = len(losses) each wave is one seed's set
         for seed in seeds:
-            for loss in losses:
-                out = run_dir(output_dir, loss, arch, seed)
-                cmd = train_command(loss, arch, seed, out, **kwargs)
-                folders.append(out)
-                if not force and is_finished(out, cmd):
-                    print(f"[skip] {out}: finished", flush=True)
-                    continue
-                waves[loss in DECOUPLED_FROM].append((f"{arch} {loss} seed {seed}", out, cmd))
+            for label in labels:
+                out = run_dir(output_dir, label, arch, seed)
+                wave = int(label in DECOUPLED_FROM or controlled_method(label) is not None)
+                plan.append({"label": label, "arch": arch, "seed": seed, "out": out, "wave": wave,
+                             "cmd": train_command(label, arch, seed, out, **kwargs)})
+    return plan
+
+
+def train_all(losses, archs, seeds, output_dir, force=False, jobs=1, controls=True, **kwargs):
+    """Run train_net.py for every run of :func:`plan_runs` (each (arch, loss, seed), and the
+    controls of decoupled methods unless `controls` is False); skip finished runs unless
+    `force`. `jobs` runs train side by side, each with OMP_NUM_THREADS = cores // jobs (at
+    least 1; kept when already set); wave-1 runs start after every wave-0 run. On a 2-core
+    machine 2-3 single-thread runs side by side do ~30% more iterations per second in all
+    than one 2-thread run (docs/BENCHMARKS.md "The main job"). kwargs: as
+    :func:`train_command`. Returns the run folders."""
+    plan = plan_runs(losses, archs, seeds, output_dir, controls=controls, **kwargs)
+    waves = ([], [])
+    for run in plan:
+        if not force and is_finished(run["out"], run["cmd"]):
+            print(f"[skip] {run['out']}: finished", flush=True)
+            continue
+        waves[run["wave"]].append(run)
     env = dict(os.environ)
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     for wave in waves:
         with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for _ in pool.map(lambda run: _train_one(*run, env), wave):
+            for _ in pool.map(lambda run: _train_one(run, env), wave):
                 pass  # re-raises the first failure
-    return folders
+    return [run["out"] for run in plan]
 
 
-def _train_one(label, out, cmd, env):
+def _train_one(run, env):
+    out, cmd = run["out"], run["cmd"]
+    label = f"{run['arch']} {run['label']} seed {run['seed']}"
     os.makedirs(out, exist_ok=True)
+    if controlled_method(run["label"]):  # read_run takes the label from here, not the config
+        write_atomic(os.path.join(out, LABEL_FILE), json.dumps({"loss": run["label"]}))
     print(f"[train] {label} -> {out}", flush=True)
     with open(os.path.join(out, "harness_stdout.txt"), "w") as log:
         returncode = _run_logged(cmd, log, f"  {label}:", env)
@@ -255,8 +338,9 @@ def _load_gt(path):
 
 def read_run(folder, per_class=True, bootstrap=0):
     """Everything the benchmark needs from one finished run folder, as a JSON-able dict:
-    loss, arch, seed, final metrics {"bbox/AP": ...} (None for "n/a"), sec_per_iter (median
-    of the last training's metrics.json "time" rows), and with `per_class`,
+    loss (from the config; a control's label from its LABEL_FILE), arch, seed, final metrics
+    {"bbox/AP": ...} (None for "n/a"), sec_per_iter (median of the last training's
+    metrics.json "time" rows), and with `per_class`,
     per-class AP {"bbox"|"segm": {category id: AP}} and training counts {category id: n};
     with `bootstrap` > 0 (needs `per_class`) also "bootstrap": {"bbox/APr": [the metric on
     each of `bootstrap` resampled test sets], ...} (`per_class_ap`)."""
@@ -273,6 +357,10 @@ def read_run(folder, per_class=True, bootstrap=0):
     loss = long_tail.get("LOSS", "ce") if long_tail_heads else "ce"
     if long_tail.get("OBJECTNESS") and loss != "seesaw" and long_tail_heads:
         loss += "+objectness"
+    label_file = os.path.join(folder, LABEL_FILE)
+    if os.path.isfile(label_file):  # a control run: its config alone says "ce"
+        with open(label_file) as f:
+            loss = json.load(f)["loss"]
     rows = _read_metrics(folder)
     evals = [r for r in rows if "bbox/AP" in r]
     if not evals:
@@ -351,7 +439,9 @@ def aggregate(runs):
     """Group runs by (arch, loss): mean and sample standard deviation (ddof 1) over seeds of
     every metric and of seconds per iteration; mean per-class AP. Two runs of one group with
     the same seed are an error (they would count as two seeds)."""
-    order = {k: i for i, k in enumerate((a, loss) for a in ARCHS for loss in LOSSES)}
+    labels = [x for loss in LOSSES
+              for x in [loss] + ([control_label(loss)] if loss in DECOUPLED_FROM else [])]
+    order = {k: i for i, k in enumerate((a, label) for a in ARCHS for label in labels)}
     groups = {}
     for run in runs:
         groups.setdefault((run["arch"], run["loss"]), []).append(run)
@@ -489,6 +579,46 @@ def format_gap_table(rows):
     return markdown(table, head)
 
 
+def control_gaps(runs):
+    """For every decoupled method with control runs (control_label): its paired changes
+    (`gaps`) against its first-stage loss (DECOUPLED_FROM, e.g. plain CE) and against its
+    control (that loss given the same second stage), per arch. The second tells what the
+    method adds beyond extra training of the same parts. Returns a list of dicts with "arch",
+    "loss", "control", "vs_first_stage" and "vs_control" (each a `gaps` row)."""
+    out = []
+    for method, first in DECOUPLED_FROM.items():
+        control = control_label(method)
+        vs_control = gaps([r for r in runs if r["loss"] in (method, control)], control)
+        vs_first = {row["arch"]: row for row in gaps(
+            [r for r in runs if r["loss"] in (method, first)], first)}
+        for row in vs_control:
+            out.append({"arch": row["arch"], "loss": method, "control": control,
+                        "vs_first_stage": vs_first.get(row["arch"]), "vs_control": row})
+    return out
+
+
+def format_control_table(rows):
+    """Markdown table of `control_gaps`: per (arch, method), the mean change of box and mask AP,
+    APr, APc, APf against the first-stage loss and against the control, side by side
+    ("+27.10 / +24.80"), with the seeds paired in each."""
+    metrics = ("AP", "APr", "APc", "APf")
+    keys = [f"{t}/{m}" for t in TASKS for m in metrics]
+    first = rows[0]["vs_first_stage"]["baseline"] if rows and rows[0]["vs_first_stage"] else "?"
+    head = ["arch", "loss", "control", f"seeds vs {first} / control"] + [
+        f"Δ {'box' if k.startswith('bbox') else 'mask'} {k.split('/')[1]} vs {first} / control"
+        for k in keys]
+    table = []
+    for row in rows:
+        plain, ctrl = row["vs_first_stage"] or {"mean": {}, "seeds": []}, row["vs_control"]
+        cells = [row["arch"], row["loss"], row["control"],
+                 f"{len(plain['seeds'])} / {len(ctrl['seeds'])}"]
+        for key in keys:
+            cells.append(" / ".join("n/a" if v is None else f"{v:+.2f}"
+                                    for v in (plain["mean"].get(key), ctrl["mean"][key])))
+        table.append(cells)
+    return markdown(table, head)
+
+
 def plot_per_class(groups, out_png):
     """Per-class AP (mean over seeds) against training instance count (log x), one panel per
     task, one series per (arch, loss): points per class and a line through the mean AP of
@@ -560,10 +690,16 @@ def write_report(runs, output_dir, command=None, baseline=None):
     if changes:
         table += "\n\nChange against " + baseline + ", paired by seed:\n\n" + format_gap_table(
             changes)
+    controlled = control_gaps(runs)
+    if controlled:
+        table += ("\n\nDecoupled methods: change against the first stage and against it given "
+                  "the same second stage (control), paired by seed:\n\n"
+                  + format_control_table(controlled) + "\n\nChange against the control:\n\n"
+                  + format_gap_table([row["vs_control"] for row in controlled]))
     os.makedirs(output_dir, exist_ok=True)
     write_atomic(os.path.join(output_dir, "long_tail_benchmark.json"), json.dumps(
-        {"command": command, "groups": groups, "gaps": changes, "runs": runs, "table": table},
-        indent=1))
+        {"command": command, "groups": groups, "gaps": changes, "control_gaps": controlled,
+         "runs": runs, "table": table}, indent=1))
     if any(g.get("per_class_ap") for g in groups):
         plot_per_class(groups, os.path.join(output_dir, "long_tail_per_class_ap.png"))
     return groups, table

@@ -16,6 +16,10 @@ against training count.
     python -m benchmarks.long_tail --collect output/demo_3seeds/cascade_*/seed* --baseline ce \\
         --bootstrap 100 --output-dir output/demo_noise    # how much of the spread is the test set
 
+Decoupled methods (bags, loce) also train their control, CE given the same second stage
+(run folder <arch>_ce_ft_<method>; --no-controls skips it), and the table shows each method's
+change against CE and against that control, side by side.
+
 A thin command line over benchmarks.harness (docs/BENCHMARKS.md); run from the repository
 root.
 """
@@ -53,6 +57,10 @@ def main(argv=None):
                         help="runs trained side by side (CPU: each with cores / jobs threads)")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument("--no-controls", action="store_true",
+                        help="skip the controls of the decoupled methods (bags, loce): their "
+                             "first-stage loss (ce) given the same second stage, run by default "
+                             "and reported beside each method's change")
     parser.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="aggregate these finished train_net.py output folders; no training")
     parser.add_argument("--pool", nargs="+", metavar="REPORT_JSON",
@@ -80,7 +88,8 @@ def main(argv=None):
             folders = args.collect or harness.train_all(
                 args.losses, args.archs, args.seeds, args.output_dir, force=args.force,
                 datasets=args.dataset, train=args.train, test=args.test, opts=args.opts,
-                num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs)
+                num_gpus=args.num_gpus, config_dir=args.config_dir, jobs=args.jobs,
+                controls=not args.no_controls)
             runs = [harness.read_run(f, per_class=not args.no_per_class,
                                      bootstrap=args.bootstrap) for f in folders]
         groups, table = harness.write_report(runs, args.output_dir, command=sys.argv,

@@ -79,8 +79,9 @@ def add_long_tail_config(cfg):
     # Classification loss (seesaw_ecm.modeling.cls_loss.LOSS_SPECS): "ce" (softmax CE, linear
     # classifier), "cosine_ce" (softmax CE, cosine classifier), "federated" (sigmoid Federated
     # loss, linear), "seesaw" (cosine, needs OBJECTNESS), "ecm" (cosine), "eql", "eqlv2",
-    # "droploss" (sigmoid, linear), "bags" (group softmax, linear) or "loce" (equilibrium loss,
-    # linear; needs ROI_HEADS.NAME "LOCEROIHeads"). One key switches between methods.
+    # "droploss" (sigmoid, linear), "gol" (DropLoss with the Gumbel activation, linear), "bags"
+    # (group softmax, linear) or "loce" (equilibrium loss, linear; needs ROI_HEADS.NAME
+    # "LOCEROIHeads"). One key switches between methods.
     cfg.MODEL.LONG_TAIL.LOSS = "ce"
     # Multiplier of the classification loss terms (loss_cls, and loss_objectness for Seesaw).
     cfg.MODEL.LONG_TAIL.LOSS_WEIGHT = 1.0
@@ -143,6 +144,17 @@ def add_long_tail_baselines_config(cfg):
     cfg.MODEL.LONG_TAIL.DROPLOSS = CN()
     # Tail-class image-frequency threshold, as EQL.LAMBDA_ (the official shipped config: 0.00177).
     cfg.MODEL.LONG_TAIL.DROPLOSS.LAMBDA_ = 0.00177
+    # "gol": Gumbel Optimised Loss, DropLoss's rule with p = exp(-exp(-z)) as the link of its
+    # binary cross-entropy and as the test-time score (seesaw_ecm/losses/gumbel.py).
+    cfg.MODEL.LONG_TAIL.GOL = CN()
+    # Tail-class image-frequency threshold, as DROPLOSS.LAMBDA_ (official LVIS v1 configs: 0.0011).
+    cfg.MODEL.LONG_TAIL.GOL.LAMBDA_ = 0.0011
+    # (min, max) the logits are clamped to inside the loss (official); no gradient outside.
+    cfg.MODEL.LONG_TAIL.GOL.LOGIT_CLAMP = (-4.0, 10.0)
+    # Classifier bias at the start (official init_cfg bias=-2: scores exp(-exp(2)) = 6.2e-4).
+    cfg.MODEL.LONG_TAIL.GOL.BIAS_INIT = -2.0
+    # Every classifier weight at the start (official init_cfg Constant val=0.001).
+    cfg.MODEL.LONG_TAIL.GOL.WEIGHT_INIT = 0.001
     # "bags": Balanced Group Softmax (linear classifier, C + 1 + G logits).
     cfg.MODEL.LONG_TAIL.BAGS = CN()
     # Foreground groups by training instance count: [0, 10), [10, 100), [100, 1000), [1000, inf).

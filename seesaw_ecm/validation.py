@@ -180,6 +180,7 @@ LOSS_ARGUMENTS = {
     "eql": (_PRIOR,),
     "eqlv2": (_PRIOR,),
     "droploss": (_PRIOR,),
+    "gol": (("GOL.LOGIT_CLAMP", lambda v: len(v) == 2 and v[0] < v[1], "(min, max), min < max"),),
     "bags": (("BAGS.BIN_SPLIT", _increasing, "increasing"),),
 }
 

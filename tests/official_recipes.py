@@ -2,8 +2,9 @@
 
 Seesaw: open-mmlab/mmdetection 2.x (`configs/seesaw_loss/`, `configs/_base_/`); ECM:
 janghyuncho/ECM-Loss (mmdetection 2.25.2 fork, `configs/effective_class_margin_loss/`); Federated
-loss: facebookresearch/detectron2 main. tests/test_recipes.py compares every shipped
-configs/LVISv1/*.yaml with the row groups `groups_for` selects for it. A row is
+loss: facebookresearch/detectron2 main; GOL: kostas1515/GOL (mmdetection 2.21 fork,
+`configs/gol/`). tests/test_recipes.py compares every shipped configs/LVISv1/*.yaml with the row
+groups `groups_for` selects for it. A row is
 (key, official value, source) or (key, value, source, relative tolerance).
 """
 MM = "open-mmlab/mmdetection "
@@ -32,6 +33,8 @@ LOCE_STAGE1 = LOCE_DIR + "mask_rcnn_r50_fpn_normed_mask_mstrain_2x_lvis_v1.py"
 LOCE_FT = LOCE_DIR + "loce_mask_rcnn_r50_fpn_normed_mask_mstrain_2x_lvis_v1.py"
 ECM_WEIGHT = "janghyuncho/ECM-Loss mmdet/models/losses/ecm_utils.py"
 HTC = MM + "configs/htc/htc_without_semantic_r50_fpn_1x_coco.py"
+GOL = "kostas1515/GOL configs/gol/droploss_normed_mask_r50_rfs_4x4_2x_gumbel.py"
+GOL_LOSS = "kostas1515/GOL mmdet/models/losses/droploss.py"
 
 
 def schedule_rows(epochs, steps, schedule_source, warmup_iters, warmup_ratio, clip, source):
@@ -90,7 +93,6 @@ ROWS = {
         ("MODEL.ROI_HEADS.IOU_THRESHOLDS", (0.5,), MASK_RCNN + ": rcnn pos_iou_thr=0.5"),
         ("MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", True, MASK_RCNN + ": add_gt_as_proposals=True"),
         ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0001, SEESAW + ": test_cfg rcnn score_thr=0.0001"),
-        ("MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5, MASK_RCNN + ": rcnn nms iou_threshold=0.5"),
         ("TEST.DETECTIONS_PER_IMAGE", 300, SEESAW + ": max_per_img=300"),
         ("MODEL.ROI_BOX_HEAD.NUM_FC", 2, MASK_RCNN + ": Shared2FCBBoxHead"),
         ("MODEL.ROI_BOX_HEAD.FC_DIM", 1024, MASK_RCNN + ": fc_out_channels=1024"),
@@ -100,6 +102,10 @@ ROWS = {
         ("MODEL.ROI_MASK_HEAD.NUM_CONV", 4, MASK_RCNN + ": FCNMaskHead num_convs=4"),
         ("MODEL.ROI_MASK_HEAD.CONV_DIM", 256, MASK_RCNN + ": conv_out_channels=256"),
         ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14, MASK_RCNN + ": mask RoIAlign output_size=14"),
+    ],
+    # test-time NMS of the box head (every recipe but GOL, whose row is in its group)
+    "nms": [
+        ("MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.5, MASK_RCNN + ": rcnn nms iou_threshold=0.5"),
     ],
     # the Mask R-CNN box head and RPN (not the cascade ones)
     "mask_rcnn": [
@@ -243,6 +249,19 @@ ROWS = {
         ("MODEL.LONG_TAIL.DROPLOSS.LAMBDA_", 0.00177, DROPLOSS + ": lambda 0.00177"),
         ("MODEL.LONG_TAIL.PRIOR_PROB", 0.001, DROPLOSS + ": prior 0.001"),
     ],
+    "gol": [
+        ("MODEL.LONG_TAIL.LOSS", "gol", GOL + ": loss_cls type='DropLoss', use_classif='gumbel'"),
+        ("MODEL.LONG_TAIL.GOL.LAMBDA_", 0.0011, GOL + ": lambda_=0.0011, version='v1'"),
+        ("MODEL.LONG_TAIL.GOL.LOGIT_CLAMP", (-4.0, 10.0),
+         GOL_LOSS + ": torch.clamp(cls_score, min=-4, max=10) before the Gumbel activation"),
+        ("MODEL.LONG_TAIL.GOL.BIAS_INIT", -2.0,
+         GOL + ": init_cfg Constant bias=-2, override name='fc_cls'"),
+        ("MODEL.LONG_TAIL.GOL.WEIGHT_INIT", 0.001,
+         GOL + ": init_cfg Constant val=0.001, override name='fc_cls'"),
+        ("MODEL.LONG_TAIL.LOSS_WEIGHT", 1.0, GOL + ": loss_weight=1.0"),
+        ("MODEL.LONG_TAIL.CLASSIFIER", "auto", GOL + ": Shared2FCBBoxHead fc_cls, plain linear"),
+        ("MODEL.ROI_HEADS.NMS_THRESH_TEST", 0.3, GOL + ": test_cfg rcnn nms iou_threshold=0.3"),
+    ],
     "bags": [
         ("MODEL.LONG_TAIL.LOSS", "bags", BAGS_1X + ": GroupSoftmax"),
         ("MODEL.LONG_TAIL.BAGS.BIN_SPLIT", (10, 100, 1000), BAGS_1X + ": bins 10 / 100 / 1000"),
@@ -271,9 +290,11 @@ def groups_for(name):
     """The ROWS groups that apply to configs/LVISv1/`name`, from the parts of its name."""
     stages = name.startswith(("cascade", "htc_lite"))
     loss = next(k for k in ("seesaw", "ecm", "federated", "cosine_ce", "eqlv2", "eql", "droploss",
-                            "bags", "loce", "ce") if f"_{k}_" in name)
+                            "gol", "bags", "loce", "ce") if f"_{k}_" in name)
     groups = ["common", loss, "rfs" if name.endswith("_rfs.yaml") else "random",
               "r101" if "_R_101_" in name else "r50"]
+    if loss != "gol":  # GOL's test NMS is 0.3, a row of its group
+        groups.append("nms")
     normed = "normed_mask" in name or loss in ("ecm", "loce")
     groups.append("normed_mask" if normed else "plain_mask")
     if loss == "ecm":

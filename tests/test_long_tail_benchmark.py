@@ -246,6 +246,79 @@ def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
         harness.train_all(["bags", "ce"], ["mask_rcnn"], [1], str(tmp_path))
 
 
+def command_cfg(cmd):
+    """The config a train_net.py command of the harness trains: its file and its opts."""
+    return load(cmd[cmd.index("--config-file") + 1], cmd[cmd.index("--num-gpus") + 2:])
+
+
+@pytest.mark.parametrize("config_dir", ["configs/Demo", "configs/Synthetic"])
+def test_each_decoupled_method_gets_a_ce_control_with_its_second_stage(config_dir, tmp_path):
+    plan = harness.plan_runs(["ce", "bags", "loce"], ["mask_rcnn"], [1, 2], str(tmp_path),
+                             config_dir=config_dir, opts=["SOLVER.BASE_LR", "0.01"])
+    assert [(r["label"], r["seed"], r["wave"]) for r in plan] == [
+        (label, seed, wave) for seed in (1, 2) for label, wave in (
+            ("ce", 0), ("bags", 1), ("ce_ft_bags", 1), ("loce", 1), ("ce_ft_loce", 1))]
+    runs = {(r["label"], r["seed"]): r for r in plan}
+    ce = command_cfg(runs[("ce", 2)]["cmd"])
+    for method in ("bags", "loce"):
+        stage = command_cfg(runs[(method, 2)]["cmd"])
+        control = command_cfg(runs[(f"ce_ft_{method}", 2)]["cmd"])
+        # the method's second stage: trainable parts, the whole solver, start weights, seed
+        assert control.MODEL.LONG_TAIL.TRAINABLE == stage.MODEL.LONG_TAIL.TRAINABLE != []
+        assert control.SOLVER == stage.SOLVER and control.SOLVER.BASE_LR == 0.01
+        assert control.MODEL.WEIGHTS == stage.MODEL.WEIGHTS == str(
+            tmp_path / "mask_rcnn_ce" / "seed2" / "model_final.pth")
+        assert control.SEED == stage.SEED == 2
+        # otherwise the plain CE run: its loss and heads
+        assert control.MODEL.ROI_HEADS.NAME == "StandardROIHeads" != stage.MODEL.ROI_HEADS.NAME
+        control.MODEL.LONG_TAIL.TRAINABLE, control.SOLVER = [], ce.SOLVER
+        control.MODEL.WEIGHTS, control.OUTPUT_DIR = ce.MODEL.WEIGHTS, ce.OUTPUT_DIR
+        assert control == ce, method
+    loce = command_cfg(runs[("ce_ft_loce", 1)]["cmd"])
+    assert loce.SOLVER.MAX_ITER * 4 == pytest.approx(ce.SOLVER.MAX_ITER, abs=3)  # a quarter
+    assert [r["label"] for r in harness.plan_runs(
+        ["ce", "bags"], ["mask_rcnn"], [1], str(tmp_path), controls=False)] == ["ce", "bags"]
+
+
+def test_decoupled_change_against_its_control_beside_against_ce(tiny_lvis, tmp_path):
+    """The report pairs each decoupled method with CE and with CE given the same second stage
+    (read from the control's label file), seed by seed."""
+    aps = {"ce": [8.0, 9.0, 7.0], "bags": [12.0, 15.0, 10.0], "ce_ft_bags": [9.0, 11.0, 9.0]}
+    folders = []
+    for label, values in aps.items():
+        for seed, ap in zip((1, 2, 3), values):
+            loss, heads = ("bags", "LongTailROIHeads") if label == "bags" else (
+                "ce", "StandardROIHeads")
+            folder = fake_run(tiny_lvis, tmp_path / f"{label}{seed}", loss, seed, ap, [1.0],
+                              heads=heads)
+            if label == "ce_ft_bags":
+                (tmp_path / f"{label}{seed}" / harness.LABEL_FILE).write_text(
+                    json.dumps({"loss": label}))
+            folders.append(folder)
+    runs = [harness.read_run(f, per_class=False) for f in folders]
+    assert [r["loss"] for r in runs[-3:]] == ["ce_ft_bags"] * 3
+    assert [g["loss"] for g in harness.aggregate(runs)] == ["ce", "bags", "ce_ft_bags"]
+    (row,) = harness.control_gaps(runs)
+    vs_ce, vs_control = (np.subtract(aps["bags"], aps[b]) for b in ("ce", "ce_ft_bags"))
+    assert (row["loss"], row["control"]) == ("bags", "ce_ft_bags")
+    assert row["vs_first_stage"]["mean"]["segm/APr"] == pytest.approx(vs_ce.mean())
+    assert row["vs_control"]["mean"]["segm/APr"] == pytest.approx(vs_control.mean())
+    assert row["vs_control"]["std"]["bbox/AP"] == pytest.approx(np.std(vs_control, ddof=1))
+    assert row["vs_control"]["seeds"] == [1, 2, 3]
+    head, _, line = harness.format_control_table([row]).splitlines()
+    assert cells(head)[4] == "Δ box AP vs ce / control"
+    assert cells(line)[:5] == ["mask_rcnn", "bags", "ce_ft_bags", "3 / 3",
+                               f"{vs_ce.mean():+.2f} / {vs_control.mean():+.2f}"]
+    _, table = harness.write_report(runs, str(tmp_path / "report"))
+    assert "given the same second stage" in table
+    report = json.loads((tmp_path / "report" / "long_tail_benchmark.json").read_text())
+    assert report["control_gaps"][0]["vs_control"]["mean"]["bbox/AP"] == pytest.approx(
+        vs_control.mean())
+    # without control runs the report has no such table
+    _, table = harness.write_report(runs[:6], str(tmp_path / "report2"))
+    assert "second stage" not in table and harness.control_gaps(runs[:6]) == []
+
+
 def test_changes_against_ce_paired_by_seed(tiny_lvis, tmp_path):
     ce_ap, seesaw_ap = [8.0, 9.0, 7.0], [12.0, 15.0, 10.0]
     folders = [fake_run(tiny_lvis, tmp_path / f"ce{s}", "ce", s, ap, [1.0],
@@ -409,7 +482,7 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
         assert demo.MODEL.LONG_TAIL.LOSS == synthetic.MODEL.LONG_TAIL.LOSS, loss
         assert demo.MODEL.LONG_TAIL.TRAINABLE == synthetic.MODEL.LONG_TAIL.TRAINABLE or (
             loss == "bags"), loss  # BaGS: the cascade's three classifiers too
-        for key, images in (("EQL", 110), ("DROPLOSS", 177)):
+        for key, images in (("EQL", 110), ("DROPLOSS", 177), ("GOL", 110)):
             if loss == key.lower():
                 assert demo.MODEL.LONG_TAIL[key].LAMBDA_ * 800 == pytest.approx(images)
                 assert synthetic.MODEL.LONG_TAIL[key].LAMBDA_ * 2000 == pytest.approx(images)

@@ -160,7 +160,7 @@ def test_invalid_combination_lists_valid_ones(loss, objectness):
 def test_unknown_loss_name_lists_choices():
     with pytest.raises(ValueError, match=r"Unknown loss 'focal'.*\['bags', 'ce', 'cosine_ce', "
                                          r"'droploss', 'ecm', 'eql', 'eqlv2', 'federated', "
-                                         r"'loce', 'seesaw'\]"):
+                                         r"'gol', 'loce', 'seesaw'\]"):
         build_cls_loss(small_cfg("focal"))
 
 
@@ -197,7 +197,7 @@ def test_deprecated_ecm_statistic_key_still_works(tiny_dataset, tmp_path, caplog
 
 def test_loss_table_lists_every_name_with_its_layout():
     assert set(LOSS_SPECS) == {"ce", "cosine_ce", "federated", "seesaw", "ecm", "eql", "eqlv2",
-                               "droploss", "bags", "loce"}
+                               "droploss", "gol", "bags", "loce"}
     for name, spec in LOSS_SPECS.items():  # the objectness rule agrees with the loss it builds
         objectness = spec.objectness == "required"
         heads = "LOCEROIHeads" if name == "loce" else "LongTailROIHeads"

@@ -78,7 +78,8 @@ def mutate(value):
                                   "mask_rcnn_R_50_FPN_1x_ecm_rfs.yaml",
                                   "mask_rcnn_R_101_FPN_2x_seesaw_rfs.yaml",
                                   "cascade_mask_rcnn_R_101_FPN_2x_ecm_rfs.yaml",
-                                  "htc_lite_R_50_FPN_2x_ecm_rfs.yaml"])
+                                  "htc_lite_R_50_FPN_2x_ecm_rfs.yaml",
+                                  "mask_rcnn_R_50_FPN_2x_gol_normed_mask_rfs.yaml"])
 def test_changing_any_recipe_value_fails_the_comparison(name):
     cfg = resolve("configs/LVISv1/" + name)
     groups = groups_for(name)

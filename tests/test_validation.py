@@ -267,7 +267,8 @@ def test_keys_the_model_reads_pass_where_they_are_read(small):
 
 def _bad_loss_arguments():
     """(loss, key, bad value) for every row of LOSS_ARGUMENTS."""
-    bad = {"FEDERATED.NUM_CLASSES": 0, "PRIOR_PROB": 1.0, "BAGS.BIN_SPLIT": (100, 10)}
+    bad = {"FEDERATED.NUM_CLASSES": 0, "PRIOR_PROB": 1.0, "BAGS.BIN_SPLIT": (100, 10),
+           "GOL.LOGIT_CLAMP": (10.0, -4.0)}
     return [(loss, key, bad[key]) for loss, rows in LOSS_ARGUMENTS.items() for key, *_ in rows]
 
 

@@ -79,6 +79,15 @@ class EQLLoss(nn.Module):
         """
         return (labels < self.num_classes)[:, None] & tail[None, :]
 
+    def binary_loss(self, logits, targets, weight):
+        """Summed weighted BCE of the (N, C) logits through the sigmoid link.
+
+        Args:
+            logits: (N, C). targets: (N, C) in {0, 1}. weight: (N, C) entry weights.
+        """
+        return F.binary_cross_entropy_with_logits(logits, targets, weight=weight,
+                                                  reduction="sum")
+
     def forward(self, logits, labels):
         """
         Args:
@@ -96,8 +105,7 @@ class EQLLoss(nn.Module):
         # one-hot over C + 1 columns, background dropped: background rows are all zero
         targets = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
         ignored = self.ignored_negatives(labels, self.tail_classes()) & (targets == 0)
-        loss = F.binary_cross_entropy_with_logits(
-            logits, targets, weight=(~ignored).to(logits.dtype), reduction="sum")
+        loss = self.binary_loss(logits, targets, (~ignored).to(logits.dtype))
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 from ..data.statistics import class_statistics
 from ..errors import SeesawEcmError
 from ..losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss, EQLLoss,
-                      EQLv2Loss, EquilibriumLoss, FederatedLoss, SeesawLoss)
+                      EQLv2Loss, EquilibriumLoss, FederatedLoss, GumbelLoss, SeesawLoss)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,14 @@ def _eqlv2(cfg):
                      prior_prob=lt.PRIOR_PROB, loss_weight=lt.LOSS_WEIGHT)
 
 
+def _gol(cfg):
+    lt = cfg.MODEL.LONG_TAIL
+    freq = class_statistics(cfg, "image_frequency") if statistics_from_train(cfg) else None
+    return GumbelLoss(freq, lambda_=lt.GOL.LAMBDA_, clamp=lt.GOL.LOGIT_CLAMP,
+                      bias_init=lt.GOL.BIAS_INIT, weight_init=lt.GOL.WEIGHT_INIT,
+                      loss_weight=lt.LOSS_WEIGHT, num_classes=_num_classes(cfg))
+
+
 def _bags(cfg):
     lt = cfg.MODEL.LONG_TAIL
     counts = class_statistics(cfg, "instance_count") if statistics_from_train(cfg) else None
@@ -128,6 +136,7 @@ LOSS_SPECS = {
     "eql": LossSpec(_eql_like(EQLLoss, "EQL"), "forbidden", "linear"),
     "eqlv2": LossSpec(_eqlv2, "forbidden", "linear"),
     "droploss": LossSpec(_eql_like(DropLoss, "DROPLOSS"), "forbidden", "linear"),
+    "gol": LossSpec(_gol, "forbidden", "linear"),
     "bags": LossSpec(_bags, "forbidden", "linear"),
     "loce": LossSpec(_loce, "forbidden", "linear"),
 }

@@ -28,8 +28,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     Layout of the classification output of :meth:`forward`, for R RoIs and C classes:
     with objectness (Seesaw), (R, C + 2) = [C class logits, fg logit, bg logit] (the official
     mmdetection layout); otherwise (R, C + 1) with background last, unless the loss sets
-    ``num_logits`` (EQL, DropLoss: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init`` sets
-    the classifier bias.
+    ``num_logits`` (EQL, DropLoss, GOL: (R, C); BaGS: (R, C + 1 + G)). A loss's ``bias_init``
+    and ``weight_init`` set the classifier's bias and weights to constants.
     :meth:`predict_probs` always returns (R, C + 1) probabilities with background last, so
     detectron2's inference and cascade score averaging work unchanged.
     """
@@ -59,6 +59,9 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         bias_init = getattr(cls_loss, "bias_init", None)
         if bias_init is not None:  # e.g. the sigmoid prior of EQL / EQLv2 / DropLoss
             nn.init.constant_(self.cls_score.bias, bias_init)
+        weight_init = getattr(cls_loss, "weight_init", None)
+        if weight_init is not None:  # GOL: constant weights, as its official init
+            nn.init.constant_(self.cls_score.weight, weight_init)
         self.objectness = (
             _classifier(input_size, 2, cosine, temperature) if self.uses_objectness else None
         )

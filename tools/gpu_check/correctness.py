@@ -153,7 +153,7 @@ def loss_outputs(loss, logits, labels, device, amp_dtype=None):
 # Losses that draw random samples on the device of their inputs: one seed gives the same draws
 # on one device only, so on CUDA they are checked for finite values against the CPU, and exactly
 # against autocast on the same device, as every other loss.
-RANDOM_DRAWS = ("droploss", "bags")
+RANDOM_DRAWS = ("droploss", "gol", "bags")
 
 
 def compare_to_cpu(checks, what, loss_name, device, got, ref):
