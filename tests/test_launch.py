@@ -4,9 +4,12 @@ the SLURM launcher's job (its sbatch script, its requeue with --resume) without 
 import json
 import os
 import pickle
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -232,3 +235,42 @@ def test_slurm_launcher_refuses_train_net_launcher_flags(fake_slurm, capsys):
                            "--num-gpus", "8"])
     assert exit_info.value.code == 2
     assert "--num-gpus" in capsys.readouterr().err and not fake_slurm.exists()
+
+
+@pytest.mark.slow
+def test_slurm_job_on_two_cpu_processes_is_requeued_on_preemption_and_resumes(small_synthetic,
+                                                                              tmp_path):
+    """TrainJob as a SLURM job runs it, through submitit's LocalExecutor (2 tasks); both get
+    SLURM's preemption signal (USR2) after the first checkpoint: rank 0 requeues the job and it
+    resumes from that checkpoint, to the end of training and its evaluation."""
+    import submitit
+
+    from tools.launch_slurm import TrainJob
+
+    out_dir = tmp_path / "run"
+    args = train_net.build_parser().parse_args(train_net_args(
+        small_synthetic, out_dir, SEESAW, *SEESAW_RUN_OPTS, "SOLVER.CHECKPOINT_PERIOD", "5"))
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=30)
+    job = executor.submit(TrainJob(args))
+    try:
+        last = out_dir / "last_checkpoint"
+        while not (last.exists() and last.read_text() == "model_0000004.pth"):
+            assert not job.done(), job.stderr()
+            time.sleep(0.2)
+        controller = job._process.pid  # submitit's local controller; its children: the tasks
+        tasks = open(f"/proc/{controller}/task/{controller}/children").read().split()
+        assert len(tasks) == 2
+        for task in tasks:
+            os.kill(int(task), signal.SIGUSR2)
+        deadline = time.time() + 600
+        while not job.done() and time.time() < deadline:
+            time.sleep(1)
+        results = job.results()[0]  # rank 0's train_net.main() of the requeued job
+    finally:
+        job.cancel(check=False)
+    log = (out_dir / "log.txt").read_text()
+    starts = [int(i) for i in re.findall(r"Starting training from iteration (\d+)", log)]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] in (5, 10, 15), starts
+    assert "World size: 2" in log and (out_dir / "model_final.pth").exists()
+    assert "bbox" in results
