@@ -17,7 +17,7 @@ import torch.distributed as dist
 from detectron2.utils import comm
 
 import train_net
-from e2e import SEESAW, SEESAW_RUN_OPTS, run_train_net, summary, train_net_args
+from e2e import SEESAW, SEESAW_RUN_OPTS, run_train_net, train_net_args
 from seesaw_ecm import distributed
 from seesaw_ecm.errors import SeesawEcmError
 
@@ -181,8 +181,9 @@ def test_torchrun_evaluation_of_a_trained_model_equals_one_process(seesaw_run, s
         "torchrun", small_synthetic, out_dir, SEESAW, *SEESAW_RUN_OPTS, "--eval-only",
         "MODEL.WEIGHTS", str(run_dir / "model_final.pth")), tmp_path / "logs")
     assert "World size: 2" in stdout + stderr
-    assert float(summary(run.stdout)["bbox"][0]) > 0  # a model that detects something
-    assert _predictions(out_dir) == _predictions(run_dir)
+    predictions = _predictions(run_dir)  # every detection of the 20-iteration model (score > 0)
+    assert len(predictions) > 100
+    assert _predictions(out_dir) == predictions
     assert _copypaste(stdout) == _copypaste(run.stdout)
 
 
