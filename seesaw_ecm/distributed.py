@@ -29,18 +29,19 @@ def launch(main_func, args, timeout=DEFAULT_TIMEOUT):
 
     Started by torchrun (:func:`launched_from_env`): this process is one rank already; it joins
     the process group from the environment (:func:`init_process_group_from_env`) and spawns
-    nothing (--num-gpus / --num-machines must then stay at 1). Otherwise detectron2's launch
-    spawns --num-gpus processes on this machine, one of --num-machines, meeting at --dist-url.
+    nothing (--num-gpus / --num-machines / --machine-rank must then keep their defaults).
+    Otherwise detectron2's launch spawns --num-gpus processes on this machine, machine
+    --machine-rank of --num-machines, meeting at --dist-url.
     """
     if not launched_from_env():
         return detectron2_launch(main_func, args.num_gpus, num_machines=args.num_machines,
                                  machine_rank=args.machine_rank, dist_url=args.dist_url,
                                  args=(args,), timeout=timeout)
-    if args.num_gpus != 1 or args.num_machines != 1:
+    if (args.num_gpus, args.num_machines, args.machine_rank) != (1, 1, 0):
         raise SeesawEcmError(
-            "--num-gpus / --num-machines are for train_net.py's own launcher, but this process "
-            "was started by torchrun (or SLURM), which decides the processes: leave them out "
-            "and set torchrun's --nproc-per-node / --nnodes instead.")
+            "--num-gpus / --num-machines / --machine-rank are for train_net.py's own launcher, "
+            "but this process was started by torchrun (or SLURM), which decides the processes: "
+            "leave them out and set torchrun's --nproc-per-node / --nnodes / --node-rank.")
     init_process_group_from_env(timeout)
     result = main_func(args)
     dist.destroy_process_group()
