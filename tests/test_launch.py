@@ -51,8 +51,19 @@ def run_machines(commands, out_dir):
     procs = []
     for cmd, (out, err) in zip(commands, logs):
         with open(out, "w") as stdout, open(err, "w") as stderr:  # files: no pipe fills up
-            procs.append(subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env))
-    codes = [p.wait(timeout=900) for p in procs]
+            procs.append(subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env,
+                                          start_new_session=True))
+    try:
+        deadline = time.time() + 900
+        codes = [p.poll() for p in procs]
+        while None in codes and not set(codes) - {None, 0} and time.time() < deadline:
+            time.sleep(0.5)
+            codes = [p.poll() for p in procs]
+    finally:  # a machine still waiting for a failed one: stop it and the processes it started
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     texts = [(out.read_text(), err.read_text()) for out, err in logs]
     assert codes == [0] * len(commands), [t[1][-5000:] for t in texts]
     return texts[0]
