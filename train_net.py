@@ -4,6 +4,7 @@
     python train_net.py --config-file configs/Synthetic/mask_rcnn_R18_FPN_ce.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file ... --num-gpus 2          # 2 processes (GLOO on CPU)
+    torchrun --nproc-per-node 8 --nnodes 2 ... train_net.py --config-file ...  # or torchrun
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
         TEST.AP_FIXED.ENABLED True TEST.AP_POOL True TEST.BOUNDARY_AP True  # more LVIS metrics
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS ... \\
@@ -21,13 +22,13 @@ from torch.multiprocessing import ProcessExitedException
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
 from seesaw_ecm.config import merge_config
 from seesaw_ecm.data.datasets import register_from_cfg
-from seesaw_ecm.distributed import report_error, sync_bn_on_cpu
+from seesaw_ecm.distributed import launch, report_error, sync_bn_on_cpu
 from seesaw_ecm.engine import Trainer, format_summary, per_dataset
 from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.validation import validate_run
@@ -105,14 +106,10 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
-    try:
-        launch(
-            main_reporting_errors,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+    try:  # --num-gpus processes meeting at --dist-url, or one rank of torchrun / SLURM's
+        launch(main_reporting_errors, args)
     except ProcessExitedException as e:  # a worker already reported its error
         sys.exit(e.exit_code)
+    except SeesawEcmError as e:  # launcher flags that contradict torchrun's
+        report_error(e)
+        sys.exit(2)

@@ -1,12 +1,77 @@
-"""Work done once, on the main process, whose outcome every rank shares; synchronized
-BatchNorm on several CPU processes."""
+"""Starting the processes (detectron2's launch, or a process group that torchrun / SLURM describe
+in the environment); work done once, on the main process, whose outcome every rank shares;
+synchronized BatchNorm on several CPU processes."""
+import os
 import sys
 
 import torch
 import torch.distributed as dist
+from detectron2.engine import launch as detectron2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
 from .errors import SeesawEcmError
+
+
+# What torchrun (and tools/launch_slurm.py, through submitit) set in every process it starts.
+ENV_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+def launched_from_env():
+    """True when this process was started by torchrun (or the SLURM launcher): the process
+    group is described by ENV_VARIABLES instead of train_net.py's arguments."""
+    return all(name in os.environ for name in ENV_VARIABLES)
+
+
+def launch(main_func, args, timeout=DEFAULT_TIMEOUT):
+    """``main_func(args)`` in every process of the run, for train_net.py's arguments ``args``.
+
+    Started by torchrun (:func:`launched_from_env`): this process is one rank already; it joins
+    the process group from the environment (:func:`init_process_group_from_env`) and spawns
+    nothing (--num-gpus / --num-machines / --machine-rank must then keep their defaults).
+    Otherwise detectron2's launch spawns --num-gpus processes on this machine, machine
+    --machine-rank of --num-machines, meeting at --dist-url.
+    """
+    if not launched_from_env():
+        return detectron2_launch(main_func, args.num_gpus, num_machines=args.num_machines,
+                                 machine_rank=args.machine_rank, dist_url=args.dist_url,
+                                 args=(args,), timeout=timeout)
+    if (args.num_gpus, args.num_machines, args.machine_rank) != (1, 1, 0):
+        raise SeesawEcmError(
+            "--num-gpus / --num-machines / --machine-rank are for train_net.py's own launcher, "
+            "but this process was started by torchrun (or SLURM), which decides the processes: "
+            "leave them out and set torchrun's --nproc-per-node / --nnodes / --node-rank.")
+    init_process_group_from_env(timeout)
+    result = main_func(args)
+    dist.destroy_process_group()
+    return result
+
+
+def init_process_group_from_env(timeout=DEFAULT_TIMEOUT):
+    """Join the process group described by torchrun's variables (env:// rendezvous at
+    MASTER_ADDR:MASTER_PORT) as detectron2's launch does for its own processes: NCCL with a GPU
+    (device LOCAL_RANK), GLOO without, and detectron2's local process group of the
+    LOCAL_WORLD_SIZE ranks on this machine (ranks are numbered machine by machine)."""
+    local_rank, local_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:  # every GPU of the machine visible, or (SLURM's binding) only this rank's
+        devices = torch.cuda.device_count()
+        if devices > 1 and local_rank >= devices:
+            raise SeesawEcmError(f"{local_size} processes on this machine but {devices} GPUs "
+                                 "visible: start one process per GPU.")
+        torch.cuda.set_device(local_rank if devices > 1 else 0)
+    dist.init_process_group("nccl" if has_gpu else "gloo", init_method="env://",
+                            timeout=timeout)
+    if hasattr(comm, "create_local_process_group"):  # detectron2 after 0.6
+        comm.create_local_process_group(local_size)
+    else:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        for machine in range(world // local_size):
+            group = dist.new_group(list(range(machine * local_size, (machine + 1) * local_size)))
+            if machine == rank // local_size:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
 
 
 def on_main_process(fn, *args):
