@@ -166,8 +166,8 @@ CASES = {
                            r"Fix the file: correct them, or the image's width/height in the "
                            r"json if that is wrong"),
     "crowd-rle": (Case(train=crowd_rle),
-                  r"1 annotation with a crowd region \(iscrowd 1\): annotation 4 .*remove crowd "
-                  r"annotations from the file"),
+                  r"1 annotation with a crowd region \(iscrowd 1\): annotation 4 .*remove the "
+                  r"crowd annotations \(docs/TROUBLESHOOTING.md has a command\)"),
     "rle-segmentation": (Case(train=rle), r"1 annotation with an RLE segmentation: annotation 4"
                          r" .*convert the masks to polygons"),
     "image-truncated": (Case(images=truncate_image(0)),
@@ -175,7 +175,8 @@ CASES = {
                         r"\(OSError: image file is truncated.*Restore the files"),
     "image-not-an-image": (Case(images=overwrite_image(1, b"<html>not found</html>")),
                            r"1 of 160 image files are truncated, corrupt or not images: .*"
-                           r"\(UnidentifiedImageError: .*Restore the files"),
+                           r"\(UnidentifiedImageError: no image format PIL reads\)\. Restore "
+                           r"the files"),
     "image-size-differs": (Case(train=image_size_of(2, "width", 8)),
                            r"1 of 160 image files have another size \(width x height\) than their"
                            r" json records: .*\.jpg \(image \d+: json 136x128, file 128x128\)\. "

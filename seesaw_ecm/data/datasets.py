@@ -126,7 +126,7 @@ ANNOTATION_FIXES = {
         "correct them, or the image's width/height in the json if that is wrong, or remove those "
         "annotations"),
     "a crowd region (iscrowd 1)": (
-        "remove crowd annotations from the file (docs/TROUBLESHOOTING.md has a command): the "
+        "remove the crowd annotations (docs/TROUBLESHOOTING.md has a command): the "
         "LVIS-format loader and the LVIS evaluation have no crowd regions (detectron2 drops them "
         "in training)"),
     "an RLE segmentation": "convert the masks to polygons (LVIS format) or remove those "

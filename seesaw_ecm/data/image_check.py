@@ -59,7 +59,9 @@ def check_image(path, width, height):
             if not _complete(f, image.format):
                 f.seek(0)
                 Image.open(f).load()  # decode: raises for a truncated or corrupt file
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError:
+            return NOT_DECODABLE, "UnidentifiedImageError: no image format PIL reads"
+        except (OSError, SyntaxError, ValueError) as e:
             return NOT_DECODABLE, f"{type(e).__name__}: {e}"
     if width is not None and size != (width, height):
         return WRONG_SIZE, f"{size[0]}x{size[1]}"
