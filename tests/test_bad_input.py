@@ -365,3 +365,38 @@ def test_every_troubleshooting_row_names_tests_that_exist():
     named = {c for row in rows
              for c in re.findall(r"test_refused_before_anything_is_written\[([\w-]+)\]", row)}
     assert named == set(CASES)  # every case of the table above has its row
+
+
+def _write_image(path, fmt, size=(40, 30), **save):
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 40, 40)).save(path, fmt, **save)
+    return str(path)
+
+
+def test_image_check_reads_orientation_ends_and_sizes(tmp_path):
+    """What check_image accepts: the size after EXIF orientation (detectron2's read_image), a
+    complete file with bytes after its end marker; what it refuses: a truncated JPEG or PNG (no
+    end marker, then a decode fails), another size."""
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+
+    from seesaw_ecm.data.image_check import MISSING, NOT_DECODABLE, WRONG_SIZE, check_image
+
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees: read_image returns a 30 x 40 image
+    rotated = _write_image(tmp_path / "r.jpg", "JPEG", exif=exif.tobytes())
+    assert read_image(rotated).shape[:2] == (40, 30)  # height, width
+    assert check_image(rotated, 30, 40) is None
+    assert check_image(rotated, 40, 30) == (WRONG_SIZE, "30x40")
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png")):
+        path = _write_image(tmp_path / f"a.{ext}", fmt)
+        assert check_image(path, 40, 30) is None
+        content = open(path, "rb").read()
+        open(path, "wb").write(content + b"\0" * 16)  # trailing bytes: decoded, accepted
+        assert check_image(path, 40, 30) is None
+        open(path, "wb").write(content[:len(content) * 2 // 3])
+        kind, detail = check_image(path, 40, 30)
+        assert kind == NOT_DECODABLE and detail.startswith(("OSError", "SyntaxError")), detail
+    assert check_image(str(tmp_path / "none.jpg"), 40, 30)[0] == MISSING
+    assert check_image(_write_image(tmp_path / "b.bmp", "BMP"), 40, 30) is None  # decoded
