@@ -207,10 +207,15 @@ CASES = {
         r"MODEL.LONG_TAIL.LOSS\?"),
     "wrong-value-type": (Case(opts=("SOLVER.BASE_LR", "1")),
                          r"Config key SOLVER.BASE_LR in the command line's KEY VALUE pairs takes "
-                         r"a float \(default .*\), got '1' \(an int\); give a float, e.g. "
+                         r"a float \(now .*\), got '1' \(an int\); give a float, e.g. "
                          r"SOLVER.BASE_LR .* \(with a decimal point\)\."),
     "wrong-value-type-tuple": (Case(opts=("SOLVER.STEPS", "5")),
-                               r"takes a tuple .*give a tuple, e.g. SOLVER.STEPS \"\("),
+                               r"takes a tuple \(now \(900, 1100\)\), got '5' \(an int\); "
+                               r"give a tuple, e.g. SOLVER.STEPS \"\(5,\)\"\."),
+    "wrong-value-type-string-for-tuple": (
+        Case(opts=("DATASETS.TRAIN", "mine")),
+        r"Config key DATASETS.TRAIN in the command line's KEY VALUE pairs takes a tuple \(now "
+        r".*\), got 'mine' \(a str\); give a tuple, e.g. DATASETS.TRAIN \"\('mine',\)\"\."),
     "missing-config-file": (Case(config="configs/no_such.yaml"),
                             r"Config file configs/no_such.yaml does not exist; check the path "
                             r"given to --config-file\."),

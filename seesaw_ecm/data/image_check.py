@@ -23,9 +23,10 @@ ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"\x00\x00\x00\x00IEND\xaeB`\x82"}
 MISSING, NOT_DECODABLE, WRONG_SIZE = "missing", "not decodable", "wrong size"
 
 
-def _size_after_orientation(image):
-    """(width, height) as detectron2's read_image returns the image (EXIF orientation applied);
-    the EXIF block is read only when the header holds it (a PNG would be decoded for it)."""
+def oriented_size(image):
+    """(width, height) of an opened PIL image as detectron2's read_image returns it (EXIF
+    orientation applied); the EXIF block is read only when the header holds it (a PNG would be
+    decoded for it)."""
     width, height = image.size
     if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED:
         return height, width
@@ -55,7 +56,7 @@ def check_image(path, width, height):
     with f:
         try:
             image = Image.open(f)
-            size = _size_after_orientation(image)
+            size = oriented_size(image)
             if not _complete(f, image.format):
                 f.seek(0)
                 Image.open(f).load()  # decode: raises for a truncated or corrupt file
