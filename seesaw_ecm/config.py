@@ -108,6 +108,8 @@ def _merge_error(cfg, error, source, config_file):
         example = current
         if isinstance(current, (tuple, list)):  # the value given, as a one-element tuple
             example = f'"({given!r},)"' if _type_name(given_type) == "str" else f'"({given},)"'
+            if given.startswith(("(", "[")):  # a literal that Python could not read
+                example = f'"{current}" (a Python literal: matching brackets, quoted strings)'
         return (f"Config key {key} in {source} takes {_a(kind)} (now {current!r}), got "
                 f"{given!r} ({_a(_type_name(given_type))}); give {_a(kind)}, e.g. {key} "
                 f"{example}" + (" (with a decimal point)" if isinstance(current, float) else "")

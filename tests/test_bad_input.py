@@ -229,6 +229,10 @@ CASES = {
     "key-without-value": (Case(after=("SOLVER.MAX_ITER",)),
                           r"The KEY VALUE pairs after the flags have an odd number of words: "
                           r"'SOLVER.MAX_ITER' \(or an earlier key\) has no value"),
+    "wrong-value-type-broken-tuple": (
+        Case(opts=("SOLVER.STEPS", "(10, 20")),
+        r"takes a tuple \(now \(900, 1100\)\), got '\(10, 20' \(a str\); give a tuple, e.g. "
+        r"SOLVER.STEPS \"\(900, 1100\)\" \(a Python literal: matching brackets"),
 }
 
 
