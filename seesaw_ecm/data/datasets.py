@@ -93,7 +93,8 @@ def _check_images(json_file, images, cat_ids):
             missing.append("file_name or coco_url")
         if missing:
             _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
-        if not all(_is_number(im[k], int) and im[k] > 0 for k in ("height", "width")):
+        if not all(_is_number(im[k]) and im[k] > 0 and float(im[k]).is_integer()
+                   for k in ("height", "width")):
             _fail(json_file, f"image {im['id']} has width {im['width']!r} and height "
                              f"{im['height']!r}; both must be positive integers (pixels)")
         if im["id"] in by_id:
@@ -107,9 +108,9 @@ def _check_images(json_file, images, cat_ids):
     return by_id
 
 
-def _is_number(value, types=(int, float)):
+def _is_number(value):
     """A finite int / float (not a bool)."""
-    return isinstance(value, types) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # A box may pass the image border by this many pixels (rounding of polygon-derived boxes); the
