@@ -34,10 +34,17 @@ from seesaw_ecm.errors import SeesawEcmError
 from seesaw_ecm.validation import validate_run
 
 
-def setup(args):
+def load_config(args):
+    """detectron2's config with seesaw_ecm's keys, merged from the arguments; a bad file, key,
+    value or argument order raises SeesawEcmError."""
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)  # a renamed key: SeesawEcmError
+    merge_config(cfg, args.config_file, args.opts)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
     cfg.DATASETS.OPENIMAGES = list(cfg.DATASETS.OPENIMAGES) + list(args.openimages_dataset)
     if args.eval_only:  # class statistics (ECM margins) come with the weights
@@ -106,6 +113,11 @@ def build_parser():
 if __name__ == "__main__":
     args = build_parser().parse_args()
     print("Command Line Args:", args)
+    try:  # config errors: one message here, before any process starts
+        load_config(args)
+    except SeesawEcmError as e:
+        report_error(e)
+        sys.exit(2)
     try:  # --num-gpus processes meeting at --dist-url, or one rank of torchrun / SLURM's
         launch(main_reporting_errors, args)
     except ProcessExitedException as e:  # a worker already reported its error

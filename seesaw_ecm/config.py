@@ -6,6 +6,10 @@ here, not beside their parts, so that one file lists every knob and adding the k
 model code. Keys that moved are in ``RENAMED_KEYS``: a config (yaml file or opts list) that still
 sets one fails to merge with an error naming the new key.
 """
+import difflib
+import re
+
+import yaml
 from detectron2.config import CfgNode as CN
 
 from .errors import SeesawEcmError
@@ -36,16 +40,105 @@ def add_seesaw_ecm_config(cfg):
 
 
 def merge_config(cfg, config_file=None, opts=()):
-    """Merge a yaml file, then an opts list ("KEY", value, ...), into cfg; a key of RENAMED_KEYS
-    in either raises SeesawEcmError naming its new key."""
+    """Merge a yaml file, then an opts list ("KEY", value, ...), into cfg. Bad input raises
+    SeesawEcmError naming the problem and the fix: a missing or unparsable file, a flag placed
+    among the KEY VALUE pairs (argparse gives every word after the first pair to them), a key
+    without a value, a key of RENAMED_KEYS (naming its new key), an unknown key (naming the
+    closest valid one) and a value of the wrong type (naming the key's type and current value)."""
+    opts = list(opts)
+    _check_opts(opts)
+    source = config_file
     try:
         if config_file:
             cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except KeyError as e:  # yacs: "Key OLD was renamed to NEW; please update your config. ..."
-        if not any(f"Key {old} was renamed" in str(e) for old in RENAMED_KEYS):
-            raise
-        raise SeesawEcmError(e.args[0]) from None
+        source = "the command line's KEY VALUE pairs"
+        cfg.merge_from_list(opts)
+    except (KeyError, AssertionError, ValueError, OSError, yaml.YAMLError) as e:
+        raise SeesawEcmError(_merge_error(cfg, e, source, config_file)) from None
+
+
+def _check_opts(opts):
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if flags:
+        raise SeesawEcmError(
+            f"{' '.join(flags)} comes after the KEY VALUE pairs, which take every word after the "
+            "first pair (here as config keys); put the flags first: train_net.py --config-file "
+            f"FILE {' '.join(flags)} KEY VALUE ...")
+    if len(opts) % 2:
+        raise SeesawEcmError(
+            f"The KEY VALUE pairs after the flags have an odd number of words: {opts[-1]!r} (or "
+            "an earlier key) has no value; give each key its value, quoting values with spaces, "
+            "e.g. DATASETS.TRAIN \"('a', 'b')\".")
+
+
+def _flat_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, CN):
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _lookup(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _merge_error(cfg, error, source, config_file):
+    """The message of an error of detectron2's / yacs' merge (KeyError, AssertionError,
+    ValueError, OSError, yaml.YAMLError) in `source`."""
+    text = str(error.args[0]) if error.args else str(error)
+    if any(f"Key {old} was renamed" in text for old in RENAMED_KEYS):
+        return text
+    unknown = re.search(r"Non-existent (?:config )?key: (\S+)", text)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return (f"Unknown config key {key} in {source}: {hint}Check its spelling against the "
+                "keys of detectron2 and seesaw_ecm/config.py.")
+    mismatch = re.search(r"Type mismatch \((.+?) vs\. (.+?)\) with values \((.*) vs\. (.*)\) "
+                         r"for config key: (\S+)", text)
+    if mismatch:
+        key, given, given_type = mismatch.group(5), mismatch.group(4), mismatch.group(2)
+        current = _lookup(cfg, key)
+        kind = type(current).__name__
+        example = current
+        if isinstance(current, (tuple, list)):  # the value given, as a one-element tuple
+            example = f'"({given!r},)"' if _type_name(given_type) == "str" else f'"({given},)"'
+            if given.startswith(("(", "[")):  # a literal that Python could not read
+                example = f'"{current}" (a Python literal: matching brackets, quoted strings)'
+        return (f"Config key {key} in {source} takes {_a(kind)} (now {current!r}), got "
+                f"{given!r} ({_a(_type_name(given_type))}); give {_a(kind)}, e.g. {key} "
+                f"{example}" + (" (with a decimal point)" if isinstance(current, float) else "")
+                + ".")
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return (f"Config file {getattr(mark, 'name', config_file)} is not valid YAML "
+                f"({getattr(error, 'problem', None) or text}{where}); fix its syntax.")
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        return (f"Config file {getattr(error, 'filename', None) or config_file} could not be read "
+                f"({type(error).__name__}: {error.strerror}); check its permissions.")
+    if isinstance(error, FileNotFoundError) or "does not exist" in text:
+        missing = getattr(error, "filename", None) or config_file
+        if missing != config_file:
+            return (f"Config file {missing}, the _BASE_ of {config_file}, does not exist; check "
+                    "that _BASE_ path (relative to the file naming it).")
+        return f"Config file {missing} does not exist; check the path given to --config-file."
+    raise error
+
+
+def _a(noun):
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def _type_name(yacs_type):
+    """"<class 'int'>" (yacs' message) -> "int"."""
+    match = re.fullmatch(r"<class '(.+)'>", yacs_type)
+    return match.group(1) if match else yacs_type
 
 
 def add_datasets_config(cfg):
@@ -65,8 +158,9 @@ def add_datasets_config(cfg):
     cfg.DATASETS.OPENIMAGES_PARENT_CLASSES = "expand_boxes"
 
     # Validation before training / evaluation (seesaw_ecm/validation.py): check that every
-    # image file of DATASETS.TRAIN / TEST exists and is readable (one stat per file, ~1.5 s per
-    # 100k files on a local disk). False skips it; a file missing later is still named.
+    # image file of DATASETS.TRAIN / TEST is a complete image of its record's width x height
+    # (header and end read, seesaw_ecm/data/image_check.py; ~12 s per 110k small JPEGs on 2 busy
+    # cores). False skips it; a file that fails later is still named.
     cfg.DATASETS.CHECK_IMAGE_FILES = True
 
 

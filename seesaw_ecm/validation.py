@@ -14,15 +14,14 @@ every rank.
 import collections
 import functools
 import logging
-import os
-import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, ROI_HEADS_REGISTRY
 
+from .data import image_check
 from .data.augmentation import check_train_augmentation_config
+from .data.image_check import image_file_problems
 from .data.datasets import read_lvis_json
 from .data.instaboost import import_instaboostfast
 from .data.statistics import STATISTICS
@@ -48,8 +47,6 @@ from .solver import check_clip_config
 logger = logging.getLogger(__name__)
 
 NAMED = 3  # ids / files named in a message; the rest are counted
-STAT_THREADS = 16  # concurrent stats: on a network filesystem a stat waits for a round trip
-STAT_CHUNK = 1000  # paths per thread task
 
 CONFIG_CHECKS = []  # checks of the config alone, in the order they run
 DATASET_CHECKS = []  # checks of the datasets the run reads, after the config's
@@ -325,30 +322,44 @@ def config_problems(cfg, eval_only=False):
     return _run(CONFIG_CHECKS, cfg, eval_only)
 
 
-def _readable(path):
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return stat.S_ISREG(mode) and os.access(path, os.R_OK)
+def image_problems(name, records):
+    """The image files of a dataset's records that are missing, not decodable (truncated,
+    corrupt, not an image) or of another size than their record: one problem per kind."""
+    found = collections.defaultdict(list)
+    for record, (kind, detail) in image_file_problems(records):
+        found[kind].append((record, detail))
+    problems = []
+    for kind, (what, fix) in IMAGE_FIXES.items():
+        if found[kind]:
+            named = _some(
+                f"{r['file_name']} ({detail})" if kind != image_check.WRONG_SIZE else
+                f"{r['file_name']} (image {r.get('image_id')}: json {r['width']}x{r['height']}, "
+                f"file {detail})" for r, detail in found[kind])
+            problems.append(f"Dataset {name!r}: {len(found[kind])} of {len(records)} image files "
+                            f"{what}: {named}. {fix}")
+    return problems
 
 
-def _unreadable(paths):
-    return [p for p in paths if not _readable(p)]
-
-
-def unreadable_files(paths, chunk=STAT_CHUNK):
-    """The paths that are not readable regular files, in order: one stat each, in chunks on
-    threads (a network filesystem answers several at once; chunks keep the thread overhead
-    small on a local disk)."""
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    with ThreadPoolExecutor(STAT_THREADS) as pool:
-        return [p for bad in pool.map(_unreadable, chunks) for p in bad]
+# image_check's kind of problem -> (what is wrong, the fix)
+IMAGE_FIXES = {
+    image_check.MISSING: (
+        "are missing or unreadable",
+        "Check the dataset's image root (--dataset NAME=JSON_FILE:IMAGE_ROOT), or set "
+        "DATASETS.CHECK_IMAGE_FILES False to skip this check."),
+    image_check.NOT_DECODABLE: (
+        "are truncated, corrupt or not images",
+        "Restore the files (copy them again), or remove their images from the annotation file."),
+    image_check.WRONG_SIZE: (
+        "have another size (width x height) than their json records",
+        "Correct width/height in the json to the files' sizes (after their EXIF orientation), "
+        "or restore the right files."),
+}
 
 
 def lvis_test_problems(meta, backend):
     """What LVIS evaluation reads from a test set's annotation file (meta.json_file) beyond the
-    LVIS-format loader's checks: every category's `frequency` ('r', 'c', 'f'; APr / APc / APf),
+    LVIS-format loader's checks: every category's `frequency` ('r', 'c', 'f'; APr / APc / APf) or
+    none's (a COCO-format set: APr / APc / APf unavailable; the official lvis backend needs it),
     every annotation's `area` (area ranges, zero-area ground truth dropped) and, for the
     official lvis backend, every image's `neg_category_ids` and `not_exhaustive_category_ids`
     (LVISEval indexes them; the fast backend treats a missing list as empty)."""
@@ -358,9 +369,15 @@ def lvis_test_problems(meta, backend):
     data = read_lvis_json(json_file)
     problems = []
     bad = [c["id"] for c in data["categories"] if c.get("frequency") not in FREQ_LABELS]
-    if bad:
-        problems.append(f"categories {_some(bad)} of {json_file} have no LVIS 'frequency' ('r', "
-                        "'c' or 'f'), which the evaluation needs for APr / APc / APf; add it.")
+    if len(bad) == len(data["categories"]) and backend == "lvis":
+        problems.append(f"the categories of {json_file} have no LVIS 'frequency' ('r', 'c' or "
+                        "'f'), which TEST.LVIS_EVAL_BACKEND 'lvis' needs; use the 'fast' "
+                        "backend (APr / APc / APf then reported as unavailable) or add it.")
+    elif bad and len(bad) < len(data["categories"]):
+        problems.append(f"categories {_some(bad)} of {json_file} have no valid LVIS 'frequency' "
+                        "('r', 'c' or 'f') but others have one; add it to every category (for "
+                        "APr / APc / APf) or remove it from all (a COCO-format set: APr / APc / "
+                        "APf unavailable).")
     bad = [a["id"] for a in data["annotations"]
            if isinstance(a.get("area"), bool) or not isinstance(a.get("area"), (int, float))]
     if bad:
@@ -423,18 +440,28 @@ def dataset_problems(cfg, eval_only=False):
     the weights) and DATASETS.TEST: registered and loadable (the LVIS-format loader validates its
     file: fields, references, unique ids), unique image ids, class count equal to
     MODEL.ROI_HEADS.NUM_CLASSES, the same class names in every dataset, category ids in
-    [0, NUM_CLASSES), image files present and readable (DATASETS.CHECK_IMAGE_FILES), and what the
-    evaluator of each test set reads (EVALUATOR_CHECKS)."""
+    [0, NUM_CLASSES), image files present, complete and of their records' size
+    (DATASETS.CHECK_IMAGE_FILES), what the evaluator of each test set reads (EVALUATOR_CHECKS),
+    every dataset with images and, for training, some image with annotations (detectron2 drops
+    images without them: DATALOADER.FILTER_EMPTY_ANNOTATIONS)."""
     problems = []
     num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     train = () if eval_only else tuple(cfg.DATASETS.TRAIN)
     reference = None  # (name, class names) of the first dataset with NUM_CLASSES names
     wrong_count = {}  # class count other than NUM_CLASSES -> names of the datasets with it
+    training = [0, 0]  # training images, those with an annotation that is no crowd region
     for name in dict.fromkeys(train + tuple(cfg.DATASETS.TEST)):
-        records, problem = _load(name, "DATASETS.TRAIN" if name in train else "DATASETS.TEST")
-        if problem:
-            problems.append(problem)
+        key = "DATASETS.TRAIN" if name in train else "DATASETS.TEST"
+        records, problem = _load(name, key)
+        if problem or not records:
+            problems.append(problem or f"Dataset {name!r} in {key} has no images (annotation "
+                            f"file: {MetadataCatalog.get(name).get('json_file', 'unknown')}); "
+                            f"name a dataset with images in {key}.")
             continue
+        if name in train:
+            training[0] += len(records)
+            training[1] += sum(any(not a.get("iscrowd", 0) for a in r.get("annotations", ()))
+                               for r in records)
         meta = MetadataCatalog.get(name)
         classes = meta.get("thing_classes")
         count_wrong = classes is not None and len(classes) != num_classes
@@ -450,19 +477,18 @@ def dataset_problems(cfg, eval_only=False):
             reference = reference or (name, classes)
         problems += record_problems(name, records, num_classes, check_ids=not count_wrong)
         if cfg.DATASETS.CHECK_IMAGE_FILES:
-            missing = unreadable_files([r["file_name"] for r in records])
-            if missing:
-                problems.append(
-                    f"Dataset {name!r}: {len(missing)} of {len(records)} image files are missing "
-                    f"or unreadable: {_some(missing)}. Check the dataset's image root (--dataset "
-                    "NAME=JSON_FILE:IMAGE_ROOT), or set DATASETS.CHECK_IMAGE_FILES False to skip "
-                    "this check.")
+            problems += image_problems(name, records)
         check = EVALUATOR_CHECKS.get(meta.get("evaluator_type"))
         if check is not None and name in cfg.DATASETS.TEST:
             try:
                 problems += [f"Test dataset {name!r}: {p}" for p in check(meta, cfg)]
             except SeesawEcmError as e:
                 problems.append(f"Test dataset {name!r}: {e}")
+    if training[0] and not training[1] and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        problems.append(
+            f"DATASETS.TRAIN {train} has {training[0]} images but no annotation: detectron2 drops "
+            "images without annotations from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+            "True), which leaves nothing to train on; add the annotations to the file.")
     for count, names in wrong_count.items():
         which = f"Dataset {names[0]} has" if len(names) == 1 else (
             f"Datasets {', '.join(names)} have")

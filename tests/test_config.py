@@ -120,7 +120,8 @@ def test_renamed_key_in_opts_names_the_new_key(old):
     new = RENAMED_KEYS[old][0]
     with pytest.raises(SeesawEcmError, match=f"Key {old} was renamed to {new};"):
         merge_config(cfg, os.path.join(ROOT, "configs/Demo/Base-Demo.yaml"), [old, "1.0"])
-    with pytest.raises(AssertionError, match="Non-existent key"):  # other errors pass unchanged
+    with pytest.raises(SeesawEcmError, match="Unknown config key MODEL.NO_SUCH_KEY in the "
+                       "command line's KEY VALUE pairs: Check its spelling"):
         merge_config(cfg, None, ["MODEL.NO_SUCH_KEY", "1"])
 
 

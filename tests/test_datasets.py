@@ -71,6 +71,12 @@ def _broken(mutate):
         (_broken(lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]])),
          "no valid polygon"),
         (_broken(lambda d: d["annotations"][0].pop("bbox")), "annotation 1 lacks bbox"),
+        (_broken(lambda d: d["images"][0].update(width=0)),
+         "image 5 has width 0 and height 40; both must be positive integers"),
+        (_broken(lambda d: d["images"][1].update(height=40.5)),
+         "image 6 has width 50 and height 40.5; both must be positive integers"),
+        (_broken(lambda d: d["images"][1].update(height="40")),
+         "image 6 has width 50 and height '40'; both must be positive integers"),
         (_broken(lambda d: d["images"][0].update(neg_category_ids=[42])),
          r"unknown category ids \[42\] in 'neg_category_ids'"),
     ],
@@ -136,3 +142,15 @@ def test_builtin_synthetic_sets_have_their_annotation_files_in_metadata():
             assert meta.json_file == os.path.join(
                 synthetic_root(folder), "annotations", f"lvis_v1_{split}.json")
             assert meta.evaluator_type == "lvis" and name in DatasetCatalog.list()
+
+
+def test_whole_float_sizes_and_boxes_within_a_pixel_of_the_border_load(tmp_path):
+    """Image sizes written as floats (40.0) and boxes up to 1 px past the border are accepted;
+    1.5 px past it is refused, naming the annotation and its image."""
+    data = _broken(lambda d: d["images"][0].update(height=40.0, width=50.0))
+    data["annotations"][0]["bbox"] = [-1.0, 0.0, 51.0, 41.0]  # x -1 .. 50, y 0 .. 41
+    assert len(load_lvis_format_json(write(tmp_path, data), "/imgs/")) == 2
+    data["annotations"][0]["bbox"] = [0.0, 0.0, 51.5, 10.0]
+    with pytest.raises(DatasetFormatError, match=r"1 annotation with a bbox outside its image "
+                       r"\(by more than 1 px\): annotation 1 \(image 5, 50.0x40.0, "):
+        load_lvis_format_json(write(tmp_path, data), "/imgs/")

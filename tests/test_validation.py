@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +22,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 
 from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.data import image_check
 from seesaw_ecm.data.datasets import register_from_cfg, register_lvis_format
+from seesaw_ecm.data.image_check import image_file_problems
 from seesaw_ecm.data.mapper import CheckedDatasetMapper, ImageReadError
 from seesaw_ecm.data.statistics import class_statistics
 from seesaw_ecm.distributed import on_main_process
@@ -30,8 +33,7 @@ from seesaw_ecm.gradient_balance import check_period
 import seesaw_ecm
 from seesaw_ecm.modeling.cls_loss import LOSS_SPECS, build_cls_loss
 from seesaw_ecm.validation import (CONFIG_CHECKS, DATASET_CHECKS, LOSS_ARGUMENTS,
-                                   check_keys_the_model_reads, find_problems, unreadable_files,
-                                   validate_run)
+                                   check_keys_the_model_reads, find_problems, validate_run)
 
 SEESAW = "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml"
 NUM_CLASSES = 12  # the small_synthetic fixture
@@ -116,8 +118,9 @@ def test_other_class_names_in_the_test_set(small, tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["categories"][2].pop("frequency"), "have no LVIS 'frequency' ('r', 'c' or 'f')"),
-    (lambda d: d["categories"][2].update(frequency="x"), "have no LVIS 'frequency'"),
+    (lambda d: d["categories"][2].pop("frequency"),
+     "have no valid LVIS 'frequency' ('r', 'c' or 'f') but others have one"),
+    (lambda d: d["categories"][2].update(frequency="x"), "have no valid LVIS 'frequency'"),
     (lambda d: d["annotations"][4].pop("area"), "have no numeric 'area'"),
     (lambda d: d["annotations"][4].update(area="12"), "have no numeric 'area'"),
 ])
@@ -177,11 +180,11 @@ def test_duplicate_image_ids_of_any_loader(small):
 def test_missing_and_unreadable_image_files(small, tmp_path):
     _, test, d = small
     root = tmp_path / "images"
-    files = [root / os.path.relpath(r["file_name"], d["image_root"])
-             for r in DatasetCatalog.get(test)]
-    for path in files:  # a copy of the image tree: empty files are enough for a stat
+    records = DatasetCatalog.get(test)
+    files = [root / os.path.relpath(r["file_name"], d["image_root"]) for r in records]
+    for record, path in zip(records, files):  # a copy of the image tree
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        shutil.copy(record["file_name"], path)
     files[0].unlink()
     files[1].chmod(0)
     files[2].unlink()
@@ -191,20 +194,25 @@ def test_missing_and_unreadable_image_files(small, tmp_path):
     bad = [str(f) for f in files[:3]]
     if os.access(bad[1], os.R_OK):  # root reads any file
         bad.pop(1)
-    assert found == [f"Dataset {test!r}: {len(bad)} of {len(files)} image files are "
-                     f"missing or unreadable: {', '.join(bad)}. Check the dataset's image root "
-                     "(--dataset NAME=JSON_FILE:IMAGE_ROOT), or set DATASETS.CHECK_IMAGE_FILES "
-                     "False to skip this check."]
+    assert len(found) == 1 and found[0].startswith(
+        f"Dataset {test!r}: {len(bad)} of {len(files)} image files are missing or unreadable: "
+        f"{bad[0]} (FileNotFoundError: No such file or directory), ")
+    assert all(p in found[0] for p in bad) and found[0].endswith(
+        ". Check the dataset's image root (--dataset NAME=JSON_FILE:IMAGE_ROOT), or set "
+        "DATASETS.CHECK_IMAGE_FILES False to skip this check.")
     assert problems_of(small, "DATASETS.TEST", (test,), "DATASETS.CHECK_IMAGE_FILES", False) == []
 
 
-def test_unreadable_files_keeps_order_across_chunks(tmp_path):
-    paths = [str(tmp_path / f"{i}.png") for i in range(25)]
-    for i, p in enumerate(paths):
-        if i % 3:
-            open(p, "w").close()
-    expected = [p for i, p in enumerate(paths) if i % 3 == 0]
-    assert unreadable_files(paths, chunk=4) == expected == unreadable_files(paths)
+def test_image_check_keeps_order_across_chunks(small, tmp_path):
+    records = [dict(r) for r in DatasetCatalog.get(small[1])[:25]]
+    for i, r in enumerate(records):
+        if i % 3 == 0:
+            r["file_name"] = str(tmp_path / f"{i}.jpg")
+    expected = [r["file_name"] for i, r in enumerate(records) if i % 3 == 0]
+    for chunk in (4, 200):
+        found = image_file_problems(records, chunk=chunk)
+        assert [r["file_name"] for r, _ in found] == expected
+        assert {kind for _, (kind, _) in found} == {image_check.MISSING}
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -403,19 +411,20 @@ def test_missing_image_in_the_loader_is_one_message(mapper_and_record, tmp_path,
         "training.")
 
 
-@pytest.mark.parametrize("content, error", [
-    (b"not an image", "UnidentifiedImageError"),
-    (None, "SizeMismatchError"),  # a real image of another size than the record says
+@pytest.mark.parametrize("content, message", [
+    (b"not an image", "could not be read \\(UnidentifiedImageError: .*Restore the file"),
+    # a real image of another size than the record says: the json is wrong, not the file
+    (None, "has another size than its record \\(SizeMismatchError: .*\\)\\. Correct "
+           "width/height in the json"),
 ])
-def test_unreadable_image_in_the_loader(mapper_and_record, tmp_path, content, error):
+def test_unreadable_image_in_the_loader(mapper_and_record, tmp_path, content, message):
     mapper, record = mapper_and_record
     if content is None:
         record["height"] += 1
     else:
         record["file_name"] = str(tmp_path / "bad.png")
         open(record["file_name"], "wb").write(content)
-    with pytest.raises(ImageReadError, match=f"Image {record['file_name']} could not be read "
-                       f"\\({error}: "):
+    with pytest.raises(ImageReadError, match=f"Image {record['file_name']} {message}"):
         mapper(record)
 
 

@@ -11,6 +11,7 @@ and sets the metadata (class names, frequencies, counts) from the file.
 """
 import json
 import logging
+import math
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -56,8 +57,8 @@ def read_lvis_json(json_file):
         if not isinstance(data.get(key), list):
             _fail(json_file, f"missing list '{key}'")
     cat_ids = _check_categories(json_file, data["categories"])
-    img_ids = _check_images(json_file, data["images"], cat_ids)
-    _check_annotations(json_file, data["annotations"], img_ids, cat_ids)
+    images = _check_images(json_file, data["images"], cat_ids)
+    _check_annotations(json_file, data["annotations"], images, cat_ids)
     return data
 
 
@@ -80,10 +81,10 @@ def _check_categories(json_file, categories):
 
 
 def _check_images(json_file, images, cat_ids):
-    """The set of image ids; each image has a unique id, its size, a file name or URL, and
-    image-level category lists (LVIS' neg_category_ids, not_exhaustive_category_ids) of known
-    categories."""
-    img_ids = set()
+    """{image id: image}; each image has a unique id, its size (positive integers), a file name
+    or URL, and image-level category lists (LVIS' neg_category_ids, not_exhaustive_category_ids)
+    of known categories."""
+    by_id = {}
     for im in images:
         if not isinstance(im, dict) or "id" not in im:
             _fail(json_file, f"image {im!r:.80} lacks 'id'")
@@ -92,18 +93,83 @@ def _check_images(json_file, images, cat_ids):
             missing.append("file_name or coco_url")
         if missing:
             _fail(json_file, f"image {im['id']} lacks {', '.join(missing)}")
-        _add_unique(json_file, img_ids, im["id"], "image")
+        if not all(_is_number(im[k]) and im[k] > 0 and float(im[k]).is_integer()
+                   for k in ("height", "width")):
+            _fail(json_file, f"image {im['id']} has width {im['width']!r} and height "
+                             f"{im['height']!r}; both must be positive integers (pixels)")
+        if im["id"] in by_id:
+            _fail(json_file, f"image id {im['id']} is used twice")
+        by_id[im["id"]] = im
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             unknown = set(im.get(key, ())) - cat_ids
             if unknown:
                 _fail(json_file, f"image {im['id']} has unknown category ids {sorted(unknown)} "
                                  f"in '{key}'")
-    return img_ids
+    return by_id
 
 
-def _check_annotations(json_file, annotations, img_ids, cat_ids):
-    """Each annotation: unique id, known image and category, an XYWH box, valid polygons."""
+def _is_number(value):
+    """A finite int / float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# A box may pass the image border by this many pixels (rounding of polygon-derived boxes); the
+# training mapper clips it to the image, as detectron2 does. Beyond it the box is refused.
+BOX_TOLERANCE = 1.0
+
+# What is wrong with an annotation (box_problem / segmentation_problem) -> the fix
+ANNOTATION_FIXES = {
+    "a bbox that is not 4 finite numbers": "correct them ([x, y, width, height] in pixels) or "
+                                           "remove those annotations",
+    "a bbox without positive width and height": "correct them (a box needs width > 0 and "
+                                                "height > 0) or remove those annotations",
+    f"a bbox outside its image (by more than {BOX_TOLERANCE:g} px)": (
+        "correct them, or the image's width/height in the json if that is wrong, or remove those "
+        "annotations"),
+    "a crowd region (iscrowd 1)": (
+        "remove the crowd annotations (docs/TROUBLESHOOTING.md has a command): the "
+        "LVIS-format loader and the LVIS evaluation have no crowd regions (detectron2 drops them "
+        "in training)"),
+    "an RLE segmentation": "convert the masks to polygons (LVIS format) or remove those "
+                           "annotations",
+    "no valid polygon (each needs >= 3 x,y points)": "correct the polygons or remove those "
+                                                     "annotations",
+}
+
+
+def box_problem(bbox, width, height):
+    """What is wrong with an XYWH box in an image of width x height (a key of ANNOTATION_FIXES),
+    or None."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        return "a bbox that is not 4 finite numbers"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return "a bbox without positive width and height"
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return f"a bbox outside its image (by more than {t:g} px)"
+    return None
+
+
+def segmentation_problem(annotation):
+    """What is wrong with an annotation's segmentation (a key of ANNOTATION_FIXES), or None."""
+    segm = annotation["segmentation"]
+    if annotation.get("iscrowd"):
+        return "a crowd region (iscrowd 1)"
+    if isinstance(segm, dict):
+        return "an RLE segmentation"
+    if not isinstance(segm, list) or not segm or any(
+            not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segm):
+        return "no valid polygon (each needs >= 3 x,y points)"
+    return None
+
+
+def _check_annotations(json_file, annotations, images, cat_ids):
+    """Each annotation: unique id, known image and category, an XYWH box of finite numbers with
+    positive size inside its image (BOX_TOLERANCE), valid polygons, no crowd region. Every
+    annotation with a bad box or segmentation is counted in one error, per problem."""
     ann_ids = set()
+    bad = {}  # problem -> [(annotation id, image)]
     for a in annotations:
         aid = a.get("id") if isinstance(a, dict) else None
         missing = [k for k in ("id", "image_id", "category_id", "bbox", "segmentation")
@@ -111,17 +177,33 @@ def _check_annotations(json_file, annotations, img_ids, cat_ids):
         if missing:
             _fail(json_file, f"annotation {aid} lacks {', '.join(missing)}")
         _add_unique(json_file, ann_ids, aid, "annotation")
-        if a["image_id"] not in img_ids:
+        im = images.get(a["image_id"])
+        if im is None:
             _fail(json_file, f"annotation {aid} refers to unknown image_id {a['image_id']}")
         if a["category_id"] not in cat_ids:
             _fail(json_file, f"annotation {aid} refers to unknown category_id {a['category_id']}")
-        if len(a["bbox"]) != 4:
-            _fail(json_file, f"annotation {aid} has a bbox that is not [x, y, w, h]")
-        segm = a["segmentation"]
-        if not isinstance(segm, list) or not segm or any(
-            len(p) < 6 or len(p) % 2 for p in segm
-        ):
-            _fail(json_file, f"annotation {aid} has no valid polygon (each needs >= 3 x,y points)")
+        for problem in (box_problem(a["bbox"], im["width"], im["height"]),
+                        segmentation_problem(a)):
+            if problem:
+                bad.setdefault(problem, []).append((a, im))
+    if bad:
+        raise DatasetFormatError(f"{json_file}: " + " ".join(
+            _annotations_message(problem, found) for problem, found in bad.items()))
+
+
+def _annotations_message(problem, found):
+    """One sentence: how many annotations have `problem`, the first 3 named with their image,
+    and the fix."""
+    named = "; ".join(
+        f"annotation {a['id']} (image {im['id']}, {im['width']}x{im['height']}, "
+        f"{_describe(im)}): bbox {a['bbox']!r:.60}" for a, im in found[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return (f"{len(found)} annotation{'s' * (len(found) > 1)} with {problem}: "
+            f"{named}{more}. Fix the file: {ANNOTATION_FIXES[problem]}.")
+
+
+def _describe(im):
+    return im.get("file_name") or im["coco_url"]
 
 
 def _set_metadata(name, cats):

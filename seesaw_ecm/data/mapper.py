@@ -59,7 +59,13 @@ class CheckedDatasetMapper(DatasetMapper):
             if self.instaboost is None or "annotations" not in dataset_dict:
                 return super().__call__(dataset_dict)
             return self._boosted(dataset_dict)
-        except (OSError, SizeMismatchError) as e:
+        except SizeMismatchError as e:
+            raise ImageReadError(
+                f"Image {dataset_dict.get('file_name')} has another size than its record "
+                f"(SizeMismatchError: {e}). Correct width/height in the json (the file's size "
+                "after its EXIF orientation), or restore the right file."
+            ) from None
+        except OSError as e:
             raise ImageReadError(
                 f"Image {dataset_dict.get('file_name')} could not be read ({type(e).__name__}: "
                 f"{e}). Restore the file, or remove its image from the annotation file; "

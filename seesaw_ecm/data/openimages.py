@@ -33,6 +33,7 @@ from detectron2.structures import BoxMode
 
 from ..errors import DatasetFormatError, SeesawEcmError
 from ..fileio import write_atomic
+from .image_check import oriented_size
 from .openimages_hierarchy import LabelHierarchy
 
 logger = logging.getLogger(__name__)
@@ -146,12 +147,9 @@ def _header_size(path):
 
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                width, height = height, width
+            return oriented_size(im)
     except OSError as e:
         raise SeesawEcmError(f"Cannot read image {path} ({e}); check IMAGE_ROOT.") from None
-    return width, height
 
 
 def read_sizes(path):

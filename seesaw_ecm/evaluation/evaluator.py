@@ -206,7 +206,7 @@ class FastLVISEvaluator(LVISEvaluator):
                 for k in members}
         entry = {}
         per_cat = [{"id": c, "name": names[k] if names and len(names) == len(cat_ids) else None,
-                    "frequency": freq[k]} for k, c in enumerate(cat_ids)]
+                    "frequency": freq.get(k)} for k, c in enumerate(cat_ids)]
         for suffix, res, label in (("", result, f"max detections per image = {self._max_dets}"),
                                    ("_fixed", fixed, f"AP-fixed: top {self._topk} per category,"
                                                      " no per-image cap")):

@@ -189,14 +189,18 @@ class LvisGroundTruth:
         self.heights = np.array([imgs[i]["height"] for i in self.img_ids.tolist()], np.int64)
         self.widths = np.array([imgs[i]["width"] for i in self.img_ids.tolist()], np.int64)
 
+        # no category with a frequency (a COCO-format set): empty groups, APr / APc / APf -1
         self.freq_groups = [[] for _ in FREQ_LABELS]
+        has_freq = any("frequency" in c for c in cats.values())
         for k, cid in enumerate(self.cat_ids.tolist()):
             freq = cats[cid].get("frequency")
-            if freq not in FREQ_LABELS:
+            if has_freq and freq not in FREQ_LABELS:
                 raise SeesawEcmError(
                     f"Category {cid} has frequency {freq!r}; LVIS evaluation needs 'r', 'c' or "
-                    "'f' for every category (the 'frequency' field of the annotation file).")
-            self.freq_groups[FREQ_LABELS.index(freq)].append(k)
+                    "'f' for every category (the 'frequency' field of the annotation file), or "
+                    "no frequency at all (APr / APc / APf then unavailable).")
+            if has_freq:
+                self.freq_groups[FREQ_LABELS.index(freq)].append(k)
 
         def pair_keys(field):
             rows, cols = [], []
