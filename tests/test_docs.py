@@ -15,9 +15,6 @@ import unicodedata
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Files that another change adds; a link to one is accepted while the file is absent (and
-# checked, anchors included, as soon as it exists).
-PENDING = {"docs/TROUBLESHOOTING.md"}
 
 # Absolute paths of a user's or a machine's folders. Spelled in pieces so that this file does
 # not match itself; "/m/root" (an Open Images label) and tempfile use are not paths of this kind.
@@ -141,8 +138,7 @@ def link_problems(rel, text, exists, read):
                     problems.append(f"{where} leaves the repository")
                     continue
                 if not exists(full):
-                    if full not in PENDING:
-                        problems.append(f"{where}: no such file")
+                    problems.append(f"{where}: no such file")
                     continue
             else:
                 full = rel
@@ -265,7 +261,6 @@ def test_link_checker_finds_missing_files_and_anchors():
     assert len(problems) == 4, problems
     assert "no such file" in problems[0] and "#part-two" in problems[1]
     assert "leaves the repository" in problems[2] and "#nothing" in problems[3]
-    assert link_problems("README.md", "[t](docs/TROUBLESHOOTING.md)", exists, docs.get) == []
 
 
 def test_table_checker_finds_cut_tables_and_bad_rows():
