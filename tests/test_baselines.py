@@ -631,7 +631,7 @@ def test_freeze_all_but_the_classifier():
 
 # ---------------------------------------------------------------- train_net.py, end to end
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss"])
+@pytest.mark.parametrize("name", ["eql", "eqlv2", "droploss", "gol"])
 def test_short_train_net_run_and_eval_only_reproduction(name, small_synthetic, tmp_path):
     from e2e import train_net_in_process
     config = f"configs/Synthetic/mask_rcnn_R18_FPN_{name}.yaml"

@@ -209,19 +209,24 @@ def test_is_finished_checks_evaluation_and_command(tiny_lvis, tmp_path):
     assert not harness.is_finished(str(tmp_path / "none"))
 
 
+def small_harness_cmd(data, out, name, losses, iterations, *args):
+    """benchmarks.long_tail on the small synthetic set `data` (registered as <name>_train and
+    <name>_val), seed 1, a short CPU schedule of `iterations`; `args` before --opts."""
+    return [
+        sys.executable, "-m", "benchmarks.long_tail", "--losses", *losses, "--seeds", "1",
+        "--dataset", f"{name}_train={data['train_json']}:{data['image_root']}",
+        "--dataset", f"{name}_val={data['val_json']}:{data['image_root']}",
+        "--train", f"{name}_train", "--test", f"{name}_val", "--output-dir", str(out), *args,
+        "--opts", "MODEL.ROI_HEADS.NUM_CLASSES", "12", "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(iterations), "SOLVER.WARMUP_ITERS", "2",
+        "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "50",
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "MODEL.DEVICE", "cpu",
+    ]
+
+
 @pytest.mark.slow
 def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_path):
-    data = small_synthetic
-    cmd = [
-        sys.executable, "-m", "benchmarks.long_tail", "--losses", "ce", "seesaw", "--seeds", "1",
-        "--dataset", f"hs_train={data['train_json']}:{data['image_root']}",
-        "--dataset", f"hs_val={data['val_json']}:{data['image_root']}",
-        "--train", "hs_train", "--test", "hs_val", "--output-dir", str(tmp_path),
-        "--opts", "MODEL.ROI_HEADS.NUM_CLASSES", "12", "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
-        "TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-        "MODEL.DEVICE", "cpu",
-    ]
+    cmd = small_harness_cmd(small_synthetic, tmp_path, "hs", ["ce", "seesaw"], 6)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("[train]") == 2 and table_row(proc.stdout, "seesaw")[:3] == [
@@ -233,6 +238,30 @@ def test_harness_trains_two_losses_and_skips_finished_runs(small_synthetic, tmp_
     assert len(run["train_counts"]) == 12 and sum(run["train_counts"].values()) > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("[skip]") == 2
+
+
+@pytest.mark.slow
+def test_harness_trains_a_decoupled_method_and_its_control(small_synthetic, tmp_path):
+    """ce, then BaGS and its control from the CE model: the control changes the same parameters
+    as BaGS's second stage (the box classifier), and the table compares BaGS with both."""
+    cmd = small_harness_cmd(small_synthetic, tmp_path, "hc", ["ce", "bags"], 4, "--no-per-class")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("[train]") == 3 and "given the same second stage" in proc.stdout
+    report = json.loads((tmp_path / "long_tail_benchmark.json").read_text())
+    assert [g["loss"] for g in report["groups"]] == ["ce", "bags", "ce_ft_bags"]
+    assert report["control_gaps"][0]["vs_control"]["seeds"] == [1]
+    import torch
+
+    def state(label):
+        path = tmp_path / f"mask_rcnn_{label}" / "seed1" / "model_final.pth"
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+    ce, control = state("ce"), state("ce_ft_bags")
+    # (freezing turns BatchNorm into FrozenBatchNorm2d: no num_batches_tracked in the control)
+    changed = {k for k in ce.keys() & control.keys() if not torch.equal(ce[k], control[k])}
+    assert changed == {"roi_heads.box_predictor.cls_score.weight",
+                       "roi_heads.box_predictor.cls_score.bias"}
 
 
 def test_decoupled_bags_starts_from_the_ce_run(tmp_path):
