@@ -6,7 +6,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from .precision import float32_loss
+from .sigmoid_bce import sigmoid_bce
 
 
 def prior_bias(prior_prob):
@@ -71,7 +73,8 @@ class EQLLoss(nn.Module):
         return self.image_frequency < self.lambda_
 
     def ignored_negatives(self, labels, tail):
-        """(N, C) bool: the negative entries whose loss is dropped, E(i) T(f_j) here.
+        """(N, C) bool: the negative entries whose loss is dropped, E(i) T(f_j) here (its value
+        on a positive entry is not read).
 
         Args:
             labels: (N,) int64 in [0, C].
@@ -79,6 +82,7 @@ class EQLLoss(nn.Module):
         """
         return (labels < self.num_classes)[:, None] & tail[None, :]
 
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:
@@ -93,11 +97,10 @@ class EQLLoss(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has placeholder class statistics: build "
                                "it with image_frequency, or load_state_dict a checkpoint "
                                "holding them.")
-        # one-hot over C + 1 columns, background dropped: background rows are all zero
-        targets = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
-        ignored = self.ignored_negatives(labels, self.tail_classes()) & (targets == 0)
-        loss = F.binary_cross_entropy_with_logits(
-            logits, targets, weight=(~ignored).to(logits.dtype), reduction="sum")
+        # targets one-hot over the C columns (background rows: none), without building them
+        kept = torch.logical_not(self.ignored_negatives(labels, self.tail_classes()))
+        loss = sigmoid_bce(logits, labels, logits.new_ones(self.num_classes),
+                           entry_weight=kept.to(logits.dtype))
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):
