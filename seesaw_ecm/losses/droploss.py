@@ -43,3 +43,8 @@ class DropLoss(EQLLoss):
         # foreground rows drop every tail negative: their threshold is below any draw
         threshold = torch.where(fg, -1.0, keep_share)
         return (draws > threshold[:, None]) & tail[None, :]
+
+    def kept_negatives(self, labels, tail, dtype):
+        """(N, C) weights of the negative entries, ``dtype``: 0 where :meth:`ignored_negatives`
+        (drawn anew), else 1."""
+        return torch.logical_not(self.ignored_negatives(labels, tail)).to(dtype)

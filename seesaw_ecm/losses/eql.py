@@ -80,7 +80,20 @@ class EQLLoss(nn.Module):
             labels: (N,) int64 in [0, C].
             tail: (C,) bool, :meth:`tail_classes`.
         """
-        return (labels < self.num_classes)[:, None] & tail[None, :]
+        return self.kept_negatives(labels, tail, torch.float32) == 0
+
+    def kept_negatives(self, labels, tail, dtype):
+        """(N, C) weights of the negative entries, ``dtype``: 0 where :meth:`ignored_negatives`,
+        else 1. EQL's rule has rank one: a foreground row keeps the classes that are not tail
+        classes, a background row every class (one row gathered per RoI, no (N, C) bool
+        arithmetic).
+
+        Args:
+            labels: (N,) int64 in [0, C].
+            tail: (C,) bool, :meth:`tail_classes`.
+        """
+        rows = torch.stack([torch.logical_not(tail), torch.ones_like(tail)]).to(dtype)
+        return rows.index_select(0, (labels >= self.num_classes).long())
 
     @float32_loss
     def forward(self, logits, labels):
@@ -98,9 +111,8 @@ class EQLLoss(nn.Module):
                                "it with image_frequency, or load_state_dict a checkpoint "
                                "holding them.")
         # targets one-hot over the C columns (background rows: none), without building them
-        kept = torch.logical_not(self.ignored_negatives(labels, self.tail_classes()))
-        loss = sigmoid_bce(logits, labels, logits.new_ones(self.num_classes),
-                           entry_weight=kept.to(logits.dtype))
+        kept = self.kept_negatives(labels, self.tail_classes(), logits.dtype)
+        loss = sigmoid_bce(logits, labels, logits.new_ones(self.num_classes), entry_weight=kept)
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):
