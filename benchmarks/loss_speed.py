@@ -5,21 +5,22 @@ DropLoss, C + 1 + G for BaGS, C class + 2 objectness logits for Seesaw) and runs
 mode (the statistics updates of their forward included: Seesaw's counts, EQLv2's gradient
 sums); LOCE's mean-score update, which its ROI heads call apart, is a row of its own. Class
 statistics are a long tail (class k seen 1e5 / (k + 1) times, in as many of 1e5 images);
-labels are random, ~25% foreground. On the CPU, Seesaw computes its class term on the selected
-foreground rows (on an accelerator, on every row: selecting would wait for the device). The
-last row, F.softplus of the (N, C + 1) logits alone (no backward), is the least any sigmoid
-loss (ECM, EQL, DropLoss, EQLv2) must compute: its loss value is a weighted sum of softplus
-over every entry. The baseline "F.cross_entropy" is
+labels are random, ~25% foreground. The baseline "F.cross_entropy" is
 ``torch.nn.functional.cross_entropy`` on the (N, C + 1) logits. All cases run in this one
 process, interleaved repeat by repeat, after a warm-up; the table gives each case's median time
 and its ratio to the baseline's median.
 
-On the CPU the time is the thread's CPU time (``time.thread_time``: other processes on the
-machine do not add to it), and glibc's malloc keeps freed memory instead of returning each
-large buffer to the kernel (``mallopt``; ``--system-malloc`` keeps the defaults): with the
-defaults every (N, C) tensor is a fresh ``mmap`` whose page faults cost more than the
-arithmetic, in an amount that depends on which case ran before (F.cross_entropy measured 7.8 ms
-alone and 32 ms interleaved with ECM at N = 4,096).
+On the CPU, Seesaw computes its class term on the selected foreground rows (on an accelerator,
+on every row: selecting would wait for the device). The last row, F.softplus of the (N, C + 1)
+logits alone (no backward), is the least any sigmoid loss (ECM, EQL, DropLoss, EQLv2) must
+compute: its value is a weighted sum of softplus over every entry.
+
+On the CPU with one thread the time is the thread's CPU time (``time.thread_time``: other
+processes on the machine do not add to it; wall time with several threads), and glibc's
+malloc keeps freed memory instead of returning each large buffer to the kernel (``mallopt``;
+``--system-malloc`` keeps the defaults): with the defaults every (N, C) tensor is a fresh
+``mmap`` whose page faults cost more than the arithmetic, by an amount that depends on the case
+run before (F.cross_entropy at N = 4,096: 7.8 ms alone, 32 ms interleaved with ECM).
 
     python -m benchmarks.loss_speed [--device cuda] [--sizes 1024 4096 8192] [--repeats 20]
 """
@@ -113,7 +114,8 @@ def make_cases(n, num_classes, device):
 
 def measure(cases, inputs, device, warmup, repeats):
     """Median milliseconds per case; cases alternate within each repeat."""
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if one_thread else time.perf_counter
     times = {name: [] for name in cases}
     for step in range(warmup + repeats):
         for name, fn in cases.items():
@@ -148,8 +150,9 @@ def main():
     if device.type == "cpu" and not args.system_malloc and keep_freed_memory():
         malloc = "malloc keeps freed memory"
 
+    clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
     name = (torch.cuda.get_device_name() if device.type == "cuda"
-            else f"cpu, {torch.get_num_threads()} threads, thread CPU time, {malloc}")
+            else f"cpu, {torch.get_num_threads()} threads, {clock}, {malloc}")
     print(f"torch {torch.__version__}, {name}, C = {args.num_classes}, median of {args.repeats}")
     table = {}
     for n in args.sizes:

@@ -83,7 +83,6 @@ class _SigmoidBCE(torch.autograd.Function):
         loss = negatives.matmul(weight).sum() + (positives * w_pos).masked_fill(~has, 0).sum()
         del negatives
         ctx.scale = scale
-        ctx.mark_non_differentiable(labels)
         if not sigmoid_sums:  # the backward computes sigmoid(x)
             ctx.save_for_backward(x, labels, weight, target_weight, entry_weight, None, None)
             return loss, None, None
