@@ -30,6 +30,10 @@ momentum, initial_score, background_score)`` (LOCE; its mean scores are updated 
 heads through ``update_mean_score``); all take
 ``loss_weight``. Which ``MODEL.LONG_TAIL.LOSS`` name builds which loss is the
 table ``seesaw_ecm.modeling.cls_loss.LOSS_SPECS``.
+The sigmoid losses (ECM, EQL, DropLoss, EQLv2, Federated) compute their weighted BCE with
+``sigmoid_bce.sigmoid_bce`` (one fused pass, no one-hot tensor). No loss forward reads a value
+back to the host (a stream synchronisation on CUDA) except Federated's class sampling (a class
+set of data-dependent size, as detectron2's) and Seesaw's row selection on the CPU.
 Beside them, ``ProgressiveConstraintLoss`` (TSD's progressive constraint, read by
 ``seesaw_ecm.modeling.tsd``) compares two heads' scores and IoUs.
 Under autocast (mixed precision) every ``forward`` runs in float32 (``precision.float32_loss``).

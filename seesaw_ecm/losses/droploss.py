@@ -28,7 +28,8 @@ class DropLoss(EQLLoss):
                          loss_weight=loss_weight, num_classes=num_classes)
 
     def ignored_negatives(self, labels, tail):
-        """(N, C) bool, drawn anew at every call (see the class docstring).
+        """(N, C) bool, drawn anew at every call (see the class docstring); computed on the
+        device, without reading a value back.
 
         Args:
             labels: (N,) int64 in [0, C].
@@ -36,7 +37,14 @@ class DropLoss(EQLLoss):
         """
         fg = labels < self.num_classes
         draws = torch.rand(labels.numel(), self.num_classes, device=labels.device)
-        # NaN without foreground RoIs: every comparison is False, so every negative is kept
-        keep_share = tail[labels[fg]].float().mean()
-        dropped = draws > keep_share
-        return (fg[:, None] | dropped) & tail[None, :]
+        # NaN without foreground RoIs (0 / 0): every comparison is False, every negative kept
+        tail_fg = (tail[labels.clamp(max=self.num_classes - 1)] & fg).sum()
+        keep_share = tail_fg.float() / fg.sum()
+        # foreground rows drop every tail negative: their threshold is below any draw
+        threshold = torch.where(fg, -1.0, keep_share)
+        return (draws > threshold[:, None]) & tail[None, :]
+
+    def kept_negatives(self, labels, tail, dtype):
+        """(N, C) weights of the negative entries, ``dtype``: 0 where :meth:`ignored_negatives`
+        (drawn anew), else 1."""
+        return torch.logical_not(self.ignored_negatives(labels, tail)).to(dtype)

@@ -4,10 +4,9 @@ import warnings
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
-from torch.nn import functional as F
 
 from .precision import float32_loss
+from .sigmoid_bce import sigmoid_bce
 
 
 WEIGHT_DTYPES = ("float64", "float32")  # precisions of the class weights (see below)
@@ -84,34 +83,6 @@ def background_scaled_sigmoid(logits):
     return torch.cat([logits[:, :-1].sigmoid() * foreground, logits[:, -1:].sigmoid()], dim=1)
 
 
-class _MarginBCE(torch.autograd.Function):
-    """sum_{i,c} w_c * BCE_with_logits(x_ic, t_ic), x = 2 z + margin, t = one_hot(labels).
-
-    Same value as ``F.binary_cross_entropy_with_logits(x, t, weight=w, reduction="sum")``,
-    as stably: BCE(x, 0) = softplus(x), BCE(x, 1) = softplus(-x), so the target entry of each
-    row is negated before one softplus pass (no cancellation); the backward is fused,
-    dL/dz = 2 w (sigmoid(x) - t). No one-hot tensor is built and no (N, C + 1) tensor is saved
-    (x is recomputed in backward): about 2x faster than the composite op on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, margin, weight):
-        x = torch.add(margin, logits, alpha=2)
-        x[torch.arange(labels.numel(), device=labels.device), labels] *= -1
-        # threshold 40: softplus(x) = x beyond it, exact in float32 and float64
-        loss = F.softplus(x, threshold=40).matmul(weight).sum()
-        ctx.save_for_backward(logits, labels, margin, weight)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        logits, labels, margin, weight = ctx.saved_tensors
-        grad_logits = torch.add(margin, logits, alpha=2).sigmoid_()
-        grad_logits[torch.arange(labels.numel(), device=labels.device), labels] -= 1
-        return grad_logits.mul_(weight * (2 * grad)), None, None, None
-
-
 class ECMLoss(nn.Module):
     """Weighted sigmoid loss with effective class margins over C + 1 columns.
 
@@ -172,8 +143,9 @@ class ECMLoss(nn.Module):
         if not self._has_statistics:
             raise RuntimeError("ECMLoss has placeholder class statistics: build it with "
                                "class_counts, or load_state_dict a checkpoint holding them.")
-        loss = _MarginBCE.apply(logits, labels, self.margin.to(logits.dtype),
-                                self.weight.to(logits.dtype))
+        # BCE(2 z + margin), summed with the column weights: no one-hot, fused backward
+        loss = sigmoid_bce(logits, labels, self.weight.to(logits.dtype), scale=2.0,
+                           bias=self.margin.to(logits.dtype))
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):

@@ -6,7 +6,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from .precision import float32_loss
+from .sigmoid_bce import sigmoid_bce
 
 
 def prior_bias(prior_prob):
@@ -71,23 +73,40 @@ class EQLLoss(nn.Module):
         return self.image_frequency < self.lambda_
 
     def ignored_negatives(self, labels, tail):
-        """(N, C) bool: the negative entries whose loss is dropped, E(i) T(f_j) here.
+        """(N, C) bool: the negative entries whose loss is dropped, E(i) T(f_j) here (its value
+        on a positive entry is not read).
 
         Args:
             labels: (N,) int64 in [0, C].
             tail: (C,) bool, :meth:`tail_classes`.
         """
-        return (labels < self.num_classes)[:, None] & tail[None, :]
+        return self.kept_negatives(labels, tail, torch.float32) == 0
 
-    def binary_loss(self, logits, targets, weight):
-        """Summed weighted BCE of the (N, C) logits through the sigmoid link.
+    def binary_loss(self, logits, labels, kept):
+        """Summed BCE of the (N, C) logits through the sigmoid link, one-hot targets of
+        ``labels``, the negative entries weighted by ``kept``.
 
         Args:
-            logits: (N, C). targets: (N, C) in {0, 1}. weight: (N, C) entry weights.
+            logits: (N, C). labels: (N,) int64 in [0, C] (C: background, no positive entry).
+            kept: (N, C) weights of the negative entries (:meth:`kept_negatives`); the positive
+                entries have weight 1.
         """
-        return F.binary_cross_entropy_with_logits(logits, targets, weight=weight,
-                                                  reduction="sum")
+        return sigmoid_bce(logits, labels, logits.new_ones(self.num_classes), entry_weight=kept)
 
+    def kept_negatives(self, labels, tail, dtype):
+        """(N, C) weights of the negative entries, ``dtype``: 0 where :meth:`ignored_negatives`,
+        else 1. EQL's rule has rank one: a foreground row keeps the classes that are not tail
+        classes, a background row every class (one row gathered per RoI, no (N, C) bool
+        arithmetic).
+
+        Args:
+            labels: (N,) int64 in [0, C].
+            tail: (C,) bool, :meth:`tail_classes`.
+        """
+        rows = torch.stack([torch.logical_not(tail), torch.ones_like(tail)]).to(dtype)
+        return rows.index_select(0, (labels >= self.num_classes).long())
+
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:
@@ -102,10 +121,9 @@ class EQLLoss(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has placeholder class statistics: build "
                                "it with image_frequency, or load_state_dict a checkpoint "
                                "holding them.")
-        # one-hot over C + 1 columns, background dropped: background rows are all zero
-        targets = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
-        ignored = self.ignored_negatives(labels, self.tail_classes()) & (targets == 0)
-        loss = self.binary_loss(logits, targets, (~ignored).to(logits.dtype))
+        # targets one-hot over the C columns (background rows: none), without building them
+        kept = self.kept_negatives(labels, self.tail_classes(), logits.dtype)
+        loss = self.binary_loss(logits, labels, kept)
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):

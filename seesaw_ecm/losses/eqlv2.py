@@ -4,10 +4,11 @@ per-class positive and negative weights follow the accumulated gradient ratio of
 import torch
 from torch import distributed as dist
 from torch import nn
-from torch.nn import functional as F
 
 from .ecm import background_scaled_sigmoid
 from .eql import prior_bias
+from .precision import float32_loss
+from .sigmoid_bce import sigmoid_bce
 
 
 class EQLv2Loss(nn.Module):
@@ -64,6 +65,7 @@ class EQLv2Loss(nn.Module):
         neg_w = torch.cat([torch.sigmoid(self.gamma * (ratio - self.mu)), ones[:1]])
         return 1 + self.alpha * (1 - neg_w), neg_w
 
+    @float32_loss
     def forward(self, logits, labels):
         """
         Args:
@@ -74,20 +76,24 @@ class EQLv2Loss(nn.Module):
             dict with the scalar ``loss_cls`` = sum of the weighted BCE / N, times
             ``loss_weight``. In training mode the gradient accumulators are updated after.
         """
-        targets = F.one_hot(labels, self.num_classes + 1).to(logits.dtype)
         pos_w, neg_w = (w.to(logits.dtype) for w in self.class_weights())
-        weight = torch.where(targets > 0, pos_w, neg_w)
-        loss = F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="sum")
+        # negatives weighted by column (neg_w), each row's positive by pos_w of its label
+        out = sigmoid_bce(logits, labels, neg_w, target_weight=pos_w[labels],
+                          sigmoid_sums=self.training)
         if self.training:
-            self._collect(logits.detach(), targets, weight)
+            loss, negative_sums, positive_sigmoid = out
+            self._collect(labels, negative_sums * neg_w, (1 - positive_sigmoid) * pos_w[labels])
+        else:
+            loss = out
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     @torch.no_grad()
-    def _collect(self, logits, targets, weight):
-        """Add this call's weighted positive / negative gradient magnitudes per class."""
-        grad = (logits.sigmoid() - targets).abs() * weight
-        pos = (grad * targets).sum(dim=0)[: self.num_classes]
-        neg = (grad * (1 - targets)).sum(dim=0)[: self.num_classes]
+    def _collect(self, labels, negative, positive):
+        """Add this call's weighted gradient magnitudes per class: ``negative`` (C + 1,)
+        summed over the negative entries of each column, ``positive`` (N,) of each row's
+        positive entry (|dBCE/dz| = sigmoid(z) on a negative, 1 - sigmoid(z) on a positive)."""
+        pos = torch.zeros_like(negative).index_add_(0, labels, positive)[: self.num_classes]
+        neg = negative[: self.num_classes]
         both = torch.stack([pos, neg]).to(self.pos_grad.dtype)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(both)

@@ -64,16 +64,28 @@ class EquilibriumLoss(nn.Module):
             entries: (N,) int64 ids; foreground RoIs with the same id form one entry (the
                 same ground-truth instance, or the memory samples of one class).
         """
-        fg = labels < self.num_classes
-        labels = labels[fg]
-        scores = F.softmax(logits[fg].float(), dim=1).gather(1, labels[:, None])[:, 0]
-        ids, inverse = torch.unique(entries[fg], return_inverse=True)
-        entry_mean = scores.new_zeros(ids.numel()).index_add_(0, inverse, scores)
-        entry_mean /= torch.bincount(inverse, minlength=ids.numel()).clamp(min=1)
-        entry_class = labels.new_zeros(ids.numel()).scatter_(0, inverse, labels)
+        num_rows, num_classes = labels.numel(), self.num_classes
+        fg = labels < num_classes
+        # every row's score of its label, background rows included (weight 0): fixed shapes,
+        # so nothing is read back to the host
+        scores = F.softmax(logits.float(), dim=1).gather(1, labels[:, None])[:, 0]
+        weight = fg.to(scores.dtype)
+        # entry of each row: consecutive ids of its sorted ids, background rows one id apart
+        key = entries.masked_fill(~fg, torch.iinfo(entries.dtype).max)
+        sorted_key, order = key.sort()
+        starts = torch.ones_like(fg)
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
+        entry = torch.empty_like(entries)
+        entry[order] = starts.cumsum(0) - 1
+        entry_count = scores.new_zeros(num_rows).index_add_(0, entry, weight)
+        entry_mean = scores.new_zeros(num_rows).index_add_(0, entry, scores * weight)
+        entry_mean /= entry_count.clamp(min=1)
+        # class of each entry (C: background, or a slot no row uses)
+        entry_class = labels.new_full((num_rows,), num_classes).scatter_(0, entry, labels)
+        used = (entry_count > 0).to(scores.dtype)
         stats = torch.stack([
-            scores.new_zeros(self.num_classes).index_add_(0, entry_class, entry_mean),
-            torch.bincount(entry_class, minlength=self.num_classes).to(scores.dtype)])
+            scores.new_zeros(num_classes + 1).index_add_(0, entry_class, entry_mean * used),
+            scores.new_zeros(num_classes + 1).index_add_(0, entry_class, used)])[:, :num_classes]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         total, count = stats.to(self.mean_score.dtype)

@@ -6,9 +6,9 @@ ROI_BOX_HEAD.USE_FED_LOSS); this module follows that code's sampling and reducti
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .precision import float32_loss
+from .sigmoid_bce import sigmoid_bce
 
 
 class FederatedLoss(nn.Module):
@@ -98,8 +98,13 @@ class FederatedLoss(nn.Module):
             raise RuntimeError("FederatedLoss has placeholder class statistics: build it with "
                                "class_image_counts, or load_state_dict a checkpoint holding them.")
         classes = self.sample_classes(labels)
-        targets = (labels[:, None] == classes[None, :]).to(logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits[:, classes], targets, reduction="sum")
+        if classes.numel() == 0:  # no class present and none eligible: nothing to train
+            return {"loss_cls": logits.sum() * 0}
+        # each label's column among the K selected ones (K: not selected, background included)
+        position = torch.full((self.num_classes + 1,), classes.numel(), device=labels.device)
+        position[classes] = torch.arange(classes.numel(), device=labels.device)
+        loss = sigmoid_bce(logits.index_select(1, classes), position[labels],
+                           logits.new_ones(classes.numel()))
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):

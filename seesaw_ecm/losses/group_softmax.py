@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+_DROPPED = -100  # group target of a RoI the group does not train on (ignore_index)
+
 
 class BalancedGroupSoftmax(nn.Module):
     """Softmax cross-entropy within each group, summed over the groups.
@@ -102,22 +104,20 @@ class BalancedGroupSoftmax(nn.Module):
         return torch.where(mine, self.label_position[labels], torch.zeros_like(labels))
 
     def sample_others(self, targets):
-        """(N,) bool RoIs that a foreground group trains on (see the class docstring).
+        """(N,) bool RoIs that a foreground group trains on (see the class docstring), drawn on
+        the device without reading a count back: the others with the floor(beta x positives)
+        smallest of N uniform keys (a uniform draw without replacement).
 
         Args:
             targets: (N,) int64 labels within the group, 0 = others.
         """
         positive = targets > 0
-        num_positive = int(positive.sum())
-        others = (~positive).nonzero()[:, 0]
-        num_sampled = int(num_positive * self.beta)
-        if num_positive == 0:
-            return torch.zeros_like(positive)
-        if num_sampled >= others.numel():
-            return torch.ones_like(positive)
-        keep = positive.clone()
-        keep[others[torch.randperm(others.numel(), device=others.device)[:num_sampled]]] = True
-        return keep
+        num_sampled = (positive.sum() * self.beta).floor()
+        keys = torch.rand(targets.shape, device=targets.device).masked_fill_(positive, 2)
+        rank = torch.empty_like(targets)
+        rank[keys.argsort()] = torch.arange(targets.numel(), device=targets.device)
+        # ranks of the others: 0 .. (number of others - 1); none when no positive
+        return positive | (rank < num_sampled)
 
     def forward(self, logits, labels):
         """
@@ -132,15 +132,18 @@ class BalancedGroupSoftmax(nn.Module):
         if not self._has_statistics:
             raise RuntimeError("BalancedGroupSoftmax has placeholder class statistics: build it "
                                "with class_counts, or load_state_dict a checkpoint holding them.")
-        loss = logits.sum() * 0
+        losses = []
         for group, group_logits in enumerate(self._groups(logits)):
             targets = self.group_targets(labels, group)
-            if group == self.num_groups - 1:
-                keep = torch.ones_like(targets, dtype=torch.bool)
-            else:
+            if group < self.num_groups - 1:  # the background group keeps every RoI
                 keep = self.sample_others(targets)
-            ce = F.cross_entropy(group_logits, targets, reduction="none")
-            loss = loss + (ce * keep).sum() / keep.sum().clamp(min=1)
+                targets = targets.masked_fill(~keep, _DROPPED)
+                num_kept = keep.sum().clamp(min=1)
+            else:
+                num_kept = max(targets.numel(), 1)
+            ce = F.cross_entropy(group_logits, targets, ignore_index=_DROPPED, reduction="sum")
+            losses.append(ce / num_kept)
+        loss = sum(losses)
         return {"loss_cls": loss * self.loss_weight}
 
     def get_probs(self, logits):

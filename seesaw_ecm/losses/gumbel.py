@@ -56,12 +56,15 @@ class GumbelLoss(DropLoss):
         self.bias_init = bias_init
         self.weight_init = weight_init
 
-    def binary_loss(self, logits, targets, weight):
+    def binary_loss(self, logits, labels, kept):
         """Summed weighted BCE of the (N, C) logits through the Gumbel link (class docstring).
 
         Args:
-            logits: (N, C). targets: (N, C) in {0, 1}. weight: (N, C) entry weights.
+            logits: (N, C). labels: (N,) int64 in [0, C] (C: background).
+            kept: (N, C) weights of the negative entries; the positive entries have weight 1.
         """
+        targets = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
+        weight = torch.where(targets.bool(), torch.ones_like(kept), kept)
         probs = gumbel_cdf(logits.clamp(*self.clamp))
         return F.binary_cross_entropy(probs, targets, weight=weight, reduction="sum")
 

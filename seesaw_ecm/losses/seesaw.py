@@ -10,6 +10,15 @@ from torch.nn import functional as F
 
 from .precision import float32_loss
 
+_IGNORED = -100  # label of a row without a class term (cross_entropy's ignore_index)
+
+
+def _select_rows(device):
+    """Whether the class term selects the foreground rows first (less work) rather than run
+    on every row with the background ignored: selecting reads their number back to the host,
+    free on the CPU, a wait for the device on an accelerator."""
+    return device.type == "cpu"
+
 
 class SeesawLoss(nn.Module):
     """Seesaw class term on foreground RoIs plus a fg/bg objectness term on all RoIs.
@@ -52,7 +61,9 @@ class SeesawLoss(nn.Module):
 
     @torch.no_grad()
     def _update_counts(self, labels):
-        counts = torch.bincount(labels, minlength=self.num_classes + 1)[: self.num_classes]
+        # index_add_, not bincount: bincount reads its maximum back to the host on CUDA
+        counts = labels.new_zeros(self.num_classes + 1).index_add_(
+            0, labels, torch.ones_like(labels))[: self.num_classes]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
         self.cum_samples += counts.to(self.cum_samples.dtype)
@@ -74,20 +85,26 @@ class SeesawLoss(nn.Module):
             self._update_counts(labels)
         num_rois = max(labels.numel(), 1)
         fg = labels < self.num_classes
-        loss_cls = self._seesaw_ce(class_logits[fg], labels[fg])
+        if _select_rows(class_logits.device):
+            rows = fg.nonzero()[:, 0]
+            loss_cls = self._seesaw_ce(class_logits[rows], labels[rows])
+        else:  # on an accelerator that read would wait for the device: every row, background
+            loss_cls = self._seesaw_ce(class_logits, labels.masked_fill(~fg, _IGNORED))
         loss_objectness = F.cross_entropy(objectness_logits, (~fg).long(), reduction="sum")
         scale = self.loss_weight / num_rois
         return {"loss_cls": loss_cls * scale, "loss_objectness": loss_objectness * scale}
 
     def _seesaw_ce(self, logits, labels):
-        """Summed Seesaw cross-entropy of foreground RoIs: logits (M, C), labels (M,) < C."""
+        """Summed Seesaw cross-entropy: logits (M, C), labels (M,) < C, or ``_IGNORED`` for a
+        row without a class term (a background RoI)."""
+        index = labels.clamp(min=0)[:, None]  # any class for an ignored row
         log_counts = self.cum_samples.clamp(min=1).log()
-        log_mitigation = (log_counts[None, :] - log_counts[labels, None]).clamp(max=0) * self.p
+        log_mitigation = (log_counts[None, :] - log_counts[index]).clamp(max=0) * self.p
         log_scores = F.log_softmax(logits.detach(), dim=1)
-        log_self = log_scores.gather(1, labels[:, None]).clamp(min=math.log(self.eps))
+        log_self = log_scores.gather(1, index).clamp(min=math.log(self.eps))
         log_compensation = (log_scores - log_self).clamp(min=0) * self.q
         logits = logits + log_mitigation + log_compensation
-        return F.cross_entropy(logits, labels, reduction="sum")
+        return F.cross_entropy(logits, labels, ignore_index=_IGNORED, reduction="sum")
 
     def get_probs(self, class_logits, objectness_logits):
         """Scores (N, C + 1): softmax(class_logits) * p_fg, and p_bg in the last column, with
