@@ -19,12 +19,12 @@ import torch
 from torch.multiprocessing import ProcessExitedException
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.checkpoint import AtomicCheckpointer, check_weights_file
 from seesaw_ecm.config import merge_config
 from seesaw_ecm.data.datasets import register_from_cfg
 from seesaw_ecm.distributed import report_error, sync_bn_on_cpu
@@ -37,6 +37,7 @@ def setup(args):
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
     merge_config(cfg, args.config_file, args.opts)  # a renamed key: SeesawEcmError
+    check_weights_file(cfg, args.eval_only, args.resume)  # none to evaluate, missing, corrupted
     cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
     cfg.DATASETS.OPENIMAGES = list(cfg.DATASETS.OPENIMAGES) + list(args.openimages_dataset)
     if args.eval_only:  # class statistics (ECM margins) come with the weights
@@ -62,7 +63,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
