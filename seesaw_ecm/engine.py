@@ -65,6 +65,25 @@ class CPUAMPTrainer(AMPTrainer):
         self.grad_scaler.update()
 
 
+class CheckpointFlushingWriter(hooks.PeriodicWriter):
+    """detectron2's PeriodicWriter (metrics.json, the log line, TensorBoard every `period`
+    iterations and at the end) that also writes at every checkpoint iteration, after that
+    iteration's checkpoint and evaluation: a run killed later finds its metrics.json complete
+    up to its last checkpoint (with `period` alone it loses up to `period` - 1 iterations)."""
+
+    def __init__(self, writers, period, checkpoint_period):
+        super().__init__(writers, period)
+        self._checkpoint_period = checkpoint_period
+
+    def after_step(self):
+        super().after_step()
+        done = self.trainer.iter + 1
+        if done % self._checkpoint_period == 0 and done % self._period and \
+                done != self.trainer.max_iter:
+            for writer in self._writers:
+                writer.write()
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
@@ -214,7 +233,8 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """detectron2's hooks, with a checkpointer that writes atomically (a job killed while
-        saving leaves the previous checkpoint as the last one); with
+        saving leaves the previous checkpoint as the last one) and writers that also write at
+        every checkpoint (CheckpointFlushingWriter); with
         MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
         checkpointer, whose checkpoints then hold its sums); for LOCE with
         MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED its initialisation pass (seesaw_ecm/loce_init.py)."""
@@ -223,6 +243,8 @@ class Trainer(DefaultTrainer):
                                                save_to_disk=old.save_to_disk,
                                                **old.checkpointables)
         ret = super().build_hooks()
+        ret = [CheckpointFlushingWriter(h._writers, h._period, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if type(h) is hooks.PeriodicWriter else h for h in ret]
         if self.cfg.TEST.AUG.ENABLED:  # after the plain evaluation, as detectron2's train_net.py
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
             ret.insert(at, hooks.EvalHook(0, self._test_with_tta_and_keep_results))

@@ -2,6 +2,8 @@
 (--resume) ends with the same weights and loss buffers as the uninterrupted run, because the
 checkpoint holds the optimizer (SGD momentum), the scheduler, the iteration, the random number
 generators, the sampler's position and every loss buffer."""
+import json
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -99,3 +101,30 @@ def test_killed_and_resumed_run_ends_as_the_uninterrupted_one(small_synthetic, t
     (folder / "last_checkpoint").write_text(f"model_{STOP:07d}.pth")
     no_momentum = _state(_train(_cfg(small_synthetic, folder, loss), resume=True))
     assert _max_difference(no_momentum, whole) > 1e-3
+
+
+class _ReadMetrics(HookBase):
+    """After each iteration's hooks: the iterations metrics.json holds on disk."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, {}
+
+    def after_step(self):
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.seen[self.trainer.iter] = [json.loads(line)["iteration"] for line in lines]
+
+
+def test_metrics_are_on_disk_at_every_checkpoint(small_synthetic, tmp_path):
+    """The writers write every 20 iterations; at a checkpoint too, so a run killed after a
+    checkpoint keeps the metrics up to it (the checkpoints here: after iterations 2 and 5)."""
+    cfg = _cfg(small_synthetic, tmp_path, "seesaw")
+    seed_all_rng(SEED)
+    trainer = Trainer(cfg)
+    reader = _ReadMetrics(tmp_path / "metrics.json")
+    trainer.register_hooks([reader])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert reader.seen[1] == [] and reader.seen[2] == [2] and reader.seen[4] == [2]
+    assert reader.seen[5] == [2, 5]
+    row = json.loads((tmp_path / "metrics.json").read_text().splitlines()[0])
+    assert {"total_loss", "loss_cls", "lr"} <= set(row)
