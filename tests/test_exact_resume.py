@@ -128,3 +128,23 @@ def test_metrics_are_on_disk_at_every_checkpoint(small_synthetic, tmp_path):
     assert reader.seen[5] == [2, 5]
     row = json.loads((tmp_path / "metrics.json").read_text().splitlines()[0])
     assert {"total_loss", "loss_cls", "lr"} <= set(row)
+
+
+def test_amp_grad_scaler_is_saved_and_restored(small_synthetic, tmp_path):
+    """The AMP trainers' grad scaler state (detectron2's AMPTrainer.state_dict) is in the
+    checkpoint and comes back on resume; here an enabled CPU scaler stands in for CUDA's."""
+    cfg = _cfg(small_synthetic, tmp_path, "seesaw")
+    cfg.SOLVER.AMP.ENABLED = True
+    trainer = Trainer(cfg)
+    trainer._trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1234.0,
+                                                        growth_interval=7)
+    trainer.iter = 2
+    trainer.checkpointer.save("model_0000002")
+    saved = torch.load(tmp_path / "model_0000002.pth", weights_only=True)["trainer"]["_trainer"]
+    assert saved["grad_scaler"]["scale"] == 1234.0 and saved["grad_scaler"]["growth_interval"] == 7
+
+    resumed = Trainer(cfg)
+    resumed._trainer.grad_scaler = torch.amp.GradScaler("cpu")  # scale 65536, interval 2000
+    resumed.resume_or_load(resume=True)
+    assert resumed._trainer.grad_scaler.get_scale() == 1234.0
+    assert resumed._trainer.grad_scaler.get_growth_interval() == 7
