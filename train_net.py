@@ -37,7 +37,6 @@ def setup(args):
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
     merge_config(cfg, args.config_file, args.opts)  # a renamed key: SeesawEcmError
-    check_weights_file(cfg, args.eval_only, args.resume)  # none to evaluate, missing, corrupted
     cfg.DATASETS.LVIS_FORMAT = list(cfg.DATASETS.LVIS_FORMAT) + list(args.dataset)
     cfg.DATASETS.OPENIMAGES = list(cfg.DATASETS.OPENIMAGES) + list(args.openimages_dataset)
     if args.eval_only:  # class statistics (ECM margins) come with the weights
@@ -50,6 +49,7 @@ def setup(args):
     register_from_cfg(cfg)
     # every dataset and the config checked before anything is built or written to OUTPUT_DIR
     seconds = validate_run(cfg, eval_only=args.eval_only)
+    check_weights_file(cfg, args.eval_only, args.resume)  # none to evaluate, missing, corrupted
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seesaw_ecm")
     logging.getLogger("seesaw_ecm").info(f"Config and datasets validated in {seconds:.1f} s")

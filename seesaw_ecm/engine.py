@@ -93,7 +93,11 @@ class Trainer(DefaultTrainer):
     (SOLVER.EPOCHS: MAX_ITER and STEPS derived before anything is built) and mmdetection's
     repeat-factor sampling (DATALOADER.REPEAT_ROUNDING "ceil", resumed where it stopped). With
     SOLVER.AMP.ENABLED on a CPU model (MODEL.DEVICE cpu) it trains in bfloat16 autocast
-    (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler)."""
+    (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler).
+    Its checkpoints resume exactly (:meth:`state_dict`: optimizer, grad scaler, scheduler,
+    iteration, random number generators, sampler position; the loss buffers are in the model),
+    except LOCE's feature memory, which is refilled, and, with DATALOADER.NUM_WORKERS > 0, the
+    augmentations drawn in the loader workers."""
 
     def __init__(self, cfg):
         plan = plan_training(cfg)  # DATASETS.TRAIN read once: schedule and sampler
@@ -169,7 +173,9 @@ class Trainer(DefaultTrainer):
         sampler = _sampler_of(self._trainer.data_loader)
         if "sampler_seed" in state_dict and hasattr(sampler, "_seed"):
             sampler._seed = int(state_dict["sampler_seed"])
-        self._resumed_rng = state_dict.get("rng")
+        # the main process's generators (it writes the checkpoints); the other ranks keep
+        # theirs, seeded with SEED + rank: restoring rank 0's there would make them draw alike
+        self._resumed_rng = state_dict.get("rng") if comm.is_main_process() else None
 
     def before_train(self):
         """The hooks' before_train; then, on resume, the generators as the checkpoint saved
