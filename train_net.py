@@ -20,12 +20,12 @@ import torch
 from torch.multiprocessing import ProcessExitedException
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils.logger import setup_logger
 
 from seesaw_ecm import add_seesaw_ecm_config
+from seesaw_ecm.checkpoint import AtomicCheckpointer, check_weights_file
 from seesaw_ecm.config import merge_config
 from seesaw_ecm.data.datasets import register_from_cfg
 from seesaw_ecm.distributed import launch, report_error, sync_bn_on_cpu
@@ -57,6 +57,7 @@ def setup(args):
     register_from_cfg(cfg)
     # every dataset and the config checked before anything is built or written to OUTPUT_DIR
     seconds = validate_run(cfg, eval_only=args.eval_only)
+    check_weights_file(cfg, args.eval_only, args.resume)  # none to evaluate, missing, corrupted
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="seesaw_ecm")
     logging.getLogger("seesaw_ecm").info(f"Config and datasets validated in {seconds:.1f} s")
@@ -70,7 +71,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

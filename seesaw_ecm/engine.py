@@ -1,5 +1,6 @@
 """Trainer: detectron2's DefaultTrainer with the evaluator chosen by the dataset's type."""
 import functools
+import itertools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from .gradient_balance import CHECKPOINT_KEY, GradientBalanceHook, training_clas
 from .loce_init import loce_init_hooks
 from .modeling.decoupled import freeze_all_but
 from .modeling.tta import LongTailRCNNWithTTA
+from .rng import kept_rng, rng_states, set_rng_states
 from .roi_align import use_vectorized_roi_align_backward
 from .solver import build_optimizer
 from .validation import check_lvis_metrics_config
@@ -63,6 +65,25 @@ class CPUAMPTrainer(AMPTrainer):
         self.grad_scaler.update()
 
 
+class CheckpointFlushingWriter(hooks.PeriodicWriter):
+    """detectron2's PeriodicWriter (metrics.json, the log line, TensorBoard every `period`
+    iterations and at the end) that also writes at every checkpoint iteration, after that
+    iteration's checkpoint and evaluation: a run killed later finds its metrics.json complete
+    up to its last checkpoint (with `period` alone it loses up to `period` - 1 iterations)."""
+
+    def __init__(self, writers, period, checkpoint_period):
+        super().__init__(writers, period)
+        self._checkpoint_period = checkpoint_period
+
+    def after_step(self):
+        super().after_step()
+        done = self.trainer.iter + 1
+        if done % self._checkpoint_period == 0 and done % self._period and \
+                done != self.trainer.max_iter:
+            for writer in self._writers:
+                writer.write()
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer (hooks, checkpointing, EventStorage metrics, metrics.json, TensorBoard,
     progress with ETA) whose evaluator for LVIS-format datasets is chosen by
@@ -72,7 +93,11 @@ class Trainer(DefaultTrainer):
     (SOLVER.EPOCHS: MAX_ITER and STEPS derived before anything is built) and mmdetection's
     repeat-factor sampling (DATALOADER.REPEAT_ROUNDING "ceil", resumed where it stopped). With
     SOLVER.AMP.ENABLED on a CPU model (MODEL.DEVICE cpu) it trains in bfloat16 autocast
-    (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler)."""
+    (CPUAMPTrainer); on CUDA with detectron2's AMPTrainer (float16 autocast + GradScaler).
+    Its checkpoints resume exactly (:meth:`state_dict`: optimizer, grad scaler, scheduler,
+    iteration, random number generators, sampler position; the loss buffers are in the model),
+    except LOCE's feature memory, which is refilled, and, with DATALOADER.NUM_WORKERS > 0, the
+    augmentations drawn in the loader workers."""
 
     def __init__(self, cfg):
         plan = plan_training(cfg)  # DATASETS.TRAIN read once: schedule and sampler
@@ -98,20 +123,75 @@ class Trainer(DefaultTrainer):
         return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler, mapper=mapper)
 
     def resume_or_load(self, resume=True):
-        """DefaultTrainer's; on resume at iteration k a CeilRepeatSampler restarts at global
-        position k x IMS_PER_BATCH of its stream (detectron2's samplers restart from their
-        seed, i.e. replay the first images)."""
+        """DefaultTrainer's; on resume at iteration k the train sampler continues its index
+        stream at global position k x IMS_PER_BATCH (detectron2's samplers would restart from
+        their seed, i.e. replay the first images; a CeilRepeatSampler is told its `start`)."""
         super().resume_or_load(resume=resume)
         if self.start_iter == 0:
             return
+        position = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
         sampler = _sampler_of(self._trainer.data_loader)
-        if not isinstance(sampler, CeilRepeatSampler):
+        if not _continue_stream(sampler, position):
             logging.getLogger(__name__).warning(
-                f"{type(sampler).__name__} restarts its index stream on resume; "
-                "DATALOADER.REPEAT_ROUNDING \"ceil\" continues it.")
+                f"{type(sampler).__name__} restarts its index stream on resume.")
             return
-        sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+        # torch's DataLoader draws its workers' base seed from torch's generator when its
+        # iterator starts: for the resumed loader that is at its first batch, after
+        # before_train restored the generators; a private generator leaves them untouched
+        loader = _torch_loader_of(self._trainer.data_loader)
+        if loader is not None:
+            loader.generator = torch.Generator().manual_seed(position)
         self._trainer._data_loader_iter = iter(self._trainer.data_loader)
+
+    def state_dict(self):
+        """DefaultTrainer's (iteration; hook states: LR scheduler, gradient-balance sums), plus
+        what the next iterations depend on: under "_trainer" (detectron2's later key) the inner
+        trainer's state (optimizer; with AMP the grad scaler), under "rng" the random number
+        generators (seesaw_ecm/rng.py), under "sampler_seed" the train sampler's seed."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        ret["rng"] = rng_states()
+        seed = getattr(_sampler_of(self._trainer.data_loader), "_seed", None)
+        if seed is not None:
+            ret["sampler_seed"] = seed
+        return ret
+
+    def load_state_dict(self, state_dict):
+        """Restore :meth:`state_dict`; the generators are set in :meth:`before_train` (after the
+        hooks' before_train, e.g. LOCE's initialisation pass, which draws random numbers)."""
+        super().load_state_dict(state_dict)
+        inner = state_dict.get("_trainer")
+        if inner is None:
+            logging.getLogger(__name__).warning(
+                "The checkpoint holds no optimizer state (written by an older version): the "
+                "optimizer restarts (SGD momentum 0); the run differs from an uninterrupted one.")
+        else:
+            if isinstance(self._trainer, AMPTrainer) and not inner.get("grad_scaler"):
+                # saved without AMP (or by the disabled CPU scaler): keep this run's scaler
+                inner = {**inner, "grad_scaler": self._trainer.grad_scaler.state_dict()}
+            self._trainer.load_state_dict(inner)
+        sampler = _sampler_of(self._trainer.data_loader)
+        if "sampler_seed" in state_dict and hasattr(sampler, "_seed"):
+            sampler._seed = int(state_dict["sampler_seed"])
+        # the main process's generators (it writes the checkpoints); the other ranks keep
+        # theirs, seeded with SEED + rank: restoring rank 0's there would make them draw alike
+        self._resumed_rng = state_dict.get("rng") if comm.is_main_process() else None
+
+    def before_train(self):
+        """The hooks' before_train; then, on resume, the generators as the checkpoint saved
+        them: the draws continue those of the uninterrupted run."""
+        super().before_train()
+        states, self._resumed_rng = getattr(self, "_resumed_rng", None), None
+        if states is not None:
+            set_rng_states(states)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, with the random number generators left as it found them: an
+        evaluation during training does not change the training that follows (a run resumed
+        from the checkpoint written just before it continues as the uninterrupted run)."""
+        with kept_rng():
+            return super().test(cfg, model, evaluators)
 
     def train(self):
         """Train; return the final evaluation results (DefaultTrainer returns them only when
@@ -159,7 +239,8 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         """detectron2's hooks, with a checkpointer that writes atomically (a job killed while
-        saving leaves the previous checkpoint as the last one); with
+        saving leaves the previous checkpoint as the last one) and writers that also write at
+        every checkpoint (CheckpointFlushingWriter); with
         MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
         checkpointer, whose checkpoints then hold its sums); for LOCE with
         MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED its initialisation pass (seesaw_ecm/loce_init.py)."""
@@ -168,6 +249,8 @@ class Trainer(DefaultTrainer):
                                                save_to_disk=old.save_to_disk,
                                                **old.checkpointables)
         ret = super().build_hooks()
+        ret = [CheckpointFlushingWriter(h._writers, h._period, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+               if type(h) is hooks.PeriodicWriter else h for h in ret]
         if self.cfg.TEST.AUG.ENABLED:  # after the plain evaluation, as detectron2's train_net.py
             at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
             ret.insert(at, hooks.EvalHook(0, self._test_with_tta_and_keep_results))
@@ -239,6 +322,29 @@ def _sampler_of(data_loader):
             return data_loader.sampler
         data_loader = getattr(data_loader, "dataset", None)
     return None
+
+
+def _torch_loader_of(data_loader):
+    """The torch DataLoader inside a detectron2 train loader (itself, or inside an
+    AspectRatioGroupedDataset), or None."""
+    while data_loader is not None and not isinstance(data_loader, torch.utils.data.DataLoader):
+        data_loader = getattr(data_loader, "dataset", None)
+    return data_loader
+
+
+def _continue_stream(sampler, position):
+    """Make a train sampler yield its global index stream from `position` on: a
+    CeilRepeatSampler's `start`; detectron2's TrainingSampler / RepeatFactorTrainingSampler (a
+    seeded `_infinite_indices` that every rank shards) skip its first `position` indices.
+    Returns False for a sampler of neither kind."""
+    if isinstance(sampler, CeilRepeatSampler):
+        sampler.start = position
+        return True
+    infinite = getattr(sampler, "_infinite_indices", None)
+    if infinite is None:
+        return False
+    sampler._infinite_indices = lambda: itertools.islice(infinite(), position, None)
+    return True
 
 
 def _fmt(value):

@@ -124,13 +124,22 @@ def _parse_name(path):
     return m
 
 
-def _check_hash(path, m, actual):
-    if not actual.startswith(m["sha"]):
+def check_sha256(path, expected, actual, recorded_in, fix):
+    """Raise SeesawEcmError naming both hashes unless `actual` (the file's full sha256) starts
+    with `expected` (8 hex digits or the full 64) that `recorded_in` holds; `fix`: the sentence
+    saying what to do."""
+    if not actual.startswith(expected):
+        what = "sha256" if len(expected) == 64 else "a sha256 starting with"
         raise SeesawEcmError(
-            f"{path} is corrupted: its name expects a sha256 starting with {m['sha']}, but the "
-            f"file's sha256 is {actual} ({os.path.getsize(path)} bytes). The file was truncated "
-            "or modified; download / copy it again, or re-export it with tools/export_model.py."
+            f"{path} is corrupted: {recorded_in} expects {what} {expected}, but the file's "
+            f"sha256 is {actual} ({os.path.getsize(path)} bytes). The file was truncated or "
+            f"modified; {fix}"
         )
+
+
+def _check_hash(path, m, actual):
+    check_sha256(path, m["sha"], actual, "its name", "download / copy it again, or re-export "
+                 "it with tools/export_model.py.")
 
 
 def verify_file(path):
