@@ -336,6 +336,13 @@ def _load_gt(path):
     return _GT_CACHE[path]
 
 
+def report_path(folder):
+    """`folder` as a report records it: relative to the working directory when inside it (so a
+    committed report names no machine's folders), else absolute."""
+    rel = os.path.relpath(os.path.abspath(folder))
+    return os.path.abspath(folder) if rel.startswith(os.pardir) else rel
+
+
 def read_run(folder, per_class=True, bootstrap=0):
     """Everything the benchmark needs from one finished run folder, as a JSON-able dict:
     loss (from the config; a control's label from its LABEL_FILE), arch, seed, final metrics
@@ -373,7 +380,7 @@ def read_run(folder, per_class=True, bootstrap=0):
                        if timed[i]["iteration"] <= timed[i - 1]["iteration"]])
     times = [r["time"] for r in timed[start:]]
     run = {
-        "path": os.path.abspath(folder),
+        "path": report_path(folder),
         "loss": loss,
         "arch": ("htc_lite" if "HTCLite" in heads else "cascade" if "Cascade" in heads
                  else "mask_rcnn"),

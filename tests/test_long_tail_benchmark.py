@@ -527,3 +527,15 @@ def test_demo_has_every_method_with_the_synthetic_configs_thresholds():
     bags = load(*harness.config_for("bags", "cascade", "configs/Demo"))
     assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.2.cls_score.weight")
     assert re.match(bags.MODEL.LONG_TAIL.TRAINABLE[0], "roi_heads.box_predictor.cls_score.weight")
+
+
+def test_report_paths_are_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    """A run folder under the working directory is recorded relative to it (a committed report
+    names no machine's folders); one outside keeps its absolute path."""
+    from benchmarks.harness import report_path
+
+    (tmp_path / "work" / "out" / "ce").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert report_path("out/ce") == os.path.join("out", "ce")
+    assert report_path(str(tmp_path / "work" / "out" / "ce")) == os.path.join("out", "ce")
+    assert report_path(str(tmp_path)) == str(tmp_path)
