@@ -77,19 +77,21 @@ class GradientBalance:
 
     @torch.no_grad()
     def _accumulate(self, stage, labels, grad):
-        """grad: (R, >= C) dL/dz; labels: (R,). Vectorised: no loop over classes."""
+        """grad: (R, >= C) dL/dz; labels: (R,). Vectorised (no loop over classes) and without a
+        host sync: background RoIs add zeros to class 0 instead of being selected out."""
         num_classes = self.num_classes
         g = grad[:, :num_classes].abs()  # (R, C), summed in float64 below
         fg = labels < num_classes
-        idx = labels[fg]
-        on_label = g[fg].gather(1, idx[:, None]).squeeze(1).double()  # (R_fg,) |dL/dz_{r,y_r}|
+        idx = torch.where(fg, labels, 0)
+        # (R,) |dL/dz_{r,y_r}| of the foreground RoIs, 0 for the background ones
+        on_label = torch.where(fg, g.gather(1, idx[:, None]).squeeze(1).double(), 0.0)
         if self.step is None:
             self.step = torch.zeros_like(self.total, device=grad.device)
         positive = torch.zeros(num_classes, dtype=torch.float64, device=grad.device)
         positive.index_add_(0, idx, on_label)
         self.step[0, stage] += positive
         self.step[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
-        self.step[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
+        self.step[2, stage] += torch.zeros_like(positive).index_add_(0, idx, fg.double())
 
     @torch.no_grad()
     def end_step(self, loss_scale=1.0, skipped=False):
