@@ -2,6 +2,8 @@
 counter sees what syncs on CUDA and nothing else, and every long-tail loss with every head syncs
 no more often than stock detectron2 with the same architecture, apart from the extra syncs
 listed in PER_PREDICTOR and PER_IMAGE with the reason each stays."""
+import re
+
 import pytest
 import torch
 
@@ -56,12 +58,6 @@ PER_IMAGE = {
         ("Tensor.cpu", "detectron2/structures/masks.py"):
             (1, "the mask head trains on the last stage's matches: their polygon masks (a Python "
                 "list on the host) are selected by those matches"),
-    },
-    "loce": {
-        ("nonzero", "detectron2/layers/wrappers.py"):
-            (4, "detectron2's ROIPooler assigns the jittered boxes to the FPN levels"),
-        ("repeat_interleave without output_size", "detectron2/modeling/poolers.py"):
-            (0.5, "detectron2's ROIPooler: the image index of the jittered boxes (once a batch)"),
     },
 }
 IMAGES = 2
@@ -246,3 +242,36 @@ def test_predictor_metrics_equal_the_host_computation(objectness):
     assert len(expected) == 3 and got.keys() == expected.keys()
     for k in expected:
         assert got[k] == pytest.approx(expected[k], abs=1e-7 if objectness else 0), k
+
+
+def test_flush_hook_puts_the_pending_scalars_at_the_writer_s_iterations():
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from seesaw_ecm import deferred_scalars
+
+    with EventStorage() as storage, deferred_scalars.defer_cpu_tensors():
+        hook = deferred_scalars.FlushScalarsHook(period=4)
+        hook.trainer = SimpleNamespace(iter=0, max_iter=6, storage=storage)
+        flushed_at = []
+        for it in range(6):
+            hook.trainer.iter = storage.iter = it
+            deferred_scalars.put_scalars(acc=torch.tensor(it / 10))
+            hook.after_step()
+            if "acc" in storage.histories() and storage.latest()["acc"][1] == it:
+                flushed_at.append(it)
+        assert flushed_at == [3, 5]  # every 4th iteration and the last, as PeriodicWriter
+        expected = [(float(torch.tensor(i / 10)), i) for i in range(6)]
+        assert storage.history("acc").values() == expected
+
+
+@pytest.mark.slow
+def test_command_line_prints_the_counts_and_where_they_differ(capsys):
+    count_syncs.main(["--config-file", "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+                      "--where", "MODEL.ROI_HEADS.NUM_CLASSES", "12"])
+    out = capsys.readouterr().out
+    model, stock = map(int, re.search(r"yaml (\d+), stock detectron2 \(StandardROIHeads\) (\d+)",
+                                      out).groups())
+    assert 0 < model <= stock
+    assert "seesaw_ecm/losses/seesaw.py:" in out.split("config - stock, where they differ:")[1]
