@@ -275,3 +275,56 @@ def test_command_line_prints_the_counts_and_where_they_differ(capsys):
                                       out).groups())
     assert 0 < model <= stock
     assert "seesaw_ecm/losses/seesaw.py:" in out.split("config - stock, where they differ:")[1]
+
+
+@pytest.mark.slow
+def test_training_writes_the_deferred_metrics_at_every_write(small_synthetic, tmp_path):
+    """train_net with the metrics deferred as on a GPU: each write of metrics.json (every 20
+    iterations and the last) holds the predictor's metrics of that iteration."""
+    import json
+
+    from e2e import SEESAW, train_net_in_process
+
+    from seesaw_ecm import deferred_scalars
+
+    with deferred_scalars.defer_cpu_tensors():
+        train_net_in_process(small_synthetic, tmp_path, SEESAW, "SOLVER.MAX_ITER", "25",
+                             "SOLVER.BASE_LR", "0.005")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    rows = [r for r in rows if "total_loss" in r]
+    assert [r["iteration"] for r in rows] == [19, 24]
+    for row in rows:
+        for name in ("objectness_accuracy", "fg_cls_accuracy", "false_negative"):
+            assert 0 <= row[f"fast_rcnn/{name}"] <= 1
+
+
+def test_gradient_balance_accumulates_and_unscales_without_a_sync():
+    """The recorder's sums, divided by the GradScaler's scale read as a device tensor, against
+    a loop; a skipped step adds nothing; no host sync on the way."""
+    from types import SimpleNamespace
+
+    from seesaw_ecm.gradient_balance import GradientBalance, GradientBalanceHook
+
+    torch.manual_seed(0)
+    C = 3
+    grad, labels = torch.randn(10, C + 1), torch.tensor([0, 1, 3, 2, 2, 3, 0, 3, 1, 2])
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    fake_hook = SimpleNamespace(trainer=SimpleNamespace(_trainer=SimpleNamespace(
+        grad_scaler=scaler)))
+    assert GradientBalanceHook._loss_scale(fake_hook) == 4.0  # no device tensor yet
+    scaler.scale(torch.ones(()))
+    balance = GradientBalance(C)
+    with SyncCounter() as syncs:
+        scale = GradientBalanceHook._loss_scale(fake_hook)
+        balance._accumulate(0, labels, grad * scale)
+        balance.end_step(scale, skipped=scale < scale)
+        balance._accumulate(0, labels, grad * scale)
+        balance.end_step(scale, skipped=torch.tensor(True))  # what GradScaler skipped
+    assert syncs.total == 0, syncs.table()
+    balance.sync()
+    positive = [sum(abs(float(grad[r, c])) for r in range(10) if labels[r] == c) for c in range(C)]
+    negative = [sum(abs(float(grad[r, c])) for r in range(10) if labels[r] != c)
+                for c in range(C)]
+    samples = [float((labels == c).sum()) for c in range(C)]
+    torch.testing.assert_close(balance.total[:, 0], torch.tensor(
+        [positive, negative, samples], dtype=torch.float64))
