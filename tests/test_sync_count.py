@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import train_speed
-from benchmarks.harness import HTC_LITE_OPTS, LOSSES
+from benchmarks.harness import LOSSES
 from tools import count_syncs
 from tools.sync_counter import SyncCounter
 
@@ -84,17 +83,6 @@ def _by_file(counter):
     return out
 
 
-def _cfg(arch, loss):
-    """The tiny synthetic config of `loss` with `arch` ("mask_rcnn", "cascade", "htc_lite";
-    LOCE's own heads for "loce"), as benchmarks.train_speed builds its models."""
-    cascade = arch in ("cascade", "htc_lite")
-    data = {"num_classes": 12, "dataset": "unused"}
-    cfg = train_speed.make_cfg("cascade" if cascade else "mask_rcnn", loss, "cpu", data)
-    if arch == "htc_lite":
-        cfg.merge_from_list(list(HTC_LITE_OPTS) + ["MODEL.HTC_LITE.CONTEXT", True])
-    return cfg
-
-
 CASES = [("mask_rcnn", loss) for loss in LOSSES] + [
     (arch, loss) for arch in ("cascade", "htc_lite") for loss in LOSSES if loss != "loce"]
 FAST = {("mask_rcnn", "seesaw"), ("cascade", "ecm"), ("mask_rcnn", "loce")}
@@ -107,13 +95,8 @@ def stock_counts():
 
 
 def _counts(arch, loss, stock_counts):
-    cfg = count_syncs.step_config(_cfg(arch, loss), IMAGES)
-    batch = count_syncs.synthetic_inputs(cfg, IMAGES)
-    stock_cfg = count_syncs.stock_config(cfg)
-    name = stock_cfg.MODEL.ROI_HEADS.NAME
-    if name not in stock_counts:
-        stock_counts[name] = count_syncs.count_training_step(stock_cfg, batch)
-    return count_syncs.count_training_step(cfg, batch), stock_counts[name]
+    return count_syncs.count_config(count_syncs.grid_config(arch, loss), IMAGES,
+                                    stock_counts=stock_counts)
 
 
 @pytest.mark.parametrize("arch,loss", [
@@ -167,7 +150,7 @@ def test_counter_ignores_work_that_stays_on_the_device():
         z = x.repeat_interleave(2, dim=0).sum() + x.masked_fill(mask[:, None], 0.0).sum()
         torch.nn.functional.one_hot(labels, 5)  # CUDA checks it with device asserts
         (loss + y + z).backward()
-        torch.zeros(3).index_add_(0, labels[:3], torch.ones(3))
+        torch.zeros(5).index_add_(0, labels[:3], torch.ones(3))
     assert syncs.total == 0, syncs.table()
 
 

@@ -4,6 +4,7 @@ architecture, on the CPU (no GPU needed):
 
     python -m tools.count_syncs --config-file configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml
     python -m tools.count_syncs --config-file CONFIG --where [KEY VALUE ...]
+    python -m tools.count_syncs --table     # every loss with every head, tiny configs
 
 One step = forward, sum of the losses, backward and optimizer step of a model built from the
 config (randomly initialized: MODEL.WEIGHTS is not loaded, learning rate 0, so that the stock
@@ -87,24 +88,75 @@ def count_training_step(cfg, batch, warmup=1):
     return counter
 
 
-def count_config(cfg, images=2, warmup=1):
-    """(SyncCounter of `cfg`, SyncCounter of its stock_config) for one step on the same batch."""
+def count_config(cfg, images=2, warmup=1, stock_counts=None):
+    """(SyncCounter of `cfg`, SyncCounter of its stock_config) for one step on the same batch.
+    stock_counts: a dict that keeps the stock counters by ROI heads name, to count each once
+    (for configs of the same base and batch)."""
     cfg = step_config(cfg, images)
     batch = synthetic_inputs(cfg, images)
-    return count_training_step(cfg, batch, warmup), count_training_step(
-        stock_config(cfg), batch, warmup)
+    stock_cfg = stock_config(cfg)
+    stock_counts = {} if stock_counts is None else stock_counts
+    name = stock_cfg.MODEL.ROI_HEADS.NAME
+    if name not in stock_counts:
+        stock_counts[name] = count_training_step(stock_cfg, batch, warmup)
+    return count_training_step(cfg, batch, warmup), stock_counts[name]
+
+
+HEADS = ("mask_rcnn", "cascade", "htc_lite")  # --table's columns; LOCE's loss has its own heads
+
+
+def grid_config(arch, loss, num_classes=12):
+    """The tiny synthetic config of `loss` with `arch` (one of HEADS; LOCE's heads for "loce"),
+    as benchmarks.train_speed builds its models (HTC-Lite with its context encoder)."""
+    from benchmarks import train_speed
+    from benchmarks.harness import HTC_LITE_OPTS
+
+    cascade = arch in ("cascade", "htc_lite")
+    cfg = train_speed.make_cfg("cascade" if cascade else "mask_rcnn", loss, "cpu",
+                               {"num_classes": num_classes, "dataset": "unused"})
+    if arch == "htc_lite":
+        cfg.merge_from_list(list(HTC_LITE_OPTS) + ["MODEL.HTC_LITE.CONTEXT", True])
+    return cfg
+
+
+def print_table(images, warmup):
+    """Syncs per step of every loss with every head (grid_config) and of stock, as a table."""
+    from benchmarks.harness import LOSSES
+    from tabulate import tabulate
+
+    rows, stock_counts = [], {}
+    for loss in LOSSES:
+        row = [loss]
+        for arch in HEADS:
+            if loss != "loce" or arch == "mask_rcnn":
+                model, stock = count_config(grid_config(arch, loss), images, warmup,
+                                            stock_counts)
+                row.append(f"{model.total} ({stock.total})")
+            else:
+                row.append("-")
+        rows.append(row)
+    print(f"syncs per training step (stock detectron2's in parentheses), tiny synthetic "
+          f"configs, {images} images")
+    print(tabulate(rows, headers=["loss"] + [f"{h} (LOCE heads for loce)" if h == "mask_rcnn"
+                                             else h for h in HEADS], tablefmt="github"))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="the config to count")
+    parser.add_argument("--config-file", help="the config to count")
+    parser.add_argument("--table", action="store_true",
+                        help="instead, every loss with every head on tiny synthetic configs")
     parser.add_argument("--images", type=int, default=2, help="images per batch (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="uncounted steps first")
     parser.add_argument("--where", action="store_true",
                         help="list every sync with its source location")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    if args.table:
+        return print_table(args.images, args.warmup)
+    if not args.config_file:
+        parser.error("give --config-file (or --table)")
     cfg = get_cfg()
     add_seesaw_ecm_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
