@@ -10,8 +10,10 @@ One step = forward, sum of the losses, backward and optimizer step of a model bu
 config (randomly initialized: MODEL.WEIGHTS is not loaded, learning rate 0, so that the stock
 model, built with the same seed, sees the same proposals), on a batch of synthetic images with
 LVIS-like instance counts (tools/gpu_check/throughput.py) after `--warmup` uncounted steps; the
-class statistics of the losses come with that batch. The trainer's own logging of the losses
-(one read per loss term, as detectron2's SimpleTrainer) is not part of the step. Stock = the
+class statistics of the losses come with that batch. Scalars the model keeps on the device
+(seesaw_ecm/deferred_scalars.py) stay pending in the step, as on a GPU; the trainer's own
+logging of the losses (one read per loss term, as detectron2's SimpleTrainer) is not part of
+the step, nor MODEL.LONG_TAIL.TRAINABLE (the model is detectron2's build_model's). Stock = the
 config with detectron2's GeneralizedRCNN and StandardROIHeads, or CascadeROIHeads for cascade
 heads (HTC-Lite's included).
 """
@@ -22,7 +24,6 @@ from detectron2.config import get_cfg
 from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads
 from detectron2.utils.events import EventStorage
-
 
 from seesaw_ecm import deferred_scalars
 from seesaw_ecm.config import add_seesaw_ecm_config, merge_config
