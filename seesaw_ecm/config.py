@@ -271,9 +271,10 @@ def add_long_tail_baselines_config(cfg):
     cfg.MODEL.LONG_TAIL.LOCE.QUEUE_SIZE = 80
     # Storage of the memory's features: "float32" (official) or "float16" (half the size).
     cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DTYPE = "float32"
-    # Where the memory lives: "cpu" (the official default; replayed features are copied to the
-    # model's device) or "model" (the model's device: no copies, but GPU memory).
-    cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DEVICE = "cpu"
+    # Where the memory lives: "model" (the model's device: on a GPU no copies and no host
+    # syncs per step, for its GPU memory) or "cpu" (the official default: enqueued features
+    # are copied to the host, replayed ones back to the model's device, every step).
+    cfg.MODEL.LONG_TAIL.LOCE.MEMORY_DEVICE = "model"
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_CLASSES = 8  # classes replayed per iteration (by 1 / m_c)
     cfg.MODEL.LONG_TAIL.LOCE.SAMPLED_FEATURES = 4  # features replayed per drawn class
     # Initialisation pass (the official InitializerHook; seesaw_ecm/loce_init.py): before

@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
 from .data.samplers import CeilRepeatSampler
+from .deferred_scalars import FlushScalarsHook
 from .epochs import EpochProgressHook, plan_training
 from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
@@ -242,7 +243,8 @@ class Trainer(DefaultTrainer):
         saving leaves the previous checkpoint as the last one) and writers that also write at
         every checkpoint (CheckpointFlushingWriter); with
         MODEL.LONG_TAIL.GRADIENT_BALANCE.ENABLED also the gradient-balance hook (before the
-        checkpointer, whose checkpoints then hold its sums); for LOCE with
+        checkpointer, whose checkpoints then hold its sums); the flush of the scalars the model
+        keeps on the device (deferred_scalars) before the writers; for LOCE with
         MODEL.LONG_TAIL.LOCE.INIT_PASS.ENABLED its initialisation pass (seesaw_ecm/loce_init.py)."""
         old = self.checkpointer  # DefaultTrainer.__init__ builds it just before build_hooks()
         self.checkpointer = AtomicCheckpointer(old.model, old.save_dir,
@@ -258,6 +260,10 @@ class Trainer(DefaultTrainer):
         ret.insert(0, EpochProgressHook(self.cfg.SOLVER.IMS_PER_BATCH,
                                         schedule.epoch_size if schedule else None))
         ret[:0] = loce_init_hooks(self.cfg)  # LOCE's initialisation pass: first in before_train
+        # the metrics the heads keep on the device, read just before detectron2's writers
+        writer = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+        ret.insert(writer[0] if writer else len(ret),
+                   FlushScalarsHook(ret[writer[0]]._period if writer else 20))
         gb = self.cfg.MODEL.LONG_TAIL.GRADIENT_BALANCE
         if not gb.ENABLED:
             return ret

@@ -77,32 +77,36 @@ class GradientBalance:
 
     @torch.no_grad()
     def _accumulate(self, stage, labels, grad):
-        """grad: (R, >= C) dL/dz; labels: (R,). Vectorised: no loop over classes."""
+        """grad: (R, >= C) dL/dz; labels: (R,). Vectorised (no loop over classes) and without a
+        host sync: background RoIs add zeros to class 0 instead of being selected out."""
         num_classes = self.num_classes
         g = grad[:, :num_classes].abs()  # (R, C), summed in float64 below
         fg = labels < num_classes
-        idx = labels[fg]
-        on_label = g[fg].gather(1, idx[:, None]).squeeze(1).double()  # (R_fg,) |dL/dz_{r,y_r}|
+        idx = torch.where(fg, labels, 0)
+        # (R,) |dL/dz_{r,y_r}| of the foreground RoIs, 0 for the background ones
+        on_label = torch.where(fg, g.gather(1, idx[:, None]).squeeze(1).double(), 0.0)
         if self.step is None:
             self.step = torch.zeros_like(self.total, device=grad.device)
         positive = torch.zeros(num_classes, dtype=torch.float64, device=grad.device)
         positive.index_add_(0, idx, on_label)
         self.step[0, stage] += positive
         self.step[1, stage] += g.sum(dim=0, dtype=torch.float64) - positive
-        self.step[2, stage] += torch.bincount(idx, minlength=num_classes).to(torch.float64)
+        self.step[2, stage] += torch.zeros_like(positive).index_add_(0, idx, fg.double())
 
     @torch.no_grad()
     def end_step(self, loss_scale=1.0, skipped=False):
         """Close the iteration: add its sums divided by `loss_scale` (the GradScaler's scale of
         its backward pass) to ``pending``; nothing if the optimizer skipped the step
-        (`skipped`) or a sum is not finite. The sample counts are not scaled."""
+        (`skipped`) or a sum is not finite. The sample counts are not scaled. `loss_scale` and
+        `skipped` may be device tensors (0-dim): nothing is read on the host."""
         step, self.step = self.step, None
-        if step is None or skipped:
+        if step is None or skipped is True:
             return
         step[:2] /= loss_scale
-        # no host sync: a non-finite iteration adds zeros
+        # no host sync: a skipped or non-finite iteration adds zeros
+        keep = torch.isfinite(step).all() & ~torch.as_tensor(skipped, device=step.device)
         self.pending = (0 if self.pending is None else self.pending) + torch.where(
-            torch.isfinite(step).all(), step, torch.zeros_like(step))
+            keep, step, torch.zeros_like(step))
 
     def sync(self, device="cpu"):
         """Add every rank's pending sums to ``total`` (a collective: call on all ranks). An
@@ -268,9 +272,13 @@ class GradientBalanceHook(HookBase):
         detach(self.predictors)
 
     def _loss_scale(self):
-        """The GradScaler's current scale (1 without mixed precision or with a disabled one)."""
+        """The GradScaler's current scale (1 without mixed precision or with a disabled one),
+        a copy of its device tensor once it has one (``get_scale`` would sync the host)."""
         scaler = getattr(getattr(self.trainer, "_trainer", None), "grad_scaler", None)
-        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = scaler._get_scale_async()
+        return scaler.get_scale() if scale is None else scale.clone()
 
     def after_step(self):
         # GradScaler.update() lowers the scale exactly when it skipped the optimizer step; the

@@ -9,8 +9,9 @@ import functools
 import torch
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
 from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
-from detectron2.utils.events import _CURRENT_STORAGE_STACK, get_event_storage
+from detectron2.utils.events import _CURRENT_STORAGE_STACK
 
+from .deferred_scalars import put_scalars
 from .errors import SeesawEcmError
 
 # SOLVER.CLIP_GRADIENTS.CLIP_TYPE values: detectron2's GradientClipType and "full_model"
@@ -30,10 +31,10 @@ def check_clip_config(cfg):
 
 def clip_full_model(parameters, max_norm, norm_type):
     """clip_grad_norm_ of all `parameters` together; inside training, the norm before clipping
-    goes to the EventStorage as `grad_norm`."""
+    goes to the EventStorage as `grad_norm` (read at the next write: deferred_scalars)."""
     norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type)
     if _CURRENT_STORAGE_STACK:  # an EventStorage is open (training)
-        get_event_storage().put_scalar("grad_norm", norm.item())
+        put_scalars(grad_norm=norm)
     return norm
 
 

@@ -135,6 +135,10 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     assert rows["cascade stock"]["x_stock"] == 1.0
     assert all(r["s_per_iter"] > 0 and r["x_stock"] > 0 for r in rows.values())
     assert sections["throughput"]["settings"]["rounds_timed"] >= 1
+    # the syncs per step beside the times: Seesaw's classification metrics stay on the device
+    assert all(r["syncs"] > 0 and r["stock_syncs"] > 0 for r in rows.values())
+    assert rows["mask_rcnn seesaw"]["syncs"] <= rows["mask_rcnn seesaw"]["stock_syncs"]
+    assert "syncs/iter" in (out / "gpu_check.log").read_text()
 
     training = sections["training"]
     assert training["iterations"] == 6 and {"bbox/AP", "segm/APf"} <= set(training["evaluation"])

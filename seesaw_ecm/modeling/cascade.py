@@ -11,7 +11,7 @@ from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads, _ScaleGr
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
-from detectron2.structures import Instances, pairwise_iou
+from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -224,13 +224,23 @@ class LongTailCascadeROIHeads(CascadeROIHeads):
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
         """detectron2's relabelling, plus the matched gt masks where a mask head trains on this
-        stage's RoIs."""
-        proposals = super()._match_and_label_boxes(proposals, stage, targets)
-        if self.mask_on and self._needs_mask_targets(stage):
-            for p, t in zip(proposals, targets):
-                if len(t):  # same matcher, same IoUs: the same assignment as above
-                    iou = pairwise_iou(t.gt_boxes, p.proposal_boxes)
-                    p.gt_masks = t.gt_masks[self.proposal_matchers[stage](iou)[0]]
+        stage's RoIs (from the matches detectron2 computes, which it does not keep)."""
+        if not (self.mask_on and self._needs_mask_targets(stage)):
+            return super()._match_and_label_boxes(proposals, stage, targets)
+        matcher, matches = self.proposal_matchers[stage], []
+
+        def recording_matcher(iou):
+            matches.append(matcher(iou))
+            return matches[-1]
+
+        self.proposal_matchers[stage] = recording_matcher
+        try:
+            proposals = super()._match_and_label_boxes(proposals, stage, targets)
+        finally:
+            self.proposal_matchers[stage] = matcher
+        for p, t, (matched_idxs, _) in zip(proposals, targets, matches):
+            if len(t):
+                p.gt_masks = t.gt_masks[matched_idxs]
         return proposals
 
     def _stage_losses(self, head_outputs):

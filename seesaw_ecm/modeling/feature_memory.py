@@ -79,7 +79,9 @@ class FeatureMemory:
     @torch.no_grad()
     def enqueue(self, features, labels, proposal_boxes, gt_boxes):
         """Write each class's first ``queue_size`` new entries after its last ones, wrapping
-        around (the official enqueue_dequeue), all classes at once.
+        around (the official enqueue_dequeue), all classes at once, without a host sync: an
+        entry after a class's first ``queue_size`` writes that class's entry of the same slot
+        again (the same value twice), instead of being dropped.
 
         Args:
             features: (M, *feature_shape); labels: (M,) int64 in [0, C);
@@ -91,15 +93,16 @@ class FeatureMemory:
         labels = labels.to(device)
         order = torch.sort(labels, stable=True).indices
         sorted_labels = labels[order]
-        counts = torch.bincount(labels, minlength=self.num_classes)
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=device).scatter_add_(
+            0, labels, torch.ones_like(labels))  # bincount, which syncs on CUDA
         first = torch.cumsum(counts, 0) - counts  # where each class starts in `order`
         rank = torch.arange(labels.numel(), device=device) - first[sorted_labels]
-        keep = rank < self.queue_size
-        order, rank, sorted_labels = order[keep], rank[keep], sorted_labels[keep]
+        rank = rank % self.queue_size
+        source = order[first[sorted_labels] + rank]  # the entry itself when rank < queue_size
         slot = (self.pointer[sorted_labels] + rank) % self.queue_size
-        self.features[sorted_labels, slot] = features.to(device, self.dtype)[order]
+        self.features[sorted_labels, slot] = features.to(device, self.dtype)[source]
         self.boxes[sorted_labels, slot] = torch.cat([proposal_boxes, gt_boxes], 1).to(
-            device, torch.float32)[order]
+            device, torch.float32)[source]
         written = counts.clamp(max=self.queue_size)
         self.pointer = (self.pointer + written) % self.queue_size
         self.filled = (self.filled + written).clamp(max=self.queue_size)

@@ -14,7 +14,6 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN
-from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Boxes
@@ -79,10 +78,20 @@ def context_loss(logits, positives, negatives=None):
 
 def _image_index(boxes):
     """(R,) index of the image each box belongs to, for a list of per-image Boxes (R = their
-    total number). Trace-safe: detectron2's pooler format counts the boxes with
-    ``Boxes.__len__``, which tracing records as a tensor op (Python ``len()`` would freeze the
-    traced number of boxes)."""
-    return convert_boxes_to_pooler_format(boxes)[:, 0].long()
+    total number). Without a host sync (detectron2's pooler format repeats the image indices by
+    a tensor of counts) and trace-safe (the sizes follow the boxes' tensors, not Python
+    ``len()``, which would freeze the traced number of boxes)."""
+    return torch.cat([torch.full_like(b.tensor[:, 0], i, dtype=torch.long)
+                      for i, b in enumerate(boxes)])
+
+
+def _clipped(boxes, image_size):
+    """Boxes of (R, 4) XYXY `boxes` clipped to `image_size` (height, width): Boxes.clip without
+    its host-side finiteness check (these boxes come from the RoIs that the cascade's stages
+    checked; non-finite deltas make the loss non-finite, which the trainer reports)."""
+    height, width = image_size
+    limits = boxes.new_tensor([width, height, width, height])
+    return Boxes(torch.minimum(boxes.clamp(min=0), limits))
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -162,8 +171,7 @@ class HTCLiteROIHeads(LongTailCascadeROIHeads):
         if self.mask_on:
             if self.interleaved:  # the boxes the last stage regressed, gt assignment unchanged
                 for p, boxes in zip(last, refined):
-                    p.proposal_boxes = Boxes(boxes.detach())
-                    p.proposal_boxes.clip(p.image_size)
+                    p.proposal_boxes = _clipped(boxes.detach(), p.image_size)
             losses.update(self._forward_mask(features, last, context))
         if logits is not None:
             losses["loss_context"] = self.context_loss_weight * self._context_loss(logits, targets)

@@ -25,7 +25,8 @@ class LOCEROIHeads(LongTailROIHeads):
     """In training, per iteration (the official order):
 
     1. the RoI features of 16 jittered boxes around every ground-truth box are pooled
-       (detached) and enqueued in the :class:`FeatureMemory`;
+       (detached; in one pooler call with the sampled proposals) and enqueued in the
+       :class:`FeatureMemory`;
     2. classes are drawn from the memory by inverse mean score and their features appended to
        the box head's input, as extra foreground RoIs with their regression targets;
     3. the equilibrium loss's mean scores are updated from this batch's scores (one entry per
@@ -45,6 +46,7 @@ class LOCEROIHeads(LongTailROIHeads):
             raise SeesawEcmError('ROI_HEADS.NAME "LOCEROIHeads" needs MODEL.LONG_TAIL.LOSS '
                                  '"loce" (the equilibrium loss whose mean scores it updates).')
         self.memory = memory
+        self._jittered = self._targets = None  # of the training forward that runs
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -68,7 +70,8 @@ class LOCEROIHeads(LongTailROIHeads):
         logger.info(
             f"LOCE feature memory: {memory.num_classes} classes x {memory.queue_size} x "
             f"{memory.feature_shape} {loce.MEMORY_DTYPE} = {memory.nbytes() / 1e9:.3f} GB on "
-            f"{loce.MEMORY_DEVICE} (allocated when first filled)")
+            f"{'the CPU' if loce.MEMORY_DEVICE == 'cpu' else 'the model device'} (allocated "
+            "when first filled)")
         ret["memory"] = memory
         return ret
 
@@ -84,24 +87,35 @@ class LOCEROIHeads(LongTailROIHeads):
         return super().label_and_sample_proposals(proposals, targets)
 
     def forward(self, images, features, proposals, targets=None):
-        if self.training:
-            self._enqueue(features, targets)
-        return super().forward(images, features, proposals, targets)
+        if self.training:  # drawn first, as the official enqueue draws before the sampling
+            self._jittered = [jittered_boxes(t.gt_boxes.tensor, t.image_size) for t in targets]
+            self._targets = targets
+        try:
+            return super().forward(images, features, proposals, targets)
+        finally:
+            self._jittered = self._targets = None
 
-    def _enqueue(self, features, targets):
-        boxes = [jittered_boxes(t.gt_boxes.tensor, t.image_size) for t in targets]
-        pooled = self.box_pooler([features[f] for f in self.box_in_features],
-                                 [Boxes(b) for b in boxes])
+    def _pool(self, features, proposals):
+        """(RoI features of the proposals, of the jittered boxes) from one call of the box
+        pooler, which syncs the host per call (its level assignment): both lists in one."""
+        pairs = list(zip(proposals, self._jittered))
+        boxes = [Boxes.cat([p.proposal_boxes, Boxes(j)]) for p, j in pairs]
+        pooled = self.box_pooler([features[f] for f in self.box_in_features], boxes)
+        parts = pooled.split([n for p, j in pairs for n in (len(p), len(j))])
+        return cat(parts[0::2]), cat(parts[1::2])
+
+    def _enqueue(self, pooled, targets):
         repeat = lambda x: x.repeat_interleave(16, dim=0)  # noqa: E731  (16 boxes per GT)
         self.memory.enqueue(pooled.detach(), cat([repeat(t.gt_classes) for t in targets]),
-                            cat(boxes), cat([repeat(t.gt_boxes.tensor) for t in targets]))
+                            cat(self._jittered),
+                            cat([repeat(t.gt_boxes.tensor) for t in targets]))
 
     def _forward_box(self, features, proposals):
         if not self.training:
             return super()._forward_box(features, proposals)
         loss = self.box_predictor.cls_loss
-        feature_list = [features[f] for f in self.box_in_features]
-        box_features = self.box_pooler(feature_list, [p.proposal_boxes for p in proposals])
+        box_features, jittered_features = self._pool(features, proposals)
+        self._enqueue(jittered_features, self._targets)
         replay, labels, replay_boxes, replay_gt = self.memory.sample(
             loss.mean_score, box_features.device)
         box_features = self.box_head(torch.cat([box_features, replay.to(box_features)]))

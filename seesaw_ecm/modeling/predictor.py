@@ -4,10 +4,10 @@ the factory of every ROI heads' box predictors (:func:`build_box_predictor`)."""
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, _log_classification_stats
-from detectron2.utils.events import get_event_storage
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
+from ..deferred_scalars import put_scalars
 from ..layers import NormedLinear
 from .calibration import ScoreCalibration
 from .cls_loss import build_cls_loss, uses_cosine_classifier
@@ -20,6 +20,23 @@ def _classifier(input_size, num_outputs, cosine, temperature):
     nn.init.normal_(layer.weight, std=0.01)
     nn.init.constant_(layer.bias, 0)
     return layer
+
+
+def log_classification_stats(pred_logits, gt_classes, prefix="fast_rcnn"):
+    """detectron2's ``_log_classification_stats`` (accuracy, foreground accuracy and false
+    negatives of (R, C + 1) logits, background last, against (R,) labels), the same values
+    (counts divided in float64), put with deferred_scalars: no host sync."""
+    pred_classes = pred_logits.detach().argmax(dim=1)
+    bg_class_ind = pred_logits.shape[1] - 1
+    fg = (gt_classes >= 0) & (gt_classes < bg_class_ind)
+    num_fg = fg.sum(dtype=torch.float64)
+    correct = pred_classes == gt_classes
+    put_scalars(**{f"{prefix}/cls_accuracy": correct.sum(dtype=torch.float64)
+                   / gt_classes.numel()})
+    put_scalars(valid=num_fg > 0, **{
+        f"{prefix}/fg_cls_accuracy": (correct & fg).sum(dtype=torch.float64) / num_fg,
+        f"{prefix}/false_negative": ((pred_classes == bg_class_ind) & fg).sum(
+            dtype=torch.float64) / num_fg})
 
 
 class LongTailOutputLayers(FastRCNNOutputLayers):
@@ -119,25 +136,27 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def _log_stats(self, scores, gt_classes):
+        """The accuracies detectron2's predictor logs (with objectness: of the objectness and of
+        the classes), kept on the device until the trainer's next write (deferred_scalars)."""
+        if gt_classes.numel() == 0:
+            return
         if self.objectness is None:
             if scores.shape[1] == self.num_classes:  # no background logit: it counts as 0
                 scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
             elif scores.shape[1] != self.num_classes + 1:  # a group layout: its probabilities
                 scores = self.cls_loss.get_probs(scores.detach())
             # (R, C + 1) logits with background last: detectron2's own metrics apply
-            _log_classification_stats(scores, gt_classes)
+            log_classification_stats(scores, gt_classes)
             return
-        if gt_classes.numel() == 0:
-            return
-        class_logits, objectness_logits = self._split(scores)
-        storage = get_event_storage()
+        class_logits, objectness_logits = self._split(scores.detach())
         fg = gt_classes < self.num_classes
         pred_bg = objectness_logits[:, 1] > objectness_logits[:, 0]
-        storage.put_scalar("fast_rcnn/objectness_accuracy", (pred_bg != fg).float().mean().item())
-        if fg.any():
-            fg_correct = class_logits[fg].argmax(dim=1) == gt_classes[fg]
-            storage.put_scalar("fast_rcnn/fg_cls_accuracy", fg_correct.float().mean().item())
-            storage.put_scalar("fast_rcnn/false_negative", pred_bg[fg].float().mean().item())
+        num_fg = fg.float().sum()
+        fg_correct = (class_logits.argmax(dim=1) == gt_classes) & fg
+        put_scalars(**{"fast_rcnn/objectness_accuracy": (pred_bg != fg).float().mean()})
+        put_scalars(valid=num_fg > 0, **{
+            "fast_rcnn/fg_cls_accuracy": fg_correct.float().sum() / num_fg,
+            "fast_rcnn/false_negative": (pred_bg & fg).float().sum() / num_fg})
 
     def predict_probs(self, predictions, proposals, rescale=True):
         """list of (Ri, C + 1) class probabilities per image, background last, calibrated by

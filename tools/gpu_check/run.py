@@ -10,7 +10,8 @@ OUT/gpu_check.log:
    the CPU (float32), autocast float16 is finite and close to float32, Seesaw counts are
    all-reduced on device tensors;
 4. throughput (throughput.py): s/iter and peak GPU memory of Mask R-CNN and Cascade with each
-   loss against stock detectron2, with and without AMP, at LVIS scale, in one process;
+   loss against stock detectron2, with and without AMP, at LVIS scale, in one process, with
+   the host syncs per iteration of each (tools/sync_counter.py);
 5. training (training.py): train_net.py with the synthetic Seesaw config, evaluation,
    checkpoints, export;
 6. converted (converted.py): an official-checkpoint layout per family converted, LVIS-size
@@ -209,8 +210,10 @@ def summary(doc):
         from tabulate import tabulate  # after the install step
 
         lines.append(tabulate(
-            [[r["name"], r["s_per_iter"], r["x_stock"], r["peak_mib"], r["x_stock_memory"]]
-             for r in rows], headers=["model", "s/iter", "x stock", "peak MiB", "x stock memory"],
+            [[r["name"], r["s_per_iter"], r["x_stock"], r["peak_mib"], r["x_stock_memory"],
+              r.get("syncs"), r.get("stock_syncs")] for r in rows],
+            headers=["model", "s/iter", "x stock", "peak MiB", "x stock memory", "syncs/iter",
+                     "stock syncs/iter"],
             tablefmt="github", floatfmt=("", ".4f", ".3f", ".0f", ".3f"), missingval="-"))
     training = sections.get("training", {})
     if "evaluation" in training:

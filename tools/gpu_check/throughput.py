@@ -11,9 +11,12 @@ portrait) with LVIS-like instance counts: the (i + 0.5) / n quantiles of a geome
 distribution with LVIS v1 train's mean of 12.7 instances per image, boxes of 16 px up to 60%
 of the short side, 12-vertex polygon masks, classes drawn by a long-tailed count vector that
 also gives ECM and Federated their statistics. --tiny runs the same code with the synthetic
-R18 config and small images. AMP rows need CUDA.
+R18 config and small images. AMP rows need CUDA. Beside each time, the number of operations of
+one more training step that make the host wait for the device (tools/sync_counter.py: item,
+nonzero, boolean masks, ...), the model's and its stock's.
 """
 import math
+import time
 
 import numpy as np
 import torch
@@ -22,6 +25,8 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from benchmarks import train_speed as ts
+from seesaw_ecm import deferred_scalars
+from tools.sync_counter import SyncCounter
 
 ARCHS = ("mask_rcnn", "cascade")
 LVIS_INSTANCES_PER_IMAGE = 12.7  # LVIS v1 train: 1,270,141 instances in 100,170 images
@@ -92,6 +97,22 @@ def synthetic_batch(n_images, num_classes, short, long, seed=0):
     return batch
 
 
+def count_syncs(cases, deadline):
+    """{case name: operations that sync the host in one more training step of it}
+    (tools/sync_counter.py), or None for the cases left when `deadline` has passed."""
+    out = {}
+    for case in cases:
+        if time.monotonic() > deadline:
+            out[case.name] = None
+            continue
+        cpu = case.device.type == "cpu"  # the rehearsal: count as on the GPU
+        with SyncCounter(backward_origins=False, cpu_is_device=cpu) as syncs, \
+                deferred_scalars.defer_cpu_tensors():
+            case.step()
+        out[case.name] = syncs.total
+    return out
+
+
 def run(device, tiny, deadline):
     """The section: {"settings", "rows", "targets"}; rows: one per (arch, loss, amp). AMP rows
     only on CUDA: CPU autocast (bfloat16) ran ~8x slower than float32 here."""
@@ -111,6 +132,7 @@ def run(device, tiny, deadline):
         cases = [ts.Case(name, ts.make_cfg(arch, loss, device.type, data, scale["base"], opts),
                          batch, amp=amp) for name, arch, loss, amp in specs]
         timed = ts.time_cases(cases, scale["warmup"], scale["repeats"], stock_of, deadline)
+        syncs = count_syncs(cases, deadline)
     peaks = {c.name: c.peak_mib for c in cases}
     rows = []
     for name, arch, loss, amp in specs:
@@ -118,7 +140,8 @@ def run(device, tiny, deadline):
         peak, stock_peak = peaks[name], peaks[stock_of[name]]
         rows.append(dict(name=name, arch=arch, loss=loss or "stock", amp=amp, s_per_iter=seconds,
                          x_stock=ratio, peak_mib=peak,
-                         x_stock_memory=peak / stock_peak if peak is not None else None))
+                         x_stock_memory=peak / stock_peak if peak is not None else None,
+                         syncs=syncs[name], stock_syncs=syncs[stock_of[name]]))
     return {
         "settings": dict(
             base_config=scale["base"], classes=scale["num_classes"], images_per_gpu=IMAGES_PER_GPU,
