@@ -12,17 +12,9 @@ from tools import count_syncs
 from tools.sync_counter import SyncCounter
 
 # The syncs that remain in seesaw_ecm/, per box predictor (one per cascade stage), by loss:
-# {loss: {(operation, file): (count, why it stays)}}. Those of the losses are those of their
-# published algorithms, whose outputs have shapes that depend on the labels.
+# {loss: {(operation, file): (count, why it stays)}}: outputs whose shapes depend on the labels
+# or the memory in the published algorithms. Every other loss syncs exactly as CE.
 PER_PREDICTOR = {
-    "seesaw": {
-        ("index with a boolean mask", "seesaw_ecm/losses/seesaw.py"):
-            (2, "the Seesaw term is a softmax over the foreground RoIs only"),
-        ("index_put with a boolean mask", "seesaw_ecm/losses/seesaw.py"):
-            (1, "backward of that selection"),
-        ("bincount", "seesaw_ecm/losses/seesaw.py"):
-            (1, "the cumulative class counts (bincount syncs on CUDA for its length)"),
-    },
     "federated": {
         ("_unique2", "seesaw_ecm/losses/federated.py"):
             (1, "the classes present in the batch (detectron2's federated loss does the same)"),
@@ -31,20 +23,7 @@ PER_PREDICTOR = {
         ("int(tensor)", "seesaw_ecm/losses/federated.py"):
             (1, "how many negatives remain to sample (torch.multinomial takes an int)"),
     },
-    "droploss": {
-        ("index with a boolean mask", "seesaw_ecm/losses/droploss.py"):
-            (1, "the share of tail classes among the foreground RoIs"),
-    },
-    "bags": {  # one each per foreground group (4 on the synthetic set)
-        ("int(tensor)", "seesaw_ecm/losses/group_softmax.py"):
-            (4, "how many 'others' RoIs each group samples (an int for randperm)"),
-        ("nonzero", "seesaw_ecm/losses/group_softmax.py"): (4, "those RoIs' indices"),
-    },
     "loce": {
-        ("index with a boolean mask", "seesaw_ecm/losses/equilibrium.py"):
-            (3, "the mean-score update averages the foreground RoIs per ground-truth entry"),
-        ("_unique2", "seesaw_ecm/losses/equilibrium.py"): (1, "the entries present"),
-        ("bincount", "seesaw_ecm/losses/equilibrium.py"): (2, "RoIs per entry, entries per class"),
         ("index with a boolean mask", "seesaw_ecm/modeling/feature_memory.py"):
             (1, "drawn classes with an empty queue replay nothing (official): the number of "
                 "replayed RoIs depends on the memory"),
@@ -251,13 +230,13 @@ def test_flush_hook_puts_the_pending_scalars_at_the_writer_s_iterations():
 
 @pytest.mark.slow
 def test_command_line_prints_the_counts_and_where_they_differ(capsys):
-    count_syncs.main(["--config-file", "configs/Synthetic/mask_rcnn_R18_FPN_seesaw.yaml",
+    count_syncs.main(["--config-file", "configs/Synthetic/mask_rcnn_R18_FPN_federated.yaml",
                       "--where", "MODEL.ROI_HEADS.NUM_CLASSES", "12"])
     out = capsys.readouterr().out
     model, stock = map(int, re.search(r"yaml (\d+), stock detectron2 \(StandardROIHeads\) (\d+)",
                                       out).groups())
     assert 0 < model <= stock
-    assert "seesaw_ecm/losses/seesaw.py:" in out.split("config - stock, where they differ:")[1]
+    assert "seesaw_ecm/losses/federated.py:" in out.split("config - stock, where they differ:")[1]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ config with detectron2's GeneralizedRCNN and StandardROIHeads, or CascadeROIHead
 heads (HTC-Lite's included).
 """
 import argparse
+from unittest import mock
 
 import torch
 from detectron2.config import get_cfg
@@ -28,6 +29,7 @@ from detectron2.utils.events import EventStorage
 from seesaw_ecm import deferred_scalars
 from seesaw_ecm.config import add_seesaw_ecm_config, merge_config
 from seesaw_ecm.engine import Trainer
+from seesaw_ecm.losses import seesaw as seesaw_loss
 
 from tools.sync_counter import SyncCounter
 
@@ -74,7 +76,10 @@ def count_training_step(cfg, batch, warmup=1):
     model.train()
     optimizer = Trainer.build_optimizer(cfg, model)
     counter = SyncCounter()
-    with EventStorage(), deferred_scalars.defer_cpu_tensors():  # as the GPU would
+    # as on a GPU: metrics kept on the device, and the losses' accelerator paths (Seesaw's class
+    # term on every row instead of selecting the foreground rows, free only on the CPU)
+    with EventStorage(), deferred_scalars.defer_cpu_tensors(), \
+            mock.patch.object(seesaw_loss, "_select_rows", lambda device: False):
         for i in range(warmup + 1):
             if i == warmup:
                 counter.__enter__()
