@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from .checkpoint import AtomicCheckpointer
 from .data.mapper import CheckedDatasetMapper
 from .data.samplers import CeilRepeatSampler
-from .deferred_scalars import FlushScalarsHook
+from .deferred_scalars import FlushScalarsHook, flush
 from .epochs import EpochProgressHook, plan_training
 from .errors import SeesawEcmError
 from .evaluation.evaluator import lvis_evaluator_class
@@ -81,6 +81,7 @@ class CheckpointFlushingWriter(hooks.PeriodicWriter):
         done = self.trainer.iter + 1
         if done % self._checkpoint_period == 0 and done % self._period and \
                 done != self.trainer.max_iter:
+            flush(self.trainer.storage)  # the metrics the heads keep on the device, as at a period
             for writer in self._writers:
                 writer.write()
 
