@@ -10,7 +10,7 @@ _aten = torch.ops.aten
 
 
 def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, scale=1.0,
-                bias=None, sigmoid_sums=False):
+                bias=None, sigmoid_sums=False, columns=None):
     """sum_{i,c} W_ic * BCE_with_logits(x_ic, t_ic), x = scale * logits + bias,
     t_ic = [c == labels_i].
 
@@ -39,13 +39,22 @@ def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, s
             negative entries, times entry_weight ((K,)), and sigmoid(x) of each row's positive
             entry ((N,); any value for a row without one), for losses that collect gradient
             statistics (|dBCE/dx| = sigmoid(x) on a negative, 1 - sigmoid(x) on a positive).
+        columns: (K',) int64 distinct columns, or None (all K): the sum runs over these columns
+            only (the others have weight 0; a row whose label is not among them has no
+            positive entry). The forward reads only them; the backward writes the (N, K)
+            gradient in one pass, zeros elsewhere (no scatter). Not with ``scale``, ``bias``,
+            ``entry_weight`` or ``sigmoid_sums``.
 
     Returns:
         the scalar sum, or (sum, (K,) negative sums, (N,) positive sigmoids) with
         ``sigmoid_sums``.
     """
+    if columns is not None and (scale != 1 or bias is not None or entry_weight is not None
+                                or sigmoid_sums):
+        raise ValueError("sigmoid_bce: columns cannot be combined with scale, bias, "
+                         "entry_weight or sigmoid_sums")
     out = _SigmoidBCE.apply(logits, labels, weight, target_weight, entry_weight, scale, bias,
-                            sigmoid_sums)
+                            sigmoid_sums, columns)
     return out if sigmoid_sums else out[0]
 
 
@@ -68,7 +77,16 @@ class _SigmoidBCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, weight, target_weight, entry_weight, scale, bias,
-                sigmoid_sums):
+                sigmoid_sums, columns):
+        logits = logits.contiguous()  # (a copy only if not): entries read by flat index
+        full = (logits, labels, weight)
+        if columns is not None:  # the sub-problem on the columns; the backward on full width
+            position = labels.new_full((logits.shape[1] + 1,), columns.numel())
+            position[columns] = torch.arange(columns.numel(), device=labels.device)
+            labels = position[labels.clamp(max=logits.shape[1])]
+            logits, weight = logits.index_select(1, columns), weight.index_select(0, columns)
+            full = (full[0], full[1], full[2].new_zeros(full[2].shape).index_copy_(0, columns,
+                                                                                  weight))
         n, k = logits.shape
         flat, cols, has = _positives(labels, k)
         affine = bias is not None or scale != 1
@@ -79,10 +97,9 @@ class _SigmoidBCE(torch.autograd.Function):
             x_pos = -minus_x.view(-1).index_select(0, flat)
             saved = (minus_x, exp_abs)
         else:
-            logits = logits.contiguous()  # (a copy only if not): entries read by flat index
             negatives = F.softplus(logits, threshold=_SOFTPLUS_THRESHOLD)
             x_pos = logits.view(-1).index_select(0, flat)
-            saved = (logits, None)
+            saved = (full[0], None)
         if entry_weight is not None:
             negatives.mul_(entry_weight)
         _replace_positives(negatives, flat, has, 0)  # counted below as softplus(-x)
@@ -93,8 +110,8 @@ class _SigmoidBCE(torch.autograd.Function):
         del negatives
         ctx.scale, ctx.affine = scale, affine
         sigmoid_pos = torch.sigmoid(x_pos)
-        if not sigmoid_sums:
-            ctx.save_for_backward(*saved, labels, weight, target_weight, entry_weight,
+        if not sigmoid_sums:  # full width: labels, weight (0 off the columns) and logits
+            ctx.save_for_backward(*saved, full[1], full[2], has, target_weight, entry_weight,
                                   sigmoid_pos, None)
             return loss, None, None
         sigmoid = _sigmoid(*saved, affine)
@@ -102,7 +119,7 @@ class _SigmoidBCE(torch.autograd.Function):
             sigmoid.mul_(entry_weight)
         _replace_positives(sigmoid, flat, has, 0)
         # saved for the backward, which reads it without modifying it (a second backward may)
-        ctx.save_for_backward(None, None, labels, weight, target_weight, None, sigmoid_pos,
+        ctx.save_for_backward(None, None, labels, weight, has, target_weight, None, sigmoid_pos,
                               sigmoid)
         sums = (sigmoid.new_ones(n).matmul(sigmoid), sigmoid_pos.clone())
         ctx.mark_non_differentiable(*sums)
@@ -111,9 +128,9 @@ class _SigmoidBCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, *unused):
-        (x, exp_abs, labels, weight, target_weight, entry_weight, sigmoid_pos,
+        (x, exp_abs, labels, weight, has, target_weight, entry_weight, sigmoid_pos,
          sigmoid) = ctx.saved_tensors
-        flat, cols, has = _positives(labels, weight.numel())
+        flat, cols, _ = _positives(labels, weight.numel())
         factor = grad * ctx.scale
         column_factor = weight * factor
         if sigmoid is not None:
@@ -124,7 +141,7 @@ class _SigmoidBCE(torch.autograd.Function):
                 grad_logits.mul_(entry_weight)
         w_pos = weight.index_select(0, cols) if target_weight is None else target_weight
         _replace_positives(grad_logits, flat, has, (sigmoid_pos - 1) * w_pos * factor)
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def _sigmoid(x, exp_abs, affine, factor=None):
