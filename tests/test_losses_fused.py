@@ -79,7 +79,6 @@ def test_sigmoid_bce_matches_bce_with_logits(dtype, variant):
         assert (labels >= k).any()  # rows whose entries are all negative were exercised
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sigmoid_bce_on_columns_matches_the_selected_submatrix(dtype):
     """columns=: the value of the BCE on the selected columns (labels mapped into them, none
@@ -102,6 +101,7 @@ def test_sigmoid_bce_on_columns_matches_the_selected_submatrix(dtype):
     assert got[1][:, others].abs().max() == 0 and got[1][:, columns].abs().min() > 0
     with pytest.raises(ValueError, match="columns"):
         sigmoid_bce(x, labels, weight, scale=2.0, columns=columns)
+
 
 def test_sigmoid_bce_sigmoid_sums_and_a_second_backward():
     g = torch.Generator().manual_seed(2)

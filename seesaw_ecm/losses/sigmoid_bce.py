@@ -85,8 +85,7 @@ class _SigmoidBCE(torch.autograd.Function):
             position[columns] = torch.arange(columns.numel(), device=labels.device)
             labels = position[labels.clamp(max=logits.shape[1])]
             logits, weight = logits.index_select(1, columns), weight.index_select(0, columns)
-            full = (full[0], full[1], full[2].new_zeros(full[2].shape).index_copy_(0, columns,
-                                                                                  weight))
+            full = (*full[:2], full[2].new_zeros(full[2].shape).index_copy_(0, columns, weight))
         n, k = logits.shape
         flat, cols, has = _positives(labels, k)
         affine = bias is not None or scale != 1
