@@ -144,8 +144,10 @@ class _SigmoidBCE(torch.autograd.Function):
 
 
 def _sigmoid(x, exp_abs, affine, factor=None):
-    """factor * sigmoid(x) (N, K), one pass; ``x`` is -x and ``exp_abs`` = exp(-|x|) when
-    ``affine`` (log_sigmoid_forward's buffer; empty on CUDA, which recomputes it)."""
+    """factor * sigmoid(x) (N, K) in one pass (factor: (N, K), may be expanded; None: 1).
+
+    ``x``, ``exp_abs`` as the forward saves them: x and None, or with ``affine`` -x and exp(-|x|)
+    (log_sigmoid_forward's buffer; empty on CUDA, whose backward recomputes it)."""
     if factor is None and not affine:
         return torch.sigmoid(x)
     if factor is None:
