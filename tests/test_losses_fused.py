@@ -79,6 +79,30 @@ def test_sigmoid_bce_matches_bce_with_logits(dtype, variant):
         assert (labels >= k).any()  # rows whose entries are all negative were exercised
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sigmoid_bce_on_columns_matches_the_selected_submatrix(dtype):
+    """columns=: the value of the BCE on the selected columns (labels mapped into them, none
+    for a label outside), the gradient on them and zeros on every other column."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 60, 9
+    x = (torch.randn(n, k, generator=g, dtype=torch.float64) * 6).to(dtype)
+    x[0, 2] = 60.0  # saturated
+    labels = torch.randint(k, (n,), generator=g)
+    weight = (torch.rand(k, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    columns = torch.tensor([5, 2, 7, 0])
+    position = torch.full((k,), columns.numel()).index_copy_(0, columns, torch.arange(4))
+    assert (position[labels] == 4).any() and (position[labels] < 4).any()
+    got = value_and_grad(lambda z: sigmoid_bce(z, labels, weight, columns=columns), x)
+    expected = value_and_grad(lambda z: reference_bce(z[:, columns], position[labels],
+                                                      weight[columns]), x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    others = torch.ones(k, dtype=torch.bool).index_fill_(0, columns, False)
+    assert got[1][:, others].abs().max() == 0 and got[1][:, columns].abs().min() > 0
+    with pytest.raises(ValueError, match="columns"):
+        sigmoid_bce(x, labels, weight, scale=2.0, columns=columns)
+
+
 def test_sigmoid_bce_sigmoid_sums_and_a_second_backward():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)

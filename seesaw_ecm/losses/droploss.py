@@ -27,9 +27,10 @@ class DropLoss(EQLLoss):
         super().__init__(image_frequency, lambda_=lambda_, prior_prob=prior_prob,
                          loss_weight=loss_weight, num_classes=num_classes)
 
-    def ignored_negatives(self, labels, tail):
-        """(N, C) bool, drawn anew at every call (see the class docstring); computed on the
-        device, without reading a value back.
+    def kept_negatives(self, labels, tail, dtype):
+        """(N, C) weights of the negative entries, ``dtype``: 0 where ignored (see the class
+        docstring), else 1; drawn anew at every call, on the device, without reading a value
+        back. :meth:`ignored_negatives` is its zeros.
 
         Args:
             labels: (N,) int64 in [0, C].
@@ -37,14 +38,12 @@ class DropLoss(EQLLoss):
         """
         fg = labels < self.num_classes
         draws = torch.rand(labels.numel(), self.num_classes, device=labels.device)
-        # NaN without foreground RoIs (0 / 0): every comparison is False, every negative kept
         tail_fg = (tail[labels.clamp(max=self.num_classes - 1)] & fg).sum()
-        keep_share = tail_fg.float() / fg.sum()
+        # without foreground RoIs (0 / 0, NaN in the official code) every negative is kept: 2
+        keep_share = (tail_fg.float() / fg.sum()).nan_to_num(nan=2.0)
         # foreground rows drop every tail negative: their threshold is below any draw
         threshold = torch.where(fg, -1.0, keep_share)
-        return (draws > threshold[:, None]) & tail[None, :]
-
-    def kept_negatives(self, labels, tail, dtype):
-        """(N, C) weights of the negative entries, ``dtype``: 0 where :meth:`ignored_negatives`
-        (drawn anew), else 1."""
-        return torch.logical_not(self.ignored_negatives(labels, tail)).to(dtype)
+        # in place, one pass: the draw on a tail column, -2 (below any threshold) elsewhere
+        tail = tail.to(draws.dtype)
+        torch.addcmul(2 * tail - 2, draws, tail, out=draws)
+        return torch.le(draws, threshold[:, None], out=draws.new_empty(draws.shape, dtype=dtype))

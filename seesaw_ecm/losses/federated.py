@@ -100,11 +100,8 @@ class FederatedLoss(nn.Module):
         classes = self.sample_classes(labels)
         if classes.numel() == 0:  # no class present and none eligible: nothing to train
             return {"loss_cls": logits.sum() * 0}
-        # each label's column among the K selected ones (K: not selected, background included)
-        position = torch.full((self.num_classes + 1,), classes.numel(), device=labels.device)
-        position[classes] = torch.arange(classes.numel(), device=labels.device)
-        loss = sigmoid_bce(logits.index_select(1, classes), position[labels],
-                           logits.new_ones(classes.numel()))
+        # the background column (C) is never among the classes: background rows train none
+        loss = sigmoid_bce(logits, labels, logits.new_ones(logits.shape[1]), columns=classes)
         return {"loss_cls": loss * (self.loss_weight / max(labels.numel(), 1))}
 
     def get_probs(self, logits):

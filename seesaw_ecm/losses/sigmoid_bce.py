@@ -6,10 +6,11 @@ from torch.nn import functional as F
 
 # softplus(x) = x beyond it: exact in float32 and float64
 _SOFTPLUS_THRESHOLD = 40
+_aten = torch.ops.aten
 
 
 def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, scale=1.0,
-                bias=None, sigmoid_sums=False):
+                bias=None, sigmoid_sums=False, columns=None):
     """sum_{i,c} W_ic * BCE_with_logits(x_ic, t_ic), x = scale * logits + bias,
     t_ic = [c == labels_i].
 
@@ -18,8 +19,11 @@ def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, s
     ``F.binary_cross_entropy_with_logits(x, one_hot, weight=W, reduction="sum")``, as stably:
     BCE(x, 0) = softplus(x) and BCE(x, 1) = softplus(-x), each computed directly (no
     cancellation). Cheaper: no one-hot or (N, K) weight tensor is built, the weighted sum over
-    the columns is one matrix-vector product, and the backward is fused,
-    dL/dlogits = scale * W (sigmoid(x) - t), from one saved (N, K) tensor.
+    the columns is one matrix-vector product, the positive entries are an (N,) correction, and
+    the backward, dL/dlogits = scale * W (sigmoid(x) - t), is one fused pass over (N, K)
+    (``softplus_backward`` with the column weights broadcast; with an affine x, the forward
+    computes ``log_sigmoid_forward(-x)``, which keeps exp(-|x|), and the backward
+    ``log_sigmoid_backward`` reads it: no second exponential).
 
     Args:
         logits: (N, K) float.
@@ -35,75 +39,119 @@ def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, s
             negative entries, times entry_weight ((K,)), and sigmoid(x) of each row's positive
             entry ((N,); any value for a row without one), for losses that collect gradient
             statistics (|dBCE/dx| = sigmoid(x) on a negative, 1 - sigmoid(x) on a positive).
+        columns: (K',) int64 distinct columns, or None (all K): the sum runs over these columns
+            only (the others have weight 0; a row whose label is not among them has no
+            positive entry). The forward reads only them; the backward writes the (N, K)
+            gradient in one pass, zeros elsewhere (no scatter). Not with ``scale``, ``bias``,
+            ``entry_weight`` or ``sigmoid_sums``.
 
     Returns:
         the scalar sum, or (sum, (K,) negative sums, (N,) positive sigmoids) with
         ``sigmoid_sums``.
     """
+    if columns is not None and (scale != 1 or bias is not None or entry_weight is not None
+                                or sigmoid_sums):
+        raise ValueError("sigmoid_bce: columns cannot be combined with scale, bias, "
+                         "entry_weight or sigmoid_sums")
     out = _SigmoidBCE.apply(logits, labels, weight, target_weight, entry_weight, scale, bias,
-                            sigmoid_sums)
+                            sigmoid_sums, columns)
     return out if sigmoid_sums else out[0]
 
 
 def _positives(labels, num_columns):
-    """(rows, columns, has): index of each row's positive entry (clamped into range) and
-    whether the row has one."""
+    """(flat, columns, has): flat index into the (N, K) entries of each row's positive entry
+    and its column (both clamped into range), and whether the row has one."""
+    cols = labels.clamp(max=num_columns - 1)
     rows = torch.arange(labels.numel(), device=labels.device)
-    return rows, labels.clamp(max=num_columns - 1), labels < num_columns
+    return rows * num_columns + cols, cols, labels < num_columns
 
 
-def _negative_sigmoid(x, entry_weight, rows, cols, has):
-    """sigmoid(x) * entry_weight, 0 on the positive entries; and sigmoid of the positives."""
-    sigmoid = torch.sigmoid(x)
-    if entry_weight is not None:
-        sigmoid.mul_(entry_weight)
-    positives = torch.sigmoid(x[rows, cols])
-    sigmoid[rows, cols] = torch.where(has, 0, sigmoid[rows, cols])
-    return sigmoid, positives
+def _replace_positives(matrix, flat, has, values):
+    """In place: the positive entry of each row that has one set to ``values`` ((N,) or a
+    number); the other entries unchanged."""
+    entries = matrix.view(-1)
+    entries.index_copy_(0, flat, torch.where(has, values, entries.index_select(0, flat)))
 
 
 class _SigmoidBCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, weight, target_weight, entry_weight, scale, bias,
-                sigmoid_sums):
-        if bias is not None:
-            x = torch.add(bias, logits, alpha=scale)
+                sigmoid_sums, columns):
+        logits = logits.contiguous()  # (a copy only if not): entries read by flat index
+        full = (logits, labels, weight)
+        if columns is not None:  # the sub-problem on the columns; the backward on full width
+            position = labels.new_full((logits.shape[1] + 1,), columns.numel())
+            position[columns] = torch.arange(columns.numel(), device=labels.device)
+            labels = position[labels.clamp(max=logits.shape[1])]
+            logits, weight = logits.index_select(1, columns), weight.index_select(0, columns)
+            full = (*full[:2], full[2].new_zeros(full[2].shape).index_copy_(0, columns, weight))
+        n, k = logits.shape
+        flat, cols, has = _positives(labels, k)
+        affine = bias is not None or scale != 1
+        if affine:  # minus_x = -x, one pass; log_sigmoid_forward keeps exp(-|x|) for the backward
+            minus_x = (torch.add(-bias, logits, alpha=-scale) if bias is not None
+                       else logits * -scale)
+            negatives, exp_abs = _aten.log_sigmoid_forward(minus_x)  # -softplus(x)
+            x_pos = -minus_x.view(-1).index_select(0, flat)
+            saved = (minus_x, exp_abs)
         else:
-            x = logits * scale if scale != 1 else logits
-        rows, cols, has = _positives(labels, x.shape[1])
-        x_pos = x[rows, cols]
-        w_pos = weight[cols] if target_weight is None else target_weight
-        negatives = F.softplus(x, threshold=_SOFTPLUS_THRESHOLD)
+            negatives = F.softplus(logits, threshold=_SOFTPLUS_THRESHOLD)
+            x_pos = logits.view(-1).index_select(0, flat)
+            saved = (full[0], None)
         if entry_weight is not None:
             negatives.mul_(entry_weight)
-        # positive entries: out of the weighted column sums, counted as softplus(-x) instead
-        negatives[rows, cols] = torch.where(has, 0, negatives[rows, cols])
-        positives = F.softplus(-x_pos, threshold=_SOFTPLUS_THRESHOLD)
-        loss = negatives.matmul(weight).sum() + (positives * w_pos).masked_fill(~has, 0).sum()
+        _replace_positives(negatives, flat, has, 0)  # counted below as softplus(-x)
+        w_pos = weight.index_select(0, cols) if target_weight is None else target_weight
+        positives = F.softplus(-x_pos, threshold=_SOFTPLUS_THRESHOLD) * w_pos
+        negative_sum = negatives.matmul(weight).sum()
+        loss = (-negative_sum if affine else negative_sum) + positives.masked_fill(~has, 0).sum()
         del negatives
-        ctx.scale = scale
-        if not sigmoid_sums:  # the backward computes sigmoid(x)
-            ctx.save_for_backward(x, labels, weight, target_weight, entry_weight, None, None)
+        ctx.scale, ctx.affine = scale, affine
+        sigmoid_pos = torch.sigmoid(x_pos)
+        if not sigmoid_sums:  # full width: labels, weight (0 off the columns) and logits
+            ctx.save_for_backward(*saved, full[1], full[2], has, target_weight, entry_weight,
+                                  sigmoid_pos, None)
             return loss, None, None
-        sigmoid, sigmoid_pos = _negative_sigmoid(x, entry_weight, rows, cols, has)
-        ctx.save_for_backward(None, labels, weight, target_weight, None, sigmoid, sigmoid_pos)
-        sums = (sigmoid.sum(dim=0), sigmoid_pos.clone())
+        sigmoid = _sigmoid(*saved, affine)
+        if entry_weight is not None:
+            sigmoid.mul_(entry_weight)
+        _replace_positives(sigmoid, flat, has, 0)
+        # saved for the backward, which reads it without modifying it (a second backward may)
+        ctx.save_for_backward(None, None, labels, weight, has, target_weight, None, sigmoid_pos,
+                              sigmoid)
+        sums = (sigmoid.new_ones(n).matmul(sigmoid), sigmoid_pos.clone())
         ctx.mark_non_differentiable(*sums)
         return (loss, *sums)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, *unused):
-        x, labels, weight, target_weight, entry_weight, sigmoid, sigmoid_pos = ctx.saved_tensors
-        rows, cols, has = _positives(labels, weight.numel())
+        (x, exp_abs, labels, weight, has, target_weight, entry_weight, sigmoid_pos,
+         sigmoid) = ctx.saved_tensors
+        flat, cols, _ = _positives(labels, weight.numel())
         factor = grad * ctx.scale
-        w_pos = weight[cols] if target_weight is None else target_weight
-        if sigmoid is None:
-            grad_logits, sigmoid_pos = _negative_sigmoid(x, entry_weight, rows, cols, has)
-            grad_logits.mul_(weight * factor)
-        else:  # saved by the forward: not modified, a second backward may read it
-            grad_logits = sigmoid * (weight * factor)
-        positive = (sigmoid_pos - 1) * w_pos * factor
-        grad_logits[rows, cols] = torch.where(has, positive, grad_logits[rows, cols])
-        return grad_logits, None, None, None, None, None, None, None
+        column_factor = weight * factor
+        if sigmoid is not None:
+            grad_logits = sigmoid * column_factor
+        else:
+            grad_logits = _sigmoid(x, exp_abs, ctx.affine, column_factor.expand(x.shape))
+            if entry_weight is not None:
+                grad_logits.mul_(entry_weight)
+        w_pos = weight.index_select(0, cols) if target_weight is None else target_weight
+        _replace_positives(grad_logits, flat, has, (sigmoid_pos - 1) * w_pos * factor)
+        return grad_logits, None, None, None, None, None, None, None, None
+
+
+def _sigmoid(x, exp_abs, affine, factor=None):
+    """factor * sigmoid(x) (N, K) in one pass (factor: (N, K), may be expanded; None: 1).
+
+    ``x``, ``exp_abs`` as the forward saves them: x and None, or with ``affine`` -x and exp(-|x|)
+    (log_sigmoid_forward's buffer; empty on CUDA, whose backward recomputes it)."""
+    if factor is None and not affine:
+        return torch.sigmoid(x)
+    if factor is None:
+        factor = x.new_ones(()).expand(x.shape)
+    if affine:  # d/du log(sigmoid(u)) = sigmoid(-u), u = -x
+        return _aten.log_sigmoid_backward(factor, x, exp_abs)
+    return _aten.softplus_backward(factor, x, 1.0, _SOFTPLUS_THRESHOLD)
