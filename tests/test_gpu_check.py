@@ -110,6 +110,10 @@ def test_cpu_rehearsal_runs_every_section_and_passes(tmp_path):
     sections = doc["sections"]
     assert proc.returncode == 0, json.dumps(sections, indent=1)[-6000:]
     assert doc["passed"] and doc["device"] == "cpu" and doc["tiny"]
+    # the command as given, not the restart's (which adds absolute paths of the machine)
+    assert doc["command"] == ["python", "-m", "tools.gpu_check.run", "--tiny", "--out", str(out),
+                              "--work", str(tmp_path / "work")]
+    assert sections["install"].get("target") in (None, "site")
     assert len(doc["source_sha256"]) == 64 and doc["started"] <= doc["finished"]
     assert list(sections) == ["install", "environment", "correctness", "throughput", "training",
                               "converted"]

@@ -158,7 +158,8 @@ def install(wheelhouse, target, deadline):
     if probe.returncode != 0:
         raise RuntimeError(f"installed, but the stack does not import:\n{probe.stderr[-3000:]}")
     importlib.invalidate_caches()  # `target` was listed (empty) by the imports before
-    return {"installed": True, "target": target, "wheels": [os.path.basename(w) for w in wheels]}
+    return {"installed": True, "target": os.path.basename(target),  # no machine paths
+            "wheels": [os.path.basename(w) for w in wheels]}
 
 
 def environment(device, deadline):
@@ -187,7 +188,10 @@ def run_module(name, *args):
     return importlib.import_module(f"tools.gpu_check.{name}").run(*args)
 
 
-def restart_with_path(target, argv):
+COMMAND_ENV = "SEESAW_ECM_GPU_CHECK_COMMAND"  # the command as given, kept over the restart
+
+
+def restart_with_path(target, argv, given):
     """Replace this process by the same command (`argv`, its paths absolute), run from the
     checkout with the checkout and `target` (the install folder) first in PYTHONPATH, which
     Python reads at start, for this process and its subprocesses alike. The checkout comes
@@ -195,6 +199,7 @@ def restart_with_path(target, argv):
     os.makedirs(target, exist_ok=True)
     path = [ROOT, target] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env.setdefault(COMMAND_ENV, json.dumps(given))
     os.chdir(ROOT)
     os.execve(sys.executable, [sys.executable, "-m", "tools.gpu_check.run", *argv], env)
 
@@ -242,14 +247,17 @@ def main(argv=None):
         absolute = ["--work", work, "--out", os.path.abspath(args.out)]
         if args.wheelhouse:
             absolute += ["--wheelhouse", os.path.abspath(args.wheelhouse)]
-        restart_with_path(target, argv + absolute)
+        restart_with_path(target, argv + absolute, argv)
 
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=[
         logging.FileHandler(os.path.join(args.out, "gpu_check.log"), mode="w"),
         logging.StreamHandler(sys.stdout)])
     report = Report(os.path.join(args.out, "gpu_check.json"), {
-        "schema": 1, "command": sys.argv, "commit": args.commit or git_commit(),
+        # the command as given (the restart adds absolute paths of this machine)
+        "schema": 1, "command": ["python", "-m", "tools.gpu_check.run",
+                                 *json.loads(os.environ.get(COMMAND_ENV, json.dumps(argv)))],
+        "commit": args.commit or git_commit(),
         "source_sha256": source_digest(), "host": platform.node(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sections": {}})
