@@ -19,6 +19,7 @@ import glob
 import io
 import logging
 import os
+import zipfile
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
@@ -96,6 +97,24 @@ def check_weights_file(cfg, eval_only, resume):
                              f"{_missing_fix(source)}.")
     if os.path.isfile(path + SHA256_SUFFIX):
         _verified_sha256(path, path + SHA256_SUFFIX, source)
+    elif _is_zip(path):  # torch.save's format: a cut file has lost its directory at the end
+        try:
+            zipfile.ZipFile(path).close()  # reads the central directory only
+        except (zipfile.BadZipFile, OSError) as e:
+            raise _unreadable(path, source, e) from None
+
+
+def _is_zip(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unreadable(path, source, error):
+    return SeesawEcmError(
+        f"Checkpoint {path} ({os.path.getsize(path)} bytes), named by {source}, cannot be "
+        f"read: {type(error).__name__}: {str(error)[:200]}. It is truncated or not a PyTorch "
+        "checkpoint; resume from an earlier checkpoint (write its name into last_checkpoint) "
+        "or give another file.")
 
 
 def _missing_fix(source):
@@ -154,11 +173,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except Exception as e:  # torch.load / pickle: truncated or not a checkpoint
-            raise SeesawEcmError(
-                f"Checkpoint {filename} ({os.path.getsize(filename)} bytes), named by "
-                f"{self._source}, cannot be read: {type(e).__name__}: {str(e)[:200]}. It is "
-                "truncated or not a PyTorch checkpoint; resume from an earlier checkpoint "
-                "(write its name into last_checkpoint) or give another file.") from None
+            raise _unreadable(filename, self._source, e) from None
 
     def _load_model(self, checkpoint):
         # the keys themselves: a loss may hide its missing buffer (Seesaw's cum_samples restarts

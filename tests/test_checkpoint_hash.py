@@ -74,6 +74,19 @@ def test_truncated_checkpoint_without_record_is_refused(saved):
         AtomicCheckpointer(_Net(), str(saved.parent)).resume_or_load("", resume=True)
 
 
+def test_cut_checkpoint_without_record_is_refused_before_anything(saved):
+    """torch.save's zip format keeps its directory at the end: a cut file is refused by the
+    check before anything is built or written; the whole file passes it."""
+    (saved.parent / "model_0000009.pth.sha256").unlink()
+    cfg = _cfg_with(str(saved.parent / "unused"), weights=str(saved))
+    check_weights_file(cfg, eval_only=True, resume=False)
+    size = saved.stat().st_size
+    saved.write_bytes(saved.read_bytes()[: size - 100])
+    with pytest.raises(SeesawEcmError, match=rf"model_0000009.pth \({size - 100} bytes\), named "
+                       r"by MODEL.WEIGHTS, cannot be read: BadZipFile"):
+        check_weights_file(cfg, eval_only=True, resume=False)
+
+
 def test_missing_checkpoint_is_refused(saved):
     saved.unlink()
     folder = saved.parent
