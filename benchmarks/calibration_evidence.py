@@ -14,8 +14,12 @@ NorCal at that gamma (train_net.py --eval-only: box and mask). Every run is also
 the test split without calibration. All evaluations add AP-fixed and AP-pool (TEST.AP_FIXED,
 TEST.AP_POOL); a model with detectron2's StandardROIHeads (softmax CE) is evaluated as
 LongTailROIHeads with MODEL.LONG_TAIL.LOSS "ce" (the same weights and scores; those heads give
-the top-K-per-class inference AP-fixed needs). NorCal's counts: MODEL.ROI_HEADS.CALIBRATION.COUNTS
-(--counts; image_count: the official NorCal's). Finished steps are reused (their output files).
+the top-K-per-class inference AP-fixed needs). AP-fixed's K (TEST.AP_FIXED.TOPK_PER_CLASS) is
+LVIS' 10,000 per category over its 19,809 validation images scaled to the test split's size
+(151 for 300 images), as docs/BENCHMARKS.md scales it for the synthetic set; LVIS' own 10,000
+would give every detection a mask (seconds per image on a CPU). NorCal's counts:
+MODEL.ROI_HEADS.CALIBRATION.COUNTS (--counts; image_count: the official NorCal's). Finished
+steps are reused (their output files).
 
 Writes --output: per run the holdout sweep, the chosen gamma and the test metrics; per row
 (loss, loss + NorCal) mean ± std over seeds; prints the Markdown table. Paths in the JSON are
@@ -39,6 +43,8 @@ METRICS = ("AP", "APr", "APc", "APf", "AP-pool")
 TASKS = ("bbox", "segm")
 # evaluation overrides of every run: AP-fixed detections and AP-pool on them
 POOL_OPTS = ["TEST.AP_FIXED.ENABLED", "True", "TEST.AP_POOL", "True"]
+# AP-fixed's K on LVIS v1 and the number of LVIS v1 validation images it is meant for
+LVIS_TOPK, LVIS_VAL_IMAGES = 10000, 19809
 # a StandardROIHeads (softmax CE) model evaluated with top-K-per-class inference
 CE_HEADS_OPTS = ["MODEL.ROI_HEADS.NAME", "LongTailROIHeads", "MODEL.LONG_TAIL.LOSS", "ce"]
 
@@ -57,30 +63,37 @@ def _config_of(run):
     return config, keep
 
 
-def _model_opts(run):
-    """Overrides that every evaluation of `run` needs: its weights, AP-pool, CE heads."""
+def scaled_topk(num_images):
+    """AP-fixed's K for a test set of `num_images`: LVIS' K per image, times the images."""
+    return max(1, round(LVIS_TOPK * num_images / LVIS_VAL_IMAGES))
+
+
+def _model_opts(run, topk):
+    """Overrides that every evaluation of `run` needs: its weights, AP-pool (K = `topk`), CE
+    heads."""
     with open(os.path.join(run, "config.yaml")) as f:
         heads = yaml.safe_load(f)["MODEL"]["ROI_HEADS"]["NAME"]
     extra = CE_HEADS_OPTS if heads == "StandardROIHeads" else []
-    return ["MODEL.WEIGHTS", os.path.join(run, "model_final.pth")] + POOL_OPTS + extra
+    return (["MODEL.WEIGHTS", os.path.join(run, "model_final.pth")] + POOL_OPTS
+            + ["TEST.AP_FIXED.TOPK_PER_CLASS", str(topk)] + extra)
 
 
-def sweep_command(run, holdout, gammas, counts):
+def sweep_command(run, holdout, gammas, counts, topk):
     config, opts = _config_of(run)
     return ([sys.executable, "-m", "tools.calibration_sweep", "--config-file", config] + opts
-            + _model_opts(run) + ["DATASETS.TEST", repr((holdout,)),
-                                  "MODEL.ROI_HEADS.CALIBRATION.COUNTS", counts,
-                                  "--output-dir", os.path.join(run, "sweep_holdout"),
-                                  "--gammas"] + [f"{g:g}" for g in gammas])
+            + _model_opts(run, topk) + [
+                "DATASETS.TEST", repr((holdout,)), "MODEL.ROI_HEADS.CALIBRATION.COUNTS", counts,
+                "--output-dir", os.path.join(run, "sweep_holdout"), "--gammas"]
+            + [f"{g:g}" for g in gammas])
 
 
-def eval_command(run, test, out, gamma=None, counts="image_count"):
+def eval_command(run, test, out, topk, gamma=None, counts="image_count"):
     config, opts = _config_of(run)
     calib = [] if gamma is None else [
         "MODEL.ROI_HEADS.CALIBRATION.METHOD", "norcal", "MODEL.ROI_HEADS.CALIBRATION.GAMMA",
         f"{gamma:g}", "MODEL.ROI_HEADS.CALIBRATION.COUNTS", counts]
     return ([sys.executable, "train_net.py", "--config-file", config, "--eval-only"] + opts
-            + _model_opts(run) + calib + ["DATASETS.TEST", repr((test,)), "OUTPUT_DIR", out])
+            + _model_opts(run, topk) + calib + ["DATASETS.TEST", repr((test,)), "OUTPUT_DIR", out])
 
 
 def _run(cmd, done, log):
@@ -122,7 +135,7 @@ def evaluate_run(run, args):
     out = {"run": os.path.relpath(run), "loss": loss}
     if loss in args.calibrate:
         sweep_dir = os.path.join(run, "sweep_holdout")
-        cmd = sweep_command(run, args.holdout, args.gammas, args.counts)
+        cmd = sweep_command(run, args.holdout, args.gammas, args.counts, args.topk)
         _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"))
         with open(os.path.join(sweep_dir, "results.json")) as f:
             sweep = json.load(f)
@@ -131,13 +144,13 @@ def evaluate_run(run, args):
             "AP", "APr", "APc", "APf")} for i, g in enumerate(values)}
         out["gamma"] = choose_gamma(values, per_value)
     plain = os.path.join(run, "eval_test")
-    cmd = eval_command(run, args.test, plain)
+    cmd = eval_command(run, args.test, plain, args.topk)
     _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
          os.path.join(plain, "stdout.txt"))
     out["test"] = read_eval(plain, args.test)
     if "gamma" in out:
         calibrated = os.path.join(run, "eval_test_norcal")
-        cmd = eval_command(run, args.test, calibrated, out["gamma"], args.counts)
+        cmd = eval_command(run, args.test, calibrated, args.topk, out["gamma"], args.counts)
         _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
              os.path.join(calibrated, "stdout.txt"))
         out["test_norcal"] = read_eval(calibrated, args.test)
@@ -186,7 +199,15 @@ def main(argv=None):
                         choices=["model", "instance_count", "image_count"])
     parser.add_argument("--jobs", type=int, default=1, help="evaluations side by side")
     parser.add_argument("--output", required=True, help="JSON to write")
+    parser.add_argument("--topk-per-class", dest="topk", type=int,
+                        help="AP-fixed's K (default: scaled_topk of the test split's images)")
     args = parser.parse_args(argv)
+    if args.topk is None:
+        from detectron2.data import DatasetCatalog
+
+        import seesaw_ecm.data.datasets  # noqa: F401 (registers the built-in sets)
+
+        args.topk = scaled_topk(len(DatasetCatalog.get(args.test)))
     folders = []
     for loss in args.losses:
         base = os.path.join(args.runs, f"{args.arch}_{loss}")
@@ -198,8 +219,8 @@ def main(argv=None):
     table_rows = rows(runs, args.losses, args.calibrate)
     report = {"command": "python -m benchmarks.calibration_evidence " + " ".join(
         argv if argv is not None else sys.argv[1:]), "holdout": args.holdout, "test": args.test,
-        "gammas": args.gammas, "counts": args.counts, "rule": "best holdout box AP, ties: smaller",
-        "rows": table_rows, "runs": runs}
+        "gammas": args.gammas, "counts": args.counts, "topk_per_class": args.topk,
+        "rule": "best holdout box AP, ties: smaller", "rows": table_rows, "runs": runs}
     write_atomic(args.output, json.dumps(report, indent=1) + "\n")
     print(format_table(table_rows))
     print(f"Wrote {args.output}")

@@ -24,21 +24,27 @@ def _run_folder(tmp_path, heads):
 
 def test_commands_keep_the_training_overrides_and_add_pool_and_calibration(tmp_path):
     run = _run_folder(tmp_path, "StandardROIHeads")
-    cmd = evidence.eval_command(run, "val", "out", gamma=0.75, counts="image_count")
+    cmd = evidence.eval_command(run, "val", "out", 151, gamma=0.75, counts="image_count")
     assert cmd[1:5] == ["train_net.py", "--config-file",
                         "configs/Demo/mask_rcnn_R18_FPN_ce.yaml", "--eval-only"]
     opts = dict(zip(cmd[5::2], cmd[6::2]))
     assert opts["SOLVER.MAX_ITER"] == "10" and "SEED" not in opts
     assert opts["MODEL.WEIGHTS"] == os.path.join(run, "model_final.pth")
     assert opts["TEST.AP_POOL"] == "True" and opts["MODEL.ROI_HEADS.NAME"] == "LongTailROIHeads"
+    assert opts["TEST.AP_FIXED.TOPK_PER_CLASS"] == "151"
     assert (opts["MODEL.ROI_HEADS.CALIBRATION.METHOD"], opts["MODEL.ROI_HEADS.CALIBRATION.GAMMA"],
             opts["OUTPUT_DIR"], opts["DATASETS.TEST"]) == ("norcal", "0.75", "out", "('val',)")
-    plain = evidence.eval_command(run, "val", "out")
+    plain = evidence.eval_command(run, "val", "out", 151)
     assert "MODEL.ROI_HEADS.CALIBRATION.METHOD" not in plain
     sweep = evidence.sweep_command(_run_folder(tmp_path / "b", "LongTailROIHeads"), "hold",
-                                   [0, 0.5], "image_count")
+                                   [0, 0.5], "image_count", 151)
     assert sweep[sweep.index("--gammas") + 1:] == ["0", "0.5"]
     assert "MODEL.ROI_HEADS.NAME" not in sweep and "('hold',)" in sweep
+
+
+def test_topk_is_lvis_per_image_k_times_the_images():
+    assert evidence.scaled_topk(300) == 151 and evidence.scaled_topk(250) == 126  # BENCHMARKS.md
+    assert evidence.scaled_topk(19809) == 10000
 
 
 def test_rows_mean_and_std_over_seeds_with_the_chosen_gammas():
