@@ -5,7 +5,7 @@
         --holdout synthetic_lt_demo_holdout --test synthetic_lt_demo_val \\
         --gammas 0 0.25 0.5 0.75 1 1.5 2 --output benchmarks/calibration_evidence_demo.json
 
---runs is the long-tail harness's output folder (benchmarks.long_tail: <arch>_<loss>/seed<k>,
+--runs are long-tail harness output folders (benchmarks.long_tail: <arch>_<loss>/seed<k>,
 each with model_final.pth and harness_command.json). For every run of a --calibrate loss:
 tools.calibration_sweep over --gammas on the --holdout split (box AP, one inference pass), the
 gamma of the best holdout box AP chosen (ties: the smaller gamma; AP, not APr: the rule must
@@ -28,6 +28,7 @@ relative to the working directory (run from the repository root).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -187,10 +188,11 @@ def format_table(table_rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="the long-tail harness's output folder")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="the long-tail harness's output folders (each loss: in any of them)")
     parser.add_argument("--arch", default="mask_rcnn", choices=harness.ARCHS)
     parser.add_argument("--losses", nargs="+", default=["ce", "seesaw", "ecm", "gol"])
-    parser.add_argument("--calibrate", nargs="+", default=["ce", "seesaw"])
+    parser.add_argument("--calibrate", nargs="*", default=["ce", "seesaw"])
     parser.add_argument("--seeds", nargs="+", type=int, help="default: every seed folder")
     parser.add_argument("--holdout", required=True, help="dataset the gamma is chosen on")
     parser.add_argument("--test", required=True, help="dataset the table reports")
@@ -199,6 +201,7 @@ def main(argv=None):
                         choices=["model", "instance_count", "image_count"])
     parser.add_argument("--jobs", type=int, default=1, help="evaluations side by side")
     parser.add_argument("--output", required=True, help="JSON to write")
+    parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--topk-per-class", dest="topk", type=int,
                         help="AP-fixed's K (default: scaled_topk of the test split's images)")
     args = parser.parse_args(argv)
@@ -210,17 +213,22 @@ def main(argv=None):
         args.topk = scaled_topk(len(DatasetCatalog.get(args.test)))
     folders = []
     for loss in args.losses:
-        base = os.path.join(args.runs, f"{args.arch}_{loss}")
-        seeds = args.seeds or sorted(int(d[4:]) for d in os.listdir(base) if d.startswith("seed"))
-        folders += [harness.run_dir(args.runs, loss, args.arch, s) for s in seeds
-                    if harness.is_finished(harness.run_dir(args.runs, loss, args.arch, s))]
+        for runs in args.runs:
+            base = os.path.join(runs, f"{args.arch}_{loss}")
+            if not os.path.isdir(base):
+                continue
+            seeds = args.seeds or sorted(int(d[4:]) for d in os.listdir(base)
+                                         if d.startswith("seed"))
+            folders += [harness.run_dir(runs, loss, args.arch, s) for s in seeds
+                        if harness.is_finished(harness.run_dir(runs, loss, args.arch, s))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         runs = list(pool.map(lambda run: evaluate_run(run, args), folders))
     table_rows = rows(runs, args.losses, args.calibrate)
-    report = {"command": "python -m benchmarks.calibration_evidence " + " ".join(
+    report = {"command": "python -m benchmarks.calibration_evidence " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "holdout": args.holdout, "test": args.test,
         "gammas": args.gammas, "counts": args.counts, "topk_per_class": args.topk,
-        "rule": "best holdout box AP, ties: smaller", "rows": table_rows, "runs": runs}
+        "rule": "best holdout box AP, ties: smaller", "note": args.note, "rows": table_rows,
+        "runs": runs}
     write_atomic(args.output, json.dumps(report, indent=1) + "\n")
     print(format_table(table_rows))
     print(f"Wrote {args.output}")
