@@ -1,6 +1,7 @@
 """Registration and validation of LVIS-format annotation files."""
 import copy
 import json
+import os
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -137,10 +138,12 @@ def test_builtin_synthetic_sets_have_their_annotation_files_in_metadata():
     from seesaw_ecm.data.datasets import DEMO_NAMES, SYNTHETIC_NAMES, synthetic_root
 
     for names, folder in ((SYNTHETIC_NAMES, "synthetic_lt"), (DEMO_NAMES, "synthetic_lt_demo")):
-        for name, split in zip(names, ("train", "val")):
+        assert len(names) == 3
+        for name, split in zip(names, ("train", "val", "holdout")):
             meta = MetadataCatalog.get(name)
             assert meta.json_file == os.path.join(
-                synthetic_root(folder), "annotations", f"lvis_v1_{split}.json")
+                synthetic_root(folder + ("_holdout" if split == "holdout" else "")),
+                "annotations", f"lvis_v1_{split}.json")
             assert meta.evaluator_type == "lvis" and name in DatasetCatalog.list()
 
 
@@ -154,3 +157,18 @@ def test_whole_float_sizes_and_boxes_within_a_pixel_of_the_border_load(tmp_path)
     with pytest.raises(DatasetFormatError, match=r"1 annotation with a bbox outside its image "
                        r"\(by more than 1 px\): annotation 1 \(image 5, 50.0x40.0, "):
         load_lvis_format_json(write(tmp_path, data), "/imgs/")
+
+
+def test_builtin_holdout_split_loads_from_its_own_folder(tmp_path, monkeypatch):
+    from seesaw_ecm.data.datasets import _load_synthetic
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    tiny = dict(num_classes=6, train_images=40, val_images=8, image_size=64, seed=0)
+    val = _load_synthetic("val", "t_tiny_val", "tiny", tiny)
+    holdout = _load_synthetic("holdout", "t_tiny_holdout", "tiny", tiny)
+    assert len(holdout) == len(val) == 8
+    assert all(r["file_name"].startswith(str(tmp_path / "tiny_holdout" / "holdout")) and
+               os.path.isfile(r["file_name"]) for r in holdout)
+    assert not {r["image_id"] for r in holdout} & {r["image_id"] for r in val}
+    assert MetadataCatalog.get("t_tiny_holdout").thing_classes == \
+        MetadataCatalog.get("t_tiny_val").thing_classes

@@ -1,5 +1,6 @@
 """The built-in synthetic long-tailed dataset: LVIS format, long tail, determinism, caching."""
 import collections
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from seesaw_ecm.data.synthetic_lt import (
     ensure_generated,
     frequency_group,
     generate,
+    generate_holdout,
     train_image_targets,
 )
 
@@ -184,6 +186,62 @@ def test_deterministic_per_seed(small, tmp_path):
                 assert f1.read() == f2.read(), name
     other = generate(str(tmp_path / "other"), **dict(SMALL, seed=1))
     assert _load(other["train_json"])["annotations"] != small["train"]["annotations"]
+
+
+# sha256 of TINY's files as the generator wrote them before the holdout split existed: adding a
+# split must leave train and val byte-identical (results on them stay comparable)
+TINY_SHA256 = {
+    "annotations/lvis_v1_train.json":
+        "6186789570065bc5e94a9d1a60d8eea8da2e5dc4e1a36c32eb75d175457525a2",
+    "annotations/lvis_v1_val.json":
+        "2d8d3f350aef11901ea1078263d70ff9a453b8b813a9915e1f6295bc4f6625dd",
+    "train/000000000001.jpg": "f60033a1d7580bbefee6a638a333b0e7c2658c3ca0b801c3ac5f2c9ecbb1457d",
+    "val/000000000041.jpg": "3c4b6b9898fbbb764c27948bf2af3dfca0409301bedd02eaca645f0fa3acbaa9",
+}
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_holdout_split_leaves_train_and_val_as_they_were(tmp_path):
+    out = str(tmp_path / "set")
+    paths = generate_holdout(out, **TINY)
+    assert {name: _sha256(os.path.join(out, name)) for name in TINY_SHA256} == TINY_SHA256
+    assert sorted(os.listdir(out)) == ["annotations", "params.json", "train", "val"]
+    assert paths["image_root"] == os.path.realpath(out) + "_holdout" + os.sep
+    assert _load(os.path.join(out, "params.json"))["val_images"] == TINY["val_images"]
+
+
+def test_holdout_split_is_a_new_balanced_sample(small):
+    paths = generate_holdout(small["out"], **SMALL)
+    holdout = _load(paths["holdout_json"])
+    ids = [im["id"] for im in holdout["images"]]
+    n_before = SMALL["train_images"] + SMALL["val_images"]
+    assert ids == list(range(n_before + 1, n_before + SMALL["val_images"] + 1))  # after val's
+    assert holdout["categories"] == small["train"]["categories"]  # the train counts
+    counts = collections.Counter(a["category_id"] for a in holdout["annotations"])
+    assert len(counts) == SMALL["num_classes"]
+    assert min(counts.values()) >= 15 and max(counts.values()) - min(counts.values()) <= 3
+    present = _present(holdout)
+    for im in holdout["images"]:  # every absent class verified absent, as in val
+        assert set(im["neg_category_ids"]) | present[im["id"]] == set(
+            range(1, SMALL["num_classes"] + 1))
+    # its own scenes: neither val's annotations nor val's pixels
+    shift = SMALL["val_images"]
+    assert [dict(a, image_id=a["image_id"] - shift) for a in holdout["annotations"][:20]] != \
+        small["val"]["annotations"][:20]
+    first = f"{n_before + 1:012d}.jpg"
+    assert os.path.isfile(os.path.join(paths["image_root"], "holdout", first))
+    assert _sha256(os.path.join(paths["image_root"], "holdout", first)) != _sha256(
+        os.path.join(small["out"], "val", f"{SMALL['train_images'] + 1:012d}.jpg"))
+    # cached: a second call rebuilds nothing; another size rebuilds
+    stamp = os.stat(paths["holdout_json"]).st_mtime_ns
+    assert generate_holdout(small["out"], **SMALL) == paths
+    assert os.stat(paths["holdout_json"]).st_mtime_ns == stamp
+    fewer = generate_holdout(small["out"], holdout_images=5, **SMALL)
+    assert len(_load(fewer["holdout_json"])["images"]) == 5
 
 
 def test_cached_folder_is_reused(small):

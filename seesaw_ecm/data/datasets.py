@@ -22,9 +22,12 @@ from .openimages import register_openimages_from_cfg
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_NAMES = ("synthetic_lt_train", "synthetic_lt_val")
+SYNTHETIC_NAMES = ("synthetic_lt_train", "synthetic_lt_val", "synthetic_lt_holdout")
 # the main job's variant (synthetic_lt.DEMO), at $DETECTRON2_DATASETS/synthetic_lt_demo
-DEMO_NAMES = ("synthetic_lt_demo_train", "synthetic_lt_demo_val")
+DEMO_NAMES = ("synthetic_lt_demo_train", "synthetic_lt_demo_val", "synthetic_lt_demo_holdout")
+# the split of each name above; holdout: synthetic_lt.generate_holdout (for choosing a
+# calibration's gamma or tau without the val split, which the benchmarks test on)
+SPLITS = ("train", "val", "holdout")
 
 
 def _fail(json_file, problem):
@@ -345,21 +348,24 @@ def synthetic_root(folder="synthetic_lt"):
 
 
 def _load_synthetic(split, name, folder, params):
-    from .synthetic_lt import ensure_generated  # generated on first use, then cached
+    # generated on first use, then cached
+    from .synthetic_lt import ensure_generated, generate_holdout
 
-    paths = ensure_generated(synthetic_root(folder), **params)
+    build = generate_holdout if split == "holdout" else ensure_generated
+    paths = build(synthetic_root(folder), **params)
     return load_lvis_format_json(paths[f"{split}_json"], paths["image_root"], name)
 
 
 def register_synthetic():
     """Register the built-in synthetic long-tailed sets: the default generator settings
-    (synthetic_lt_*) and the main job's (synthetic_lt_demo_*, synthetic_lt.DEMO)."""
+    (synthetic_lt_*) and the main job's (synthetic_lt_demo_*, synthetic_lt.DEMO), each with
+    its train, val and holdout split (SPLITS; the holdout split in `<folder>_holdout`)."""
     from .synthetic_lt import DEMO
 
     for names, folder, params in ((SYNTHETIC_NAMES, "synthetic_lt", {}),
                                   (DEMO_NAMES, "synthetic_lt_demo", DEMO)):
-        root = synthetic_root(folder)
-        for name, split in zip(names, ("train", "val")):
+        for name, split in zip(names, SPLITS):
+            root = synthetic_root(folder + ("_holdout" if split == "holdout" else ""))
             DatasetCatalog.register(
                 name, lambda s=split, n=name, f=folder, p=params: _load_synthetic(s, n, f, p))
             MetadataCatalog.get(name).set(

@@ -11,6 +11,9 @@ Layout under `out_dir` (see datasets/README.md):
     annotations/lvis_v1_train.json, annotations/lvis_v1_val.json
     train/000000000001.jpg ...  val/<id>.jpg ...   (ids unique across the two splits)
     params.json                 generator parameters + version, written last
+and, built on first use by generate_holdout, a held-out split (balanced like val, for choosing
+hyper-parameters such as a calibration's gamma without the test split) beside it in
+`<out_dir>_holdout`: annotations/lvis_v1_holdout.json, holdout/<id>.jpg, params.json.
 """
 import fcntl
 import glob
@@ -32,6 +35,9 @@ DEFAULTS = dict(num_classes=60, train_images=2000, val_images=250, image_size=16
 # instances per class: less evaluation noise on APr).
 DEMO = dict(num_classes=30, train_images=800, val_images=300, image_size=96, seed=0,
             rare_share=0.3, rare_images=(10, 8))
+# the random streams of each split: scene plans ([seed, 2, key]) and rendering ([seed, 3 + key,
+# image]); the held-out split has streams of its own, so train and val are as without it
+SPLIT_KEYS = {"train": 0, "val": 1, "holdout": 2}
 
 COLOURS = {  # RGB
     "red": (215, 45, 40),
@@ -204,8 +210,8 @@ def _allocate(targets, capacities, rng):
 def _scene_plans(split, num_classes, n_images, seed, tail=None):
     """Per image, the class index of every object to draw (duplicates allowed), in draw order
     before placement: list of int arrays. Train: long tail (`tail`: train_image_targets'
-    rare_share / rare_images); val: balanced."""
-    rng = np.random.default_rng([seed, 2, int(split == "val")])
+    rare_share / rare_images); val and holdout: balanced."""
+    rng = np.random.default_rng([seed, 2, SPLIT_KEYS[split]])
     n_objects = rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1, n_images)
     if split == "train":
         targets = train_image_targets(num_classes, n_images, seed, **(tail or {}))
@@ -508,9 +514,9 @@ def _build(root, params):
     os.makedirs(os.path.join(root, "annotations"))
     splits = {}
     layout = (("train", n_train, 1), ("val", n_val, n_train + 1))  # split, images, first id
-    for key, (split, n, first_id) in enumerate(layout):
+    for split, n, first_id in layout:
         plans = _scene_plans(split, num_classes, n, seed, _tail(params))
-        splits[split] = _write_split(root, split, plans, first_id, params, 3 + key)
+        splits[split] = _write_split(root, split, plans, first_id, params, 3 + SPLIT_KEYS[split])
     cats = _categories(num_classes, splits["train"][1])
     for split, (images, annotations) in splits.items():
         dataset = dict(
@@ -582,6 +588,40 @@ def generate(
         # raises early for infeasible sizes
         train_image_targets(num_classes, train_images, seed, **_tail(params))
     return _paths(build_cached(out_dir, params, _build, force))
+
+
+def generate_holdout(out_dir, holdout_images=None, force=False, **params):
+    """The held-out split of the set generate(out_dir, **params) makes (built first if needed):
+    `holdout_images` (default: as many as val) balanced scenes drawn like val's from random
+    streams of their own, image ids after the val ids, the train split's categories (counts,
+    frequency groups). For choosing hyper-parameters (a calibration's gamma) on data that is
+    neither trained on nor the test split. Written to `<out_dir>_holdout` (cached as `generate`
+    caches, keyed on the set's parameters too); the set at `out_dir` is not changed.
+    Returns {"holdout_json", "image_root"} (image_root as in `generate`)."""
+    paths = ensure_generated(out_dir, **params)
+    base = _read_params(os.path.realpath(out_dir))
+    n = base["val_images"] if holdout_images is None else holdout_images
+    if n < 1:
+        raise ValueError(f"need >= 1 holdout image, got {n}")
+    root = build_cached(os.path.realpath(out_dir) + "_holdout", dict(base, holdout_images=n),
+                        lambda folder, p: _build_holdout(folder, p, paths["train_json"]), force)
+    return dict(holdout_json=os.path.join(root, "annotations", "lvis_v1_holdout.json"),
+                image_root=root + os.sep)
+
+
+def _build_holdout(root, params, train_json):
+    """Write the held-out split into the (new) folder `root`; info, licenses and categories
+    are those of `train_json`."""
+    os.makedirs(os.path.join(root, "annotations"))
+    plans = _scene_plans("holdout", params["num_classes"], params["holdout_images"],
+                         params["seed"])
+    first_id = params["train_images"] + params["val_images"] + 1
+    images, annotations = _write_split(root, "holdout", plans, first_id, params,
+                                       3 + SPLIT_KEYS["holdout"])
+    with open(train_json) as f:
+        dataset = json.load(f)
+    dataset.update(images=images, annotations=annotations)
+    _dump(dataset, os.path.join(root, "annotations", "lvis_v1_holdout.json"))
 
 
 def build_cached(out_dir, params, build, force=False):
