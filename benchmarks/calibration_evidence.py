@@ -97,10 +97,17 @@ def eval_command(run, test, out, topk, gamma=None, counts="image_count"):
             + _model_opts(run, topk) + calib + ["DATASETS.TEST", repr((test,)), "OUTPUT_DIR", out])
 
 
-def _run(cmd, done, log):
-    """Run `cmd` unless the file `done` exists; its output into `log`."""
+class NotEvaluated(Exception):
+    """--collect-only: a step of this run has not been run."""
+
+
+def _run(cmd, done, log, collect_only=False):
+    """Run `cmd` unless the file `done` exists; its output into `log`. With `collect_only`,
+    raise NotEvaluated instead of running it."""
     if os.path.isfile(done):
         return
+    if collect_only:
+        raise NotEvaluated(done)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     print("[run]", " ".join(cmd[1:]), flush=True)
     with open(log, "w") as f:
@@ -137,7 +144,8 @@ def evaluate_run(run, args):
     if loss in args.calibrate:
         sweep_dir = os.path.join(run, "sweep_holdout")
         cmd = sweep_command(run, args.holdout, args.gammas, args.counts, args.topk)
-        _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"))
+        _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"),
+             args.collect_only)
         with open(os.path.join(sweep_dir, "results.json")) as f:
             sweep = json.load(f)
         values, per_value = sweep["values"], sweep["results"][args.holdout]
@@ -147,15 +155,23 @@ def evaluate_run(run, args):
     plain = os.path.join(run, "eval_test")
     cmd = eval_command(run, args.test, plain, args.topk)
     _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
-         os.path.join(plain, "stdout.txt"))
+         os.path.join(plain, "stdout.txt"), args.collect_only)
     out["test"] = read_eval(plain, args.test)
     if "gamma" in out:
         calibrated = os.path.join(run, "eval_test_norcal")
         cmd = eval_command(run, args.test, calibrated, args.topk, out["gamma"], args.counts)
         _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
-             os.path.join(calibrated, "stdout.txt"))
+             os.path.join(calibrated, "stdout.txt"), args.collect_only)
         out["test_norcal"] = read_eval(calibrated, args.test)
     return out
+
+
+def _evaluate_or_skip(run, args):
+    try:
+        return evaluate_run(run, args)
+    except NotEvaluated as e:
+        print(f"[skip] {run}: not evaluated ({e})", flush=True)
+        return None
 
 
 def rows(runs, losses, calibrate):
@@ -202,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="evaluations side by side")
     parser.add_argument("--output", required=True, help="JSON to write")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: leave out the runs with a step not yet run")
     parser.add_argument("--topk-per-class", dest="topk", type=int,
                         help="AP-fixed's K (default: scaled_topk of the test split's images)")
     args = parser.parse_args(argv)
@@ -222,7 +240,7 @@ def main(argv=None):
             folders += [harness.run_dir(runs, loss, args.arch, s) for s in seeds
                         if harness.is_finished(harness.run_dir(runs, loss, args.arch, s))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        runs = list(pool.map(lambda run: evaluate_run(run, args), folders))
+        runs = [r for r in pool.map(lambda run: _evaluate_or_skip(run, args), folders) if r]
     table_rows = rows(runs, args.losses, args.calibrate)
     report = {"command": "python -m benchmarks.calibration_evidence " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "holdout": args.holdout, "test": args.test,
