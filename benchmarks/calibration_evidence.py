@@ -154,15 +154,24 @@ def evaluate_run(run, args):
         out["gamma"] = choose_gamma(values, per_value)
     plain = os.path.join(run, "eval_test")
     cmd = eval_command(run, args.test, plain, args.topk)
-    _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
-         os.path.join(plain, "stdout.txt"), args.collect_only)
-    out["test"] = read_eval(plain, args.test)
+    try:
+        _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
+             os.path.join(plain, "stdout.txt"), args.collect_only)
+        out["test"] = read_eval(plain, args.test)
+    except NotEvaluated:  # --collect-only: the training's own evaluation, without AP-pool
+        trained = harness.read_run(run, per_class=False)["metrics"]
+        out["test"] = {f"{t}/{m}": (None if m == "AP-pool" else trained[f"{t}/{m}"])
+                       for t in TASKS for m in METRICS}
+        out["test_source"] = "training evaluation (no AP-pool)"
     if "gamma" in out:
         calibrated = os.path.join(run, "eval_test_norcal")
         cmd = eval_command(run, args.test, calibrated, args.topk, out["gamma"], args.counts)
-        _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
-             os.path.join(calibrated, "stdout.txt"), args.collect_only)
-        out["test_norcal"] = read_eval(calibrated, args.test)
+        try:
+            _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
+                 os.path.join(calibrated, "stdout.txt"), args.collect_only)
+            out["test_norcal"] = read_eval(calibrated, args.test)
+        except NotEvaluated as e:  # --collect-only: the run without its calibrated row
+            print(f"[skip] {run}: not evaluated with NorCal ({e})", flush=True)
     return out
 
 
@@ -186,8 +195,9 @@ def rows(runs, losses, calibrate):
             if key == "test_norcal":
                 row["gammas"] = [r["gamma"] for r in members]
             for metric in (f"{t}/{m}" for t in TASKS for m in METRICS):
-                row["mean"][metric], row["std"][metric] = harness._mean_std(
-                    [r[key][metric] for r in members])
+                values = [r[key][metric] for r in members]  # None: n/a for the row
+                row["mean"][metric], row["std"][metric] = (
+                    (None, None) if None in values else harness._mean_std(values))
             out.append(row)
     return out
 
