@@ -97,10 +97,17 @@ def eval_command(run, test, out, topk, gamma=None, counts="image_count"):
             + _model_opts(run, topk) + calib + ["DATASETS.TEST", repr((test,)), "OUTPUT_DIR", out])
 
 
-def _run(cmd, done, log):
-    """Run `cmd` unless the file `done` exists; its output into `log`."""
+class NotEvaluated(Exception):
+    """--collect-only: a step of this run has not been run."""
+
+
+def _run(cmd, done, log, collect_only=False):
+    """Run `cmd` unless the file `done` exists; its output into `log`. With `collect_only`,
+    raise NotEvaluated instead of running it."""
     if os.path.isfile(done):
         return
+    if collect_only:
+        raise NotEvaluated(done)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     print("[run]", " ".join(cmd[1:]), flush=True)
     with open(log, "w") as f:
@@ -137,7 +144,8 @@ def evaluate_run(run, args):
     if loss in args.calibrate:
         sweep_dir = os.path.join(run, "sweep_holdout")
         cmd = sweep_command(run, args.holdout, args.gammas, args.counts, args.topk)
-        _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"))
+        _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"),
+             args.collect_only)
         with open(os.path.join(sweep_dir, "results.json")) as f:
             sweep = json.load(f)
         values, per_value = sweep["values"], sweep["results"][args.holdout]
@@ -146,16 +154,33 @@ def evaluate_run(run, args):
         out["gamma"] = choose_gamma(values, per_value)
     plain = os.path.join(run, "eval_test")
     cmd = eval_command(run, args.test, plain, args.topk)
-    _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
-         os.path.join(plain, "stdout.txt"))
-    out["test"] = read_eval(plain, args.test)
+    try:
+        _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
+             os.path.join(plain, "stdout.txt"), args.collect_only)
+        out["test"] = read_eval(plain, args.test)
+    except NotEvaluated:  # --collect-only: the training's own evaluation, without AP-pool
+        trained = harness.read_run(run, per_class=False)["metrics"]
+        out["test"] = {f"{t}/{m}": (None if m == "AP-pool" else trained[f"{t}/{m}"])
+                       for t in TASKS for m in METRICS}
+        out["test_source"] = "training evaluation (no AP-pool)"
     if "gamma" in out:
         calibrated = os.path.join(run, "eval_test_norcal")
         cmd = eval_command(run, args.test, calibrated, args.topk, out["gamma"], args.counts)
-        _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
-             os.path.join(calibrated, "stdout.txt"))
-        out["test_norcal"] = read_eval(calibrated, args.test)
+        try:
+            _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
+                 os.path.join(calibrated, "stdout.txt"), args.collect_only)
+            out["test_norcal"] = read_eval(calibrated, args.test)
+        except NotEvaluated as e:  # --collect-only: the run without its calibrated row
+            print(f"[skip] {run}: not evaluated with NorCal ({e})", flush=True)
     return out
+
+
+def _evaluate_or_skip(run, args):
+    try:
+        return evaluate_run(run, args)
+    except NotEvaluated as e:
+        print(f"[skip] {run}: not evaluated ({e})", flush=True)
+        return None
 
 
 def rows(runs, losses, calibrate):
@@ -170,8 +195,9 @@ def rows(runs, losses, calibrate):
             if key == "test_norcal":
                 row["gammas"] = [r["gamma"] for r in members]
             for metric in (f"{t}/{m}" for t in TASKS for m in METRICS):
-                row["mean"][metric], row["std"][metric] = harness._mean_std(
-                    [r[key][metric] for r in members])
+                values = [r[key][metric] for r in members]  # None: n/a for the row
+                row["mean"][metric], row["std"][metric] = (
+                    (None, None) if None in values else harness._mean_std(values))
             out.append(row)
     return out
 
@@ -202,6 +228,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="evaluations side by side")
     parser.add_argument("--output", required=True, help="JSON to write")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: leave out the runs with a step not yet run")
     parser.add_argument("--topk-per-class", dest="topk", type=int,
                         help="AP-fixed's K (default: scaled_topk of the test split's images)")
     args = parser.parse_args(argv)
@@ -222,7 +250,7 @@ def main(argv=None):
             folders += [harness.run_dir(runs, loss, args.arch, s) for s in seeds
                         if harness.is_finished(harness.run_dir(runs, loss, args.arch, s))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        runs = list(pool.map(lambda run: evaluate_run(run, args), folders))
+        runs = [r for r in pool.map(lambda run: _evaluate_or_skip(run, args), folders) if r]
     table_rows = rows(runs, args.losses, args.calibrate)
     report = {"command": "python -m benchmarks.calibration_evidence " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "holdout": args.holdout, "test": args.test,

@@ -63,3 +63,23 @@ def test_rows_mean_and_std_over_seeds_with_the_chosen_gammas():
     line = evidence.format_table(rows).splitlines()[3]
     assert [c.strip() for c in line.strip("|").split("|")][:4] == [
         "ce + NorCal", "2", "0.5 1", "12.0 ± 1.4"]
+
+
+def test_collect_only_runs_nothing_and_falls_back_to_the_training_evaluation(tmp_path):
+    run = _run_folder(tmp_path, "StandardROIHeads")
+    (tmp_path / "mask_rcnn_ce" / "seed2" / "config.yaml").write_text(
+        "MODEL:\n  ROI_HEADS:\n    NAME: StandardROIHeads\nSOLVER:\n  MAX_ITER: 10\nSEED: 2\n")
+    trained = {f"{t}/{m}": 1.5 for t in evidence.TASKS for m in ("AP", "AP50", "APr", "APc", "APf")}
+    (tmp_path / "mask_rcnn_ce" / "seed2" / "metrics.json").write_text(json.dumps(trained) + "\n")
+
+    class Args:
+        calibrate, collect_only, test, topk, counts = [], True, "val", 151, "image_count"
+        holdout, gammas = "hold", [0.0, 0.5]
+
+    out = evidence._evaluate_or_skip(run, Args)
+    assert out["test"]["segm/APr"] == 1.5 and out["test"]["bbox/AP-pool"] is None
+    assert "training evaluation" in out["test_source"]
+    Args.calibrate = ["ce"]  # its holdout sweep has not run: the run is left out
+    assert evidence._evaluate_or_skip(run, Args) is None
+    row = evidence.rows([out], ["ce"], [])[0]
+    assert row["mean"]["bbox/AP-pool"] is None and row["mean"]["bbox/AP"] == 1.5
