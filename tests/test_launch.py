@@ -17,7 +17,7 @@ import torch.distributed as dist
 from detectron2.utils import comm
 
 import train_net
-from e2e import SEESAW, SEESAW_RUN_OPTS, run_train_net, train_net_args
+from e2e import SEESAW, SEESAW_RUN_OPTS, train_net_args
 from seesaw_ecm import distributed
 from seesaw_ecm.errors import SeesawEcmError
 
@@ -153,9 +153,12 @@ def test_under_torchrun_train_net_launcher_flags_are_a_clear_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_process_run(small_synthetic, tmp_path_factory):
-    """FIXED_WEIGHTS_OPTS's 3 iterations of 2 images in one process: (folder, stdout)."""
+    """FIXED_WEIGHTS_OPTS's 3 iterations of 2 images in one process, on one thread as each of
+    the two processes (other thread counts round differently): (folder, stdout)."""
     out = tmp_path_factory.mktemp("one_process")
-    return out, run_train_net(small_synthetic, out, SEESAW, *FIXED_WEIGHTS_OPTS).stdout
+    cmd = [sys.executable, "train_net.py", *train_net_args(small_synthetic, out / "run", SEESAW,
+                                                           *FIXED_WEIGHTS_OPTS)]
+    return out / "run", run_machines([cmd], out / "logs")[0]
 
 
 def _counts(run_dir):
@@ -186,16 +189,21 @@ def test_two_cpu_processes_count_and_evaluate_as_one(launcher, one_process_run, 
 @pytest.mark.slow
 def test_torchrun_evaluation_of_a_trained_model_equals_one_process(seesaw_run, small_synthetic,
                                                                    tmp_path):
-    run_dir, run = seesaw_run
+    run_dir, _ = seesaw_run
+    weights = ("--eval-only", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"))
+    # the one-process evaluation on one thread, as each of the two processes
+    one = [sys.executable, "train_net.py", *train_net_args(
+        small_synthetic, tmp_path / "one", SEESAW, *SEESAW_RUN_OPTS, *weights)]
+    one_stdout, _ = run_machines([one], tmp_path / "one_logs")
     out_dir = tmp_path / "eval"
     stdout, stderr = run_machines(launcher_commands(
-        "torchrun", small_synthetic, out_dir, SEESAW, *SEESAW_RUN_OPTS, "--eval-only",
-        "MODEL.WEIGHTS", str(run_dir / "model_final.pth")), tmp_path / "logs")
+        "torchrun", small_synthetic, out_dir, SEESAW, *SEESAW_RUN_OPTS, *weights),
+        tmp_path / "logs")
     assert "World size: 2" in stdout + stderr
-    predictions = _predictions(run_dir)  # every detection of the 20-iteration model (score > 0)
+    predictions = _predictions(tmp_path / "one")  # every detection of the model (score > 0)
     assert len(predictions) > 100
     assert _predictions(out_dir) == predictions
-    assert _copypaste(stdout) == _copypaste(run.stdout)
+    assert _copypaste(stdout) == _copypaste(one_stdout)
 
 
 # --- SLURM (tools/launch_slurm.py) without a cluster: stand-ins for srun and sbatch -------------
