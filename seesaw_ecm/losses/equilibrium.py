@@ -86,6 +86,9 @@ class EquilibriumLoss(nn.Module):
         stats = torch.stack([
             scores.new_zeros(num_classes + 1).index_add_(0, entry_class, entry_mean * used),
             scores.new_zeros(num_classes + 1).index_add_(0, entry_class, used)])[:, :num_classes]
+        # contiguous: a collective reads the storage as one block (a column view's last row
+        # entries would be left out of the sum)
+        stats = stats.contiguous()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         total, count = stats.to(self.mean_score.dtype)
