@@ -14,7 +14,9 @@ On the CPU, Seesaw computes its class term on the selected foreground rows (on a
 on every row: selecting would wait for the device). The last row, F.softplus of the (N, C + 1)
 logits summed, forward + backward (one softplus pass and one softplus_backward pass), is the
 least any sigmoid loss (ECM, EQL, DropLoss, EQLv2) must compute: its value is a weighted sum
-of softplus over every entry, its gradient a weighted sigmoid of every entry.
+of softplus over every entry, its gradient a weighted sigmoid of every entry. The row
+``torch.rand(N, C)`` is the uniform draw per entry that DropLoss and GOL make at every call, as
+the official ``rand_like`` (their reference tests replay it from the seed): part of their cost.
 
 On the CPU with one thread the time is the thread's CPU time (``time.thread_time``: other
 processes on the machine do not add to it; wall time with several threads), and glibc's
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from seesaw_ecm.losses import (BalancedGroupSoftmax, CrossEntropyLoss, DropLoss, ECMLoss,
-                               EQLLoss, EQLv2Loss, EquilibriumLoss, FederatedLoss, SeesawLoss)
+                               EQLLoss, EQLv2Loss, EquilibriumLoss, FederatedLoss, GumbelLoss,
+                               SeesawLoss)
 
 BASELINE = "F.cross_entropy"
 
@@ -67,6 +70,7 @@ def make_losses(num_classes):
         "Federated": FederatedLoss(counts),
         "EQL": EQLLoss(frequency),
         "DropLoss": DropLoss(frequency),
+        "GOL": GumbelLoss(frequency),
         "EQLv2": EQLv2Loss(num_classes),
         "BaGS": BalancedGroupSoftmax(counts),
         "LOCE (equilibrium)": EquilibriumLoss(num_classes),
@@ -111,6 +115,8 @@ def make_cases(n, num_classes, device):
         logits[num_classes + 1].detach(), labels, instance)
     cases["F.softplus(x).sum(), forward + backward"] = lambda: (
         F.softplus(logits[num_classes + 1]).sum().backward())
+    # DropLoss' and GOL's draw per (RoI, class), as the official rand_like: alone
+    cases["torch.rand(N, C)"] = lambda: torch.rand(n, num_classes, device=device)
     return cases, [*logits.values(), objectness]
 
 

@@ -1,6 +1,7 @@
 """The fused loss computations against composite torch ones: ``sigmoid_bce`` (the kernel of
 ECM, EQL, DropLoss, EQLv2 and Federated) against ``F.binary_cross_entropy_with_logits`` with an
-explicit one-hot target and weight matrix, each sigmoid loss at LVIS width in float32, Seesaw's
+explicit one-hot target and weight matrix, each sigmoid loss at LVIS width in float32, GOL's
+kernel against ``F.binary_cross_entropy`` on the clamped Gumbel probabilities, Seesaw's
 every-row path against its selected-rows path, LOCE's sort-based mean-score update against a
 ``torch.unique`` one, and no loss forward reading a value back to the host."""
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seesaw_ecm.losses import (BalancedGroupSoftmax, DropLoss, ECMLoss, EQLLoss, EQLv2Loss,
-                               EquilibriumLoss, SeesawLoss)
+                               EquilibriumLoss, GumbelLoss, SeesawLoss)
 from seesaw_ecm.losses import seesaw as seesaw_module
 from seesaw_ecm.losses.sigmoid_bce import sigmoid_bce
 
@@ -155,6 +156,34 @@ def test_eql_and_droploss_at_lvis_width_match_the_composite_bce():
         torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gol_at_lvis_width_matches_the_composite_bce(dtype):
+    frequency = long_tail_counts() / 1e5
+    logits, labels = lvis_batch(columns=LVIS_C)
+    logits = logits.to(dtype)
+    logits[0, :3] = torch.tensor([-3.6, -20.0, 30.0])  # eps-floored, below and above the clamp
+    loss = GumbelLoss(frequency).to(dtype)
+    torch.manual_seed(0)
+    got = value_and_grad(lambda z: loss(z, labels)["loss_cls"], logits)
+    torch.manual_seed(0)  # the same draws
+    kept = (~loss.ignored_negatives(labels, loss.tail_classes())).to(dtype)
+    assert 0 < kept.mean() < 1
+
+    def composite(z):  # the official computation: one-hot targets, (N, C) weights
+        target = F.one_hot(labels, LVIS_C + 1)[:, :LVIS_C].to(dtype)
+        weight = torch.where(target > 0, torch.ones_like(kept), kept)
+        probs = torch.exp(-torch.exp(-z.clamp(*loss.clamp)))
+        return F.binary_cross_entropy(probs, target, weight=weight, reduction="sum") / len(z)
+
+    expected = value_and_grad(composite, logits)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got[0], expected[0], rtol=rtol, atol=0)
+    # 1 - p cancels for p near 1 (z near the upper clamp) in both, in another order of operations
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5 if dtype == torch.float32 else 1e-7,
+                               atol=1e-12)
+    assert got[1][0, 1] == 0 and got[1][0, 2] == 0  # outside the clamp
+
+
 def test_eqlv2_at_lvis_width_matches_the_composite_bce_and_its_gradient_sums():
     loss = EQLv2Loss(LVIS_C).train()
     logits, labels = lvis_batch()
@@ -258,6 +287,7 @@ def _sync_free_cases():
         "ecm": (ECMLoss(counts), 21),
         "eql": (EQLLoss(frequency), 20),
         "droploss": (DropLoss(frequency), 20),
+        "gol": (GumbelLoss(frequency), 20),
         "eqlv2": (EQLv2Loss(20), 21),
         "bags": (BalancedGroupSoftmax(counts * 1e-2), None),
         "loce": (EquilibriumLoss(20), 21),
@@ -265,7 +295,8 @@ def _sync_free_cases():
     return cases
 
 
-@pytest.mark.parametrize("name", ["ecm", "eql", "droploss", "eqlv2", "bags", "loce", "seesaw"])
+@pytest.mark.parametrize("name", ["ecm", "eql", "droploss", "gol", "eqlv2", "bags", "loce",
+                                  "seesaw"])
 def test_loss_forward_and_backward_read_nothing_back(name, monkeypatch):
     logits, labels = lvis_batch(n=64, c=20, columns=32)
     if name == "seesaw":  # the accelerator path (on the CPU, selecting rows is free)
