@@ -230,9 +230,10 @@ def test_shipped_config_loads_and_builds(path):
         if loss in path:
             assert cfg.MODEL.LONG_TAIL.LOSS == loss
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    # ECM: the official clip 5, the main job's cascade 35 (its config: why); GOL's demo config
-    # clips as ECM's (without it, it diverged at the demo's learning rate)
-    if "ecm" in path or path == "configs/Demo/mask_rcnn_R18_FPN_gol.yaml":
+    # ECM: the official clip 5, the main job's cascade 35 (its config: why); GOL's demo and
+    # synthetic configs clip as ECM's (without it, it diverged at their learning rate)
+    if "ecm" in path or path in ("configs/Demo/mask_rcnn_R18_FPN_gol.yaml",
+                                 "configs/Synthetic/mask_rcnn_R18_FPN_gol.yaml"):
         value = 35.0 if path == "configs/Demo/cascade_mask_rcnn_R18_FPN_ecm.yaml" else 5.0
         assert cfg.MODEL.LONG_TAIL.LOSS in ("ecm", "gol") and clip.ENABLED
         assert (clip.CLIP_TYPE, clip.CLIP_VALUE) == ("full_model", value)
