@@ -92,7 +92,7 @@ def eval_command(run, test, out, topk, gamma=None, counts="image_count"):
     config, opts = _config_of(run)
     calib = [] if gamma is None else [
         "MODEL.ROI_HEADS.CALIBRATION.METHOD", "norcal", "MODEL.ROI_HEADS.CALIBRATION.GAMMA",
-        f"{gamma:g}", "MODEL.ROI_HEADS.CALIBRATION.COUNTS", counts]
+        repr(float(gamma)), "MODEL.ROI_HEADS.CALIBRATION.COUNTS", counts]  # 1 -> "1.0": a float
     return ([sys.executable, "train_net.py", "--config-file", config, "--eval-only"] + opts
             + _model_opts(run, topk) + calib + ["DATASETS.TEST", repr((test,)), "OUTPUT_DIR", out])
 

@@ -2,7 +2,10 @@
 import json
 import os
 
+from detectron2.config import get_cfg
+
 from benchmarks import calibration_evidence as evidence
+from seesaw_ecm.config import add_seesaw_ecm_config, merge_config
 
 
 def test_gamma_is_the_best_holdout_box_ap_ties_to_the_smaller():
@@ -34,6 +37,14 @@ def test_commands_keep_the_training_overrides_and_add_pool_and_calibration(tmp_p
     assert opts["TEST.AP_FIXED.TOPK_PER_CLASS"] == "151"
     assert (opts["MODEL.ROI_HEADS.CALIBRATION.METHOD"], opts["MODEL.ROI_HEADS.CALIBRATION.GAMMA"],
             opts["OUTPUT_DIR"], opts["DATASETS.TEST"]) == ("norcal", "0.75", "out", "('val',)")
+    # a whole-number gamma (the holdout's choice may be 1) stays a float for the config
+    calibrated = evidence.eval_command(run, "val", "out", 151, gamma=1, counts="image_count")
+    opts = calibrated[calibrated.index("MODEL.ROI_HEADS.CALIBRATION.METHOD"):][:6]
+    assert opts[3] == "1.0"
+    cfg = get_cfg()
+    add_seesaw_ecm_config(cfg)
+    merge_config(cfg, opts=opts)
+    assert cfg.MODEL.ROI_HEADS.CALIBRATION.GAMMA == 1.0
     plain = evidence.eval_command(run, "val", "out", 151)
     assert "MODEL.ROI_HEADS.CALIBRATION.METHOD" not in plain
     sweep = evidence.sweep_command(_run_folder(tmp_path / "b", "LongTailROIHeads"), "hold",
