@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from .droploss import DropLoss
 from .precision import float32_loss
-from .sigmoid_bce import _positives, _replace_positives
+from .sigmoid_bce import positive_entries, replace_positive_entries
 
 # F.binary_cross_entropy's floor of each log and of p (1 - p) in its gradient
 _LOG_FLOOR, _BCE_EPS = -100.0, 1e-12
@@ -102,11 +102,11 @@ class _GumbelBCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, kept, lo, hi):
         logits = logits.contiguous()  # entries read by flat index
-        flat, _, has = _positives(labels, logits.shape[1])
+        flat, _, has = positive_entries(labels, logits.shape[1])
         u = logits.clamp(lo, hi).neg_().exp_()  # exp(-z), z clamped
         p = torch.neg(u).exp_()
         negatives = torch.neg(p).log1p_().clamp_min_(_LOG_FLOOR)  # log(1 - p)
-        _replace_positives(negatives, flat, has, 0)  # counted below as log(p)
+        replace_positive_entries(negatives, flat, has, 0)  # counted below as log(p)
         p_pos = p.view(-1).index_select(0, flat)
         positives = p_pos.log().clamp_min_(_LOG_FLOOR).masked_fill_(~has, 0)
         loss = -(torch.dot(negatives.view(-1), kept.reshape(-1)) + positives.sum())
@@ -118,13 +118,13 @@ class _GumbelBCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         p, u, labels, kept, outside = ctx.saved_tensors
-        flat, _, has = _positives(labels, p.shape[1])
+        flat, _, has = positive_entries(labels, p.shape[1])
         # dBCE/dp = (p - t) / max(p (1 - p), eps), times dp/dz = p u
         den = torch.rsub(p, 1).mul_(p).clamp_min_(_BCE_EPS)
         grad_logits = torch.mul(p, u).mul_(p).div_(den).mul_(kept)  # the negatives: t = 0
         p_pos = p.view(-1).index_select(0, flat)
         pos = (p_pos - 1) / den.view(-1).index_select(0, flat) * p_pos * u.view(-1).index_select(
             0, flat)
-        _replace_positives(grad_logits, flat, has, pos)
+        replace_positive_entries(grad_logits, flat, has, pos)
         grad_logits.masked_fill_(outside, 0).mul_(grad)
         return grad_logits, None, None, None, None

@@ -1,5 +1,6 @@
 """Weighted sigmoid binary cross-entropy with one positive column per row, fused: the shared
-kernel of the sigmoid losses (ECM, EQL, DropLoss, EQLv2, Federated)."""
+kernel of the sigmoid losses (ECM, EQL, DropLoss, EQLv2, Federated), and its helpers for the
+one positive entry of each row (also used by GOL's kernel)."""
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
@@ -58,7 +59,7 @@ def sigmoid_bce(logits, labels, weight, target_weight=None, entry_weight=None, s
     return out if sigmoid_sums else out[0]
 
 
-def _positives(labels, num_columns):
+def positive_entries(labels, num_columns):
     """(flat, columns, has): flat index into the (N, K) entries of each row's positive entry
     and its column (both clamped into range), and whether the row has one."""
     cols = labels.clamp(max=num_columns - 1)
@@ -66,7 +67,7 @@ def _positives(labels, num_columns):
     return rows * num_columns + cols, cols, labels < num_columns
 
 
-def _replace_positives(matrix, flat, has, values):
+def replace_positive_entries(matrix, flat, has, values):
     """In place: the positive entry of each row that has one set to ``values`` ((N,) or a
     number); the other entries unchanged."""
     entries = matrix.view(-1)
@@ -87,7 +88,7 @@ class _SigmoidBCE(torch.autograd.Function):
             logits, weight = logits.index_select(1, columns), weight.index_select(0, columns)
             full = (*full[:2], full[2].new_zeros(full[2].shape).index_copy_(0, columns, weight))
         n, k = logits.shape
-        flat, cols, has = _positives(labels, k)
+        flat, cols, has = positive_entries(labels, k)
         affine = bias is not None or scale != 1
         if affine:  # minus_x = -x, one pass; log_sigmoid_forward keeps exp(-|x|) for the backward
             minus_x = (torch.add(-bias, logits, alpha=-scale) if bias is not None
@@ -101,7 +102,7 @@ class _SigmoidBCE(torch.autograd.Function):
             saved = (full[0], None)
         if entry_weight is not None:
             negatives.mul_(entry_weight)
-        _replace_positives(negatives, flat, has, 0)  # counted below as softplus(-x)
+        replace_positive_entries(negatives, flat, has, 0)  # counted below as softplus(-x)
         w_pos = weight.index_select(0, cols) if target_weight is None else target_weight
         positives = F.softplus(-x_pos, threshold=_SOFTPLUS_THRESHOLD) * w_pos
         negative_sum = negatives.matmul(weight).sum()
@@ -116,7 +117,7 @@ class _SigmoidBCE(torch.autograd.Function):
         sigmoid = _sigmoid(*saved, affine)
         if entry_weight is not None:
             sigmoid.mul_(entry_weight)
-        _replace_positives(sigmoid, flat, has, 0)
+        replace_positive_entries(sigmoid, flat, has, 0)
         # saved for the backward, which reads it without modifying it (a second backward may)
         ctx.save_for_backward(None, None, labels, weight, has, target_weight, None, sigmoid_pos,
                               sigmoid)
@@ -129,7 +130,7 @@ class _SigmoidBCE(torch.autograd.Function):
     def backward(ctx, grad, *unused):
         (x, exp_abs, labels, weight, has, target_weight, entry_weight, sigmoid_pos,
          sigmoid) = ctx.saved_tensors
-        flat, cols, _ = _positives(labels, weight.numel())
+        flat, cols, _ = positive_entries(labels, weight.numel())
         factor = grad * ctx.scale
         column_factor = weight * factor
         if sigmoid is not None:
@@ -139,7 +140,7 @@ class _SigmoidBCE(torch.autograd.Function):
             if entry_weight is not None:
                 grad_logits.mul_(entry_weight)
         w_pos = weight.index_select(0, cols) if target_weight is None else target_weight
-        _replace_positives(grad_logits, flat, has, (sigmoid_pos - 1) * w_pos * factor)
+        replace_positive_entries(grad_logits, flat, has, (sigmoid_pos - 1) * w_pos * factor)
         return grad_logits, None, None, None, None, None, None, None, None
 
 
