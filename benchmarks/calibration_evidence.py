@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from seesaw_ecm.errors import SeesawEcmError
+from seesaw_ecm.evaluation.evaluator import REPORT_FILE
 from seesaw_ecm.fileio import write_atomic
 
 from . import harness
@@ -123,9 +124,14 @@ def choose_gamma(gammas, results):
     return gammas[best]
 
 
+def eval_file(out, test):
+    """The report an evaluation into `out` writes last (its done-marker)."""
+    return os.path.join(out, "inference", test, REPORT_FILE)
+
+
 def read_eval(out, test):
-    """{"bbox/AP": ..., "segm/AP-pool": ...} from an evaluation's lvis_fast_eval.json."""
-    with open(os.path.join(out, "inference", test, "lvis_fast_eval.json")) as f:
+    """{"bbox/AP": ..., "segm/AP-pool": ...} from an evaluation's report (REPORT_FILE)."""
+    with open(eval_file(out, test)) as f:
         report = json.load(f)
     metrics = {}
     for task in TASKS:
@@ -139,9 +145,9 @@ def read_eval(out, test):
 
 def evaluate_run(run, args):
     """Sweep (for a --calibrate loss), then the test evaluations of one run."""
-    loss = harness.read_run(run, per_class=False)["loss"]
-    out = {"run": os.path.relpath(run), "loss": loss}
-    if loss in args.calibrate:
+    trained = harness.read_run(run, per_class=False)
+    out = {"run": os.path.relpath(run), "loss": trained["loss"]}
+    if trained["loss"] in args.calibrate:
         sweep_dir = os.path.join(run, "sweep_holdout")
         cmd = sweep_command(run, args.holdout, args.gammas, args.counts, args.topk)
         _run(cmd, os.path.join(sweep_dir, "results.json"), os.path.join(sweep_dir, "log.txt"),
@@ -155,20 +161,19 @@ def evaluate_run(run, args):
     plain = os.path.join(run, "eval_test")
     cmd = eval_command(run, args.test, plain, args.topk)
     try:
-        _run(cmd, os.path.join(plain, "inference", args.test, "lvis_fast_eval.json"),
-             os.path.join(plain, "stdout.txt"), args.collect_only)
+        _run(cmd, eval_file(plain, args.test), os.path.join(plain, "stdout.txt"),
+             args.collect_only)
         out["test"] = read_eval(plain, args.test)
     except NotEvaluated:  # --collect-only: the training's own evaluation, without AP-pool
-        trained = harness.read_run(run, per_class=False)["metrics"]
-        out["test"] = {f"{t}/{m}": (None if m == "AP-pool" else trained[f"{t}/{m}"])
+        out["test"] = {f"{t}/{m}": (None if m == "AP-pool" else trained["metrics"][f"{t}/{m}"])
                        for t in TASKS for m in METRICS}
         out["test_source"] = "training evaluation (no AP-pool)"
     if "gamma" in out:
         calibrated = os.path.join(run, "eval_test_norcal")
         cmd = eval_command(run, args.test, calibrated, args.topk, out["gamma"], args.counts)
         try:
-            _run(cmd, os.path.join(calibrated, "inference", args.test, "lvis_fast_eval.json"),
-                 os.path.join(calibrated, "stdout.txt"), args.collect_only)
+            _run(cmd, eval_file(calibrated, args.test), os.path.join(calibrated, "stdout.txt"),
+                 args.collect_only)
             out["test_norcal"] = read_eval(calibrated, args.test)
         except NotEvaluated as e:  # --collect-only: the run without its calibrated row
             print(f"[skip] {run}: not evaluated with NorCal ({e})", flush=True)
