@@ -210,8 +210,10 @@ def train_all(losses, archs, seeds, output_dir, force=False, jobs=1, controls=Tr
     `force`. `jobs` runs train side by side, each with OMP_NUM_THREADS = cores // jobs (at
     least 1; kept when already set); wave-1 runs start after every wave-0 run. On a 2-core
     machine 2-3 single-thread runs side by side do ~30% more iterations per second in all
-    than one 2-thread run (docs/BENCHMARKS.md "The main job"). kwargs: as
-    :func:`train_command`. Returns the run folders."""
+    than one 2-thread run (docs/BENCHMARKS.md "The main job"). A failed run does not stop the
+    others (only the runs that start from its weights are skipped); one error lists the failed
+    and skipped runs after all the others finished. kwargs: as :func:`train_command`. Returns
+    the run folders."""
     plan = plan_runs(losses, archs, seeds, output_dir, controls=controls, **kwargs)
     waves = ([], [])
     for run in plan:
@@ -222,16 +224,28 @@ def train_all(losses, archs, seeds, output_dir, force=False, jobs=1, controls=Tr
     env = dict(os.environ)
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    failed, errors = [], []
     for wave in waves:
         with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for _ in pool.map(lambda run: _train_one(run, env), wave):
-                pass  # re-raises the first failure
+            wave_errors = list(pool.map(lambda run: _train_one(run, env, failed), wave))
+        failed += [run["out"] for run, e in zip(wave, wave_errors) if e]
+        errors += [e for e in wave_errors if e]
+    if errors:
+        raise SeesawEcmError(
+            f"{len(errors)} of {sum(map(len, waves))} runs did not train; the others finished "
+            "(run the same command again to retry these: finished runs are skipped).\n\n"
+            + "\n\n".join(errors))
     return [run["out"] for run in plan]
 
 
-def _train_one(run, env):
+def _train_one(run, env, failed):
+    """Train `run`; None, or the error message (the log's tail) when it failed or starts from
+    the weights of a run in `failed`."""
     out, cmd = run["out"], run["cmd"]
     label = f"{run['arch']} {run['label']} seed {run['seed']}"
+    base = next((f for f in failed if os.path.join(f, "model_final.pth") in cmd), None)
+    if base:
+        return f"{label}: not trained, it starts from the weights of {base}, which failed."
     os.makedirs(out, exist_ok=True)
     if controlled_method(run["label"]):  # read_run takes the label from here, not the config
         write_atomic(os.path.join(out, LABEL_FILE), json.dumps({"loss": run["label"]}))
@@ -240,8 +254,10 @@ def _train_one(run, env):
         returncode = _run_logged(cmd, log, f"  {label}:", env)
     if returncode != 0:
         tail = open(os.path.join(out, "harness_stdout.txt")).read()[-3000:]
-        raise SeesawEcmError(f"Training {label} failed (exit {returncode}):\n{tail}")
+        print(f"[failed] {label} (exit {returncode}): {out}/harness_stdout.txt", flush=True)
+        return f"Training {label} failed (exit {returncode}):\n{tail}"
     write_atomic(os.path.join(out, "harness_command.json"), json.dumps(cmd[1:]))
+    return None
 
 
 # lines of a run's log echoed to the console as it trains: detectron2's progress with ETA

@@ -539,3 +539,28 @@ def test_report_paths_are_relative_inside_the_working_directory(tmp_path, monkey
     assert report_path("out/ce") == os.path.join("out", "ce")
     assert report_path(str(tmp_path / "work" / "out" / "ce")) == os.path.join("out", "ce")
     assert report_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_a_failed_run_skips_only_the_runs_that_start_from_its_weights(tmp_path, monkeypatch):
+    """CE seed 1 fails: its second stages (BaGS and BaGS' control) are skipped, every other run
+    trains, and one error names the failed and the skipped runs."""
+    out = str(tmp_path)
+
+    def command(label, arch, seed, folder, **kwargs):
+        base = [] if label in ("ce", "seesaw") else [
+            os.path.join(harness.run_dir(out, "ce", arch, seed), "model_final.pth")]
+        code = "import sys; sys.exit(1)" if (label, seed) == ("ce", 1) else "pass"
+        return [sys.executable, "-c", code] + base
+
+    monkeypatch.setattr(harness, "train_command", command)
+    with pytest.raises(SeesawEcmError) as error:
+        harness.train_all(["ce", "seesaw", "bags"], ["mask_rcnn"], [1, 2], out, jobs=2)
+    labels = ["ce", "seesaw", "bags", harness.control_label("bags")]
+    trained = {(label, seed) for label in labels for seed in (1, 2) if os.path.isfile(
+        os.path.join(harness.run_dir(out, label, "mask_rcnn", seed), "harness_command.json"))}
+    assert trained == {("seesaw", 1)} | {(label, 2) for label in labels}
+    message = str(error.value)
+    assert message.startswith("3 of 8 runs did not train")
+    assert "Training mask_rcnn ce seed 1 failed (exit 1)" in message
+    for label in labels[2:]:
+        assert f"mask_rcnn {label} seed 1: not trained, it starts from the weights of" in message
