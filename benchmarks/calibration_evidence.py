@@ -42,6 +42,7 @@ from seesaw_ecm.fileio import write_atomic
 from . import harness
 
 METRICS = ("AP", "APr", "APc", "APf", "AP-pool")
+NAMES = {"ce": "CE", "seesaw": "Seesaw", "ecm": "ECM", "gol": "GOL"}  # the table's row names
 TASKS = ("bbox", "segm")
 # evaluation overrides of every run: AP-fixed detections and AP-pool on them
 POOL_OPTS = ["TEST.AP_FIXED.ENABLED", "True", "TEST.AP_POOL", "True"]
@@ -192,7 +193,8 @@ def rows(runs, losses, calibrate):
     """Table rows: each loss, and each calibrated loss + NorCal, as mean ± std over seeds."""
     out = []
     for loss in losses:
-        for key, label in (("test", loss), ("test_norcal", f"{loss} + NorCal")):
+        name = NAMES.get(loss, loss)
+        for key, label in (("test", name), ("test_norcal", f"{name} + NorCal")):
             members = [r for r in runs if r["loss"] == loss and key in r]
             if not members or (key == "test_norcal" and loss not in calibrate):
                 continue
@@ -208,10 +210,10 @@ def rows(runs, losses, calibrate):
 
 
 def format_table(table_rows):
-    head = (["", "seeds", "gamma per seed"] + [f"box {m}" for m in METRICS]
+    head = (["row", "seeds", "gamma per seed"] + [f"box {m}" for m in METRICS]
             + [f"mask {m}" for m in METRICS])
-    cells = [[r["row"], str(r["seeds"]), " ".join(f"{g:g}" for g in r.get("gammas", [])) or "-"]
-             + [harness._cell(r["mean"][k], r["std"][k], 1)
+    cells = [[r["row"], str(r["seeds"]), " / ".join(f"{g:g}" for g in r.get("gammas", [])) or "-"]
+             + [harness._cell(r["mean"][k], r["std"][k], 2)
                 for k in (f"{t}/{m}" for t in TASKS for m in METRICS)] for r in table_rows]
     return harness.markdown(cells, head)
 

@@ -68,12 +68,12 @@ def test_rows_mean_and_std_over_seeds_with_the_chosen_gammas():
 
     runs = [run("ce", 10.0, 0.5), run("ce", 12.0, 1.0), run("ecm", 20.0)]
     rows = evidence.rows(runs, ["ce", "ecm"], ["ce"])
-    assert [r["row"] for r in rows] == ["ce", "ce + NorCal", "ecm"]
+    assert [r["row"] for r in rows] == ["CE", "CE + NorCal", "ECM"]
     assert rows[1]["gammas"] == [0.5, 1.0] and rows[1]["mean"]["segm/AP-pool"] == 12.0
     assert abs(rows[0]["std"]["bbox/AP"] - 2 ** 0.5) < 1e-9 and rows[2]["std"]["bbox/AP"] is None
     line = evidence.format_table(rows).splitlines()[3]
     assert [c.strip() for c in line.strip("|").split("|")][:4] == [
-        "ce + NorCal", "2", "0.5 1", "12.0 ± 1.4"]
+        "CE + NorCal", "2", "0.5 / 1", "12.00 ± 1.41"]
 
 
 def test_collect_only_runs_nothing_and_falls_back_to_the_training_evaluation(tmp_path):
