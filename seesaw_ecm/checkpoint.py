@@ -95,6 +95,13 @@ def check_weights_file(cfg, eval_only, resume):
     if not os.path.isfile(path):
         raise SeesawEcmError(f"Checkpoint {path}, named by {source}, does not exist: "
                              f"{_missing_fix(source)}.")
+    verify_checkpoint(path, source)
+
+
+def verify_checkpoint(path, source):
+    """SeesawEcmError if the existing checkpoint file `path` (named by `source`, for the
+    message) disagrees with its sha256 record NAME.pth.sha256, or, without a record, is a
+    torch.save file cut short."""
     if os.path.isfile(path + SHA256_SUFFIX):
         _verified_sha256(path, path + SHA256_SUFFIX, source)
     elif _is_zip(path):  # torch.save's format: a cut file has lost its directory at the end

@@ -23,7 +23,8 @@ from detectron2.modeling import build_model
 from .errors import SeesawEcmError
 from .fileio import write_atomic
 from .losses.ecm import effective_class_margins
-from .model_zoo import _check_name, _load_state, _sha256_file, load_config, save_weights
+from .model_zoo import (_check_name, _load_state, _sha256_file, check_sha256, load_config,
+                        save_weights)
 
 __all__ = ["OFFICIAL_MODELS", "convert_checkpoint", "convert_state_dict", "model_kind"]
 
@@ -260,10 +261,8 @@ def _check_file(path):
         raise SeesawEcmError(f"Checkpoint {path} does not exist.")
     sha = _sha256_file(path)
     m = HASH_IN_NAME_RE.match(os.path.basename(path))
-    if m and not sha.startswith(m["sha"]):
-        raise SeesawEcmError(
-            f"{path} is corrupted: its name expects a sha256 starting with {m['sha']}, but the "
-            f"file's sha256 is {sha} ({os.path.getsize(path)} bytes). Download it again.")
+    if m:
+        check_sha256(path, m["sha"], sha, "its name", "download it again.")
     return sha, (m["name"] if m else None)
 
 

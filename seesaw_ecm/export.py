@@ -16,6 +16,7 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.export import TracingAdapter
 from detectron2.export.torchscript_patch import patch_builtin_len
 
+from .checkpoint import verify_checkpoint
 from .engine import SUMMARY_METRICS, Trainer
 from .errors import SeesawEcmError
 from .fileio import write_atomic
@@ -165,9 +166,11 @@ def trace_model(predictor, images):
 
 def _read_checkpoint(path):
     """(state_dict, iteration or None) of a training checkpoint or a bare state_dict file,
-    read with ``torch.load(weights_only=True)``."""
+    checked against its sha256 record (checkpoint.verify_checkpoint), read with
+    ``torch.load(weights_only=True)``."""
     if not os.path.isfile(path):
         raise SeesawEcmError(f"Weights file {path} does not exist.")
+    verify_checkpoint(path, "the export's weights")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -91,6 +91,15 @@ def test_bad_export_or_load_requests_are_clear_errors(tmp_path):
         model_zoo.get_predictor("nope", zoo_dir=str(tmp_path))
     assert model_zoo.list_models(str(tmp_path / "zoo")) == []
     assert os.listdir(tmp_path) == []
+    # a training checkpoint that disagrees with its sha256 record (train_net writes one)
+    weights = tmp_path / "run" / "model_final.pth"
+    weights.parent.mkdir()
+    torch.save({"model": tiny_state()}, weights)
+    (tmp_path / "run" / "model_final.pth.sha256").write_text("0" * 64 + "  model_final.pth\n")
+    with pytest.raises(SeesawEcmError, match="corrupted: .*model_final.pth.sha256 expects"):
+        export.export_model("m", str(tmp_path / "zoo"), config_file=SEESAW,
+                            weights=str(weights))
+    assert not (tmp_path / "zoo").exists()
 
 
 def test_differences_name_each_field_with_its_shape_or_largest_difference():
