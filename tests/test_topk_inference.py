@@ -36,7 +36,7 @@ def test_running_kth_score_keeps_thresholds_fresh_on_a_small_test_set():
     """The filter's use (admit what reaches the running K-th, then add it) on 40 images of
     5,000 i.i.d. detections over 60 classes, K = 126 (the synthetic set's AP-fixed): about as
     many admitted as with thresholds refreshed every image, K C (1 + ln(N M / (C K))) expected.
-    With a 65,536-score buffer (the thresholds -inf for the first 13 images) 84k passed."""
+    With a 65,536-score buffer (the thresholds -inf for the first 14 images) 84k passed."""
     num_classes, k, num_images, per_image = 60, 126, 40, 5000
     gen = torch.Generator().manual_seed(0)
     running, admitted = RunningKthScore(num_classes, k), 0
