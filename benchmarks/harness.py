@@ -250,11 +250,13 @@ def _train_one(run, env, failed):
     if controlled_method(run["label"]):  # read_run takes the label from here, not the config
         write_atomic(os.path.join(out, LABEL_FILE), json.dumps({"loss": run["label"]}))
     print(f"[train] {label} -> {out}", flush=True)
-    with open(os.path.join(out, "harness_stdout.txt"), "w") as log:
+    log_path = os.path.join(out, "harness_stdout.txt")
+    with open(log_path, "w") as log:
         returncode = _run_logged(cmd, log, f"  {label}:", env)
     if returncode != 0:
-        tail = open(os.path.join(out, "harness_stdout.txt")).read()[-3000:]
-        print(f"[failed] {label} (exit {returncode}): {out}/harness_stdout.txt", flush=True)
+        with open(log_path) as log:
+            tail = log.read()[-3000:]
+        print(f"[failed] {label} (exit {returncode}): {log_path}", flush=True)
         return f"Training {label} failed (exit {returncode}):\n{tail}"
     write_atomic(os.path.join(out, "harness_command.json"), json.dumps(cmd[1:]))
     return None
